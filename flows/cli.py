@@ -1,0 +1,139 @@
+"""The ``trecflow`` command line.
+
+``predict`` computes in process and imports no Prefect, MLflow or torch; it writes nothing but the
+optional plot. ``run`` validates the recipe first, then runs the ``cpt_pipeline`` flow (Prefect's
+ephemeral API unless ``PREFECT_API_URL`` is set). Bad input: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trecflow.recipe import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="trecflow: place high-quality data where the training re-evaluation curve is lowest.",
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def load_or_exit(path: Path) -> Recipe:
+    try:
+        return load_recipe(path)
+    except RecipeError as error:
+        raise fail(str(error)) from None
+
+
+def format_summary(summary: dict) -> str:
+    start, end = summary["hq_window"]
+    first, last = summary["hq_window_steps"]
+    lines = [
+        ("recipe", summary["recipe"]),
+        ("steps", f"{summary['steps']:,} ({summary['warmup_steps']:,} warmup; {summary['tokens_unused']:,} tokens unused)"),
+        ("tau", f"{summary['tau']:.4g}"),
+        ("tokens per parameter", f"{summary['tpp']:.4g}"),
+        ("Power-Lines tau_opt", f"{summary['tau_opt']:.4g} (tau/tau_opt = {summary['tau_ratio']:.2f}; weight decay for it: {summary['weight_decay_opt']:.4g})"),
+        ("predictor", f"TREC = 1 - c^{summary['p']:g} * t^{summary['m']:g}"),
+        ("predicted valley", f"{summary['valley_fraction']:.4f} of training (step {summary['valley_step']:,})"),
+        (f"HQ window (w = {summary['hq_fraction']:g})", f"[{start:.4f}, {end:.4f}] (steps {first:,}..{last - 1:,})"),
+    ]
+    width = max(len(key) for key, _ in lines)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
+
+
+@app.command()
+def predict(
+    recipe_path: RecipeArg,
+    hq_fraction: Annotated[
+        Optional[float], typer.Option("--hq-fraction", help="high-quality share w (default: curriculum.hq_fraction)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write the prediction plot (PNG) here")] = None,
+) -> None:
+    """Predict the TREC of a recipe: tau, valley and the best high-quality window."""
+    from training.trec import predict as predict_trec
+
+    recipe = load_or_exit(recipe_path)
+    fraction = recipe.curriculum.hq_fraction if hq_fraction is None else hq_fraction
+    if not 0.0 < fraction < 1.0:
+        raise fail(f"--hq-fraction: must be in (0, 1), got {fraction:g}")
+    prediction = predict_trec(recipe)
+    summary = {
+        "recipe": recipe.name,
+        **prediction.summary(fraction),
+        "tokens_trained": recipe.tokens_trained,
+        "tokens_unused": recipe.tokens_unused,
+    }
+    for warning in summary["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    if plot is not None:
+        from training.trec_plot import plot_prediction
+
+        try:
+            plot.write_bytes(plot_prediction(prediction, fraction, title=f"{recipe.name}: predicted TREC"))
+        except OSError as error:
+            raise fail(f"--plot: cannot write {plot} ({error.strerror})") from None
+    typer.echo(json.dumps(summary) if as_json else format_summary(summary))
+
+
+@app.command()
+def validate(recipe_path: RecipeArg) -> None:
+    """Check a recipe without running anything."""
+    recipe = load_or_exit(recipe_path)
+    typer.echo(f"ok: {recipe.name}: {recipe.steps:,} steps of {recipe.batch.tokens:,} tokens")
+
+
+@app.command()
+def run(
+    recipe_path: RecipeArg,
+    variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
+    force: Annotated[
+        Optional[list[str]], typer.Option(help="recompute this stage and everything downstream (repeatable)")
+    ] = None,
+) -> None:
+    """Run the cpt_pipeline flow for a recipe (embedded Prefect, MLflow and store by default)."""
+    recipe = load_or_exit(recipe_path)
+    try:
+        if variant is not None:
+            recipe.curriculum.variant(variant)
+        from flows.pipeline import forced_stages
+
+        forced_stages(force)
+    except RecipeError as error:
+        raise fail(str(error)) from None
+
+    from flows.pipeline import cpt_pipeline
+
+    try:
+        result = cpt_pipeline(recipe_path=str(recipe_path), variant=variant, force=force)
+    except Exception as error:  # the flow run failed; Prefect has logged the traceback
+        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    summary = result["predict"]
+    typer.echo("")
+    typer.echo(format_summary(summary))
+    typer.echo(f"\nstore output   {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+    typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: its logic, then the Prefect task that wraps it."""

@@ -1,0 +1,55 @@
+"""The prediction plot: LR, EMA coefficients and predicted TREC against the training fraction,
+with the valley and the high-quality window marked. Matplotlib (Agg) is imported on first use."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from training.trec import TrecPrediction
+
+# Curves longer than this are drawn from an evenly strided subset (the last step always kept).
+MAX_PLOT_POINTS = 4000
+
+
+def _strided(steps: int) -> np.ndarray:
+    if steps <= MAX_PLOT_POINTS:
+        return np.arange(steps)
+    index = np.linspace(0, steps - 1, MAX_PLOT_POINTS).round().astype(np.int64)
+    return np.unique(index)
+
+
+def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str = "") -> bytes:
+    """PNG bytes of the three-panel prediction plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = _strided(prediction.steps)
+    x = prediction.fractions[index]
+    start, end = prediction.hq_window(hq_fraction)
+    window = (start / prediction.steps, end / prediction.steps)
+    valley = prediction.valley_fraction
+
+    figure, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    panels = [
+        (prediction.lrs, "learning rate", "tab:blue"),
+        (prediction.coefficients, "EMA coefficient c_t", "tab:green"),
+        (prediction.trec, f"predicted TREC (p={prediction.p:g}, m={prediction.m:g})", "tab:red"),
+    ]
+    for axis, (values, label, color) in zip(axes, panels, strict=True):
+        axis.plot(x, values[index], color=color, linewidth=1.2)
+        axis.set_ylabel(label)
+        axis.axvspan(*window, color="gold", alpha=0.25, label=f"HQ window w={hq_fraction:g}")
+        axis.axvline(valley, color="black", linestyle="--", linewidth=0.8, label=f"valley {valley:.3f}")
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("training fraction (s+1)/T")
+    figure.suptitle(title or f"TREC prediction: {prediction.steps} steps, tau={prediction.tau:.3g}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -1,0 +1,305 @@
+"""The recipe: the one typed, validated configuration of a CPT job, loaded from YAML.
+
+Guarantees:
+- Every value is checked before any work starts; a bad recipe raises `RecipeError` whose message is
+  one line naming the file and the dotted field (``schedule.warmup: ...``).
+- Unknown keys and unknown kinds are errors. Keys that a schedule kind does not use are ignored.
+- Numbers written like ``3.9e9`` (which plain PyYAML reads as strings) load as numbers.
+
+Conventions every stage shares (see README "Conventions"):
+- ``steps = floor(data.tokens / batch.tokens)``; unused tokens are reported, not an error.
+- Steps are numbered ``s = 0..T-1``; the training fraction of step ``s`` is ``(s+1)/T``.
+- ``curriculum.hq_fraction`` counts sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step", "wsd", "inverse_sqrt")
+STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used. ``str(err)`` is one line naming the file and field."""
+
+
+class _Section(BaseModel):
+    """Base of every recipe section: frozen, unknown keys forbidden, ints accept integral floats."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """The model being trained."""
+
+    params: int = Field(gt=0, description="N, the number of parameters")
+
+
+class DataSection(_Section):
+    """How much data this run trains on."""
+
+    tokens: int = Field(gt=0, description="D, the training tokens of this run")
+    seq_len: int = Field(gt=0, description="tokens per packed sequence")
+
+
+class BatchSection(_Section):
+    """The global batch, in tokens (a whole number of sequences)."""
+
+    tokens: int = Field(gt=0, description="global batch in tokens")
+
+
+class OptimizerSection(_Section):
+    """AdamW with decoupled weight decay in PyTorch's convention (decay multiplied by the LR)."""
+
+    peak_lr: float = Field(gt=0)
+    weight_decay: float = Field(gt=0, description="lambda; must be > 0: the TREC predictor needs it")
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        for beta in betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleSection(_Section):
+    """The LR schedule: linear warmup from 0, then the shape named by ``kind``.
+
+    Keys a kind does not use are ignored (they keep their defaults).
+    """
+
+    kind: Literal["constant", "linear", "cosine", "step", "wsd", "inverse_sqrt"]
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of steps, linear from 0")
+    final_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine floor, fraction of peak")
+    drop_at: float = Field(0.7, gt=0.0, lt=1.0, description="step: fraction of steps where the LR drops")
+    drop_factor: float = Field(0.1, gt=0.0, le=1.0, description="step: multiplier after the drop")
+    cooldown: float = Field(0.2, gt=0.0, le=1.0, description="wsd: fraction of steps in the cooldown")
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
+    timescale: float = Field(1000.0, gt=0.0, description="inverse_sqrt: steps")
+
+
+class TrecSection(_Section):
+    """Exponents of the predictor TREC = 1 - c^p * t^m."""
+
+    p: float = Field(0.5, gt=0.0)
+    m: float = Field(0.0, ge=0.0)
+    tau_opt_coef: float = Field(
+        1.0, gt=0.0, description="Power Lines: tau_opt = coef * TPP^-0.527 (coef inferred, not published)"
+    )
+
+
+class StoreSection(_Section):
+    """Where stage outputs go: a local folder or ``s3://bucket/prefix``."""
+
+    url: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; else AWS_ENDPOINT_URL")
+
+
+class VariantSection(_Section):
+    """One curriculum variant: a strategy and its parameters (validated by the placement stage)."""
+
+    strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CurriculumSection(_Section):
+    """Where high-quality data goes. ``hq_fraction`` (w) counts sequences."""
+
+    hq_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    on_shortage: Literal["repeat", "fail"] = "repeat"
+    seed: int = 0
+    variants: dict[str, VariantSection] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, VariantSection]) -> dict[str, VariantSection]:
+        for name in variants:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"variant name {name!r} must be lowercase letters, digits, '-' or '_'")
+        return variants
+
+    def variant(self, name: str) -> VariantSection:
+        """The variant called ``name``; every strategy name is a variant with default parameters."""
+        if name in self.variants:
+            return self.variants[name]
+        if name in STRATEGIES:
+            return VariantSection(strategy=name)
+        known = sorted(set(self.variants) | set(STRATEGIES))
+        raise RecipeError(f"curriculum.variants: unknown variant {name!r} (known: {', '.join(known)})")
+
+
+# Sections owned by later stages. Each stage replaces its entry with a typed model; until then
+# the section is accepted as a mapping so recipes can carry it.
+_Reserved = dict[str, Any] | None
+
+
+class Recipe(_Section):
+    """A whole CPT job. Derived quantities (steps, tau, ...) are properties, never stored."""
+
+    name: str = Field("recipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelSection
+    data: DataSection
+    batch: BatchSection
+    optimizer: OptimizerSection
+    schedule: ScheduleSection
+    trec: TrecSection = TrecSection()
+    curriculum: CurriculumSection = CurriculumSection()
+    store: StoreSection = StoreSection()
+    corpus: _Reserved = None
+    scoring: _Reserved = None
+    tokenizer: _Reserved = None
+    base: _Reserved = None
+    training: _Reserved = None
+    reevaluation: _Reserved = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.batch.tokens % self.data.seq_len:
+            raise _FieldError(
+                "batch.tokens",
+                f"{self.batch.tokens} is not a whole number of sequences of data.seq_len={self.data.seq_len}",
+            )
+        if self.batch.tokens > self.data.tokens:
+            raise _FieldError(
+                "batch.tokens", f"{self.batch.tokens} is larger than data.tokens={self.data.tokens} (0 steps)"
+            )
+        alpha = self.optimizer.peak_lr * self.optimizer.weight_decay
+        if alpha >= 1.0:  # every schedule kind peaks at peak_lr, so this bounds eta*lambda at all steps
+            raise _FieldError(
+                "optimizer.weight_decay",
+                f"peak_lr*weight_decay = {alpha:g} >= 1: AdamW's decay factor (1 - eta*lambda) must stay positive",
+            )
+        steps = self.steps
+        if self.warmup_steps >= steps:
+            raise _FieldError("schedule.warmup", f"{self.warmup_steps} warmup steps leave none of {steps} steps")
+        if self.schedule.kind == "wsd":
+            cooldown = max(1, round(self.schedule.cooldown * steps))
+            if self.warmup_steps + cooldown > steps:
+                raise _FieldError(
+                    "schedule.cooldown",
+                    f"warmup ({self.warmup_steps}) + cooldown ({cooldown}) steps exceed {steps} steps",
+                )
+        return self
+
+    @property
+    def steps(self) -> int:
+        """T = floor(data.tokens / batch.tokens)."""
+        return self.data.tokens // self.batch.tokens
+
+    @property
+    def warmup_steps(self) -> int:
+        """W = round(warmup * T): steps 0..W-1 warm up linearly, eta_s = peak*(s+1)/W."""
+        return round(self.schedule.warmup * self.steps)
+
+    @property
+    def tokens_trained(self) -> int:
+        return self.steps * self.batch.tokens
+
+    @property
+    def tokens_unused(self) -> int:
+        """Tokens of ``data.tokens`` that do not fill a whole step (reported, not an error)."""
+        return self.data.tokens - self.tokens_trained
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch.tokens // self.data.seq_len
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain JSON-able data (for fingerprints and MLflow params)."""
+        return {name: self.model_dump(mode="json")[name] for name in names}
+
+
+class _FieldError(ValueError):
+    """Raised inside cross-field validators to name the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class _NumberLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3.9e9`` and ``1e-3`` as floats (YAML 1.2 style)."""
+
+
+_NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _integral_floats(value: Any) -> Any:
+    """Turn floats with no fractional part (9.0e11) into ints so int fields accept them."""
+    if isinstance(value, dict):
+        return {key: _integral_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats(item) for item in value]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per pydantic error, joined: ``field.path: message``."""
+    parts = []
+    for item in error.errors():
+        ctx_error = (item.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            parts.append(f"{ctx_error.field}: {ctx_error.message}")
+            continue
+        loc = ".".join(str(part) for part in item["loc"]) or "recipe"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        parts.append(f"{loc}: {message}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate already-parsed YAML data. Raises `RecipeError` (one line) on any problem."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(_integral_floats(data))
+    except ValidationError as error:
+        raise RecipeError(f"{source}: {_describe(error)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. The recipe's ``name`` defaults to the file's stem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read recipe ({error.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_NumberLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{path}:{where} invalid YAML: {problem}") from None
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem), **data}
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,136 @@
+"""The artifact store: a URL (local folder or ``s3://bucket/prefix``) handled through fsspec.
+
+Layout: each stage writes under ``<store>/<stage>/<fingerprint>/``. Data files are written first
+and ``_MANIFEST.json`` (fingerprint, inputs, counts, file sizes and SHA-256 checksums) last, by an
+atomic rename or a single object PUT: a folder without a manifest does not exist. Nothing here
+branches on local versus S3 beyond building the filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+MANIFEST = "_MANIFEST.json"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be reached or an output that is missing or corrupt."""
+
+
+@dataclass
+class Store:
+    """A store rooted at ``url``; ``endpoint_url`` points s3fs at an S3-compatible server."""
+
+    url: str
+    endpoint_url: str | None = None
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
+    root: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options())
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for this store's URL (a fresh dict on every call: callers may mutate it)."""
+        if self.url.startswith("s3://") and self.endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
+        return {}
+
+    def output(self, stage: str, fingerprint: str) -> StageOutput:
+        """The output folder of one stage run."""
+        return StageOutput(self, stage, fingerprint)
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path (no protocol) of a location inside the store."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def uri(self, *parts: str) -> str:
+        """Full URL of a location inside the store."""
+        return "/".join([self.url, *parts])
+
+
+@dataclass
+class StageOutput:
+    """``<store>/<stage>/<fingerprint>/``: write files, then `commit` the manifest last."""
+
+    store: Store
+    stage: str
+    fingerprint: str
+    _files: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def path(self) -> str:
+        return self.store.path(self.stage, self.fingerprint)
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(self.stage, self.fingerprint)
+
+    def file_path(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def file_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def exists(self) -> bool:
+        """True when the manifest is present, i.e. the output is complete."""
+        return self.store.fs.exists(self.file_path(MANIFEST))
+
+    def manifest(self) -> dict[str, Any]:
+        """The committed manifest; StoreError if the output is incomplete or unreadable."""
+        try:
+            return json.loads(self.store.fs.cat_file(self.file_path(MANIFEST)))
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri}: no {MANIFEST}; the {self.stage} output is incomplete") from None
+
+    def invalidate(self) -> None:
+        """Remove the manifest first (the output stops existing), then any stale files."""
+        fs = self.store.fs
+        if fs.exists(self.file_path(MANIFEST)):
+            fs.rm(self.file_path(MANIFEST))
+        if fs.exists(self.path):
+            fs.rm(self.path, recursive=True)
+        self._files.clear()
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write one data file and record its size and checksum for the manifest."""
+        if name == MANIFEST:
+            raise ValueError(f"{MANIFEST} is written by commit()")
+        fs = self.store.fs
+        fs.makedirs(self.path, exist_ok=True)
+        fs.pipe_file(self.file_path(name), data)
+        self._files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return self.file_uri(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read a file of a committed output, checking it against the manifest's checksum."""
+        entry = self.manifest()["files"].get(name)
+        if entry is None:
+            raise StoreError(f"{self.uri}: {name} is not in the manifest")
+        data = self.store.fs.cat_file(self.file_path(name))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(f"{self.file_uri(name)}: checksum differs from the manifest (corrupt file)")
+        return data
+
+    def commit(self, inputs: dict[str, str] | None = None, counts: dict[str, Any] | None = None) -> dict:
+        """Write ``_MANIFEST.json`` last and atomically; returns the manifest."""
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "inputs": inputs or {},
+            "counts": counts or {},
+            "files": dict(sorted(self._files.items())),
+            "created_unix": time.time(),
+        }
+        fs = self.store.fs
+        fs.makedirs(self.path, exist_ok=True)
+        temporary = self.file_path(f".{MANIFEST}.tmp")
+        fs.pipe_file(temporary, json.dumps(manifest, indent=2).encode())
+        fs.mv(temporary, self.file_path(MANIFEST))
+        return manifest
