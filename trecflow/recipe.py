@@ -245,6 +245,11 @@ _NumberLoader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str) -> Any:
+    """Parse YAML with the recipe loader (``3.9e9`` is a number). Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_NumberLoader)
+
+
 def _integral_floats(value: Any) -> Any:
     """Turn floats with no fractional part (9.0e11) into ints so int fields accept them."""
     if isinstance(value, dict):
@@ -270,7 +275,9 @@ def _describe(error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
-        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+        elif item["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        elif not isinstance(item.get("input"), dict):
             message = f"{message} (got {item['input']!r})"
         parts.append(f"{loc}: {message}")
     return "; ".join(parts)
@@ -294,7 +301,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as error:
         raise RecipeError(f"{path}: cannot read recipe ({error.strerror})") from None
     try:
-        data = yaml.load(text, Loader=_NumberLoader)
+        data = read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

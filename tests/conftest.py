@@ -1,0 +1,80 @@
+"""Shared fixtures: real components on loopback, one of each per test session.
+
+- ``TRECFLOW_HOME`` (and so ``PREFECT_HOME``) points at a fresh temporary folder for the session,
+  set before anything imports Prefect.
+- ``prefect_harness``: Prefect's own test harness (a temporary API and database), once per session.
+- ``s3_endpoint``: moto's S3 protocol server on 127.0.0.1 with a bucket ``trecflow-test``.
+- ``mlflow_uri``: a fresh MLflow SQLite database for one test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = tempfile.mkdtemp(prefix="trecflow-tests-")
+os.environ["TRECFLOW_HOME"] = _SESSION_HOME
+os.environ["PREFECT_HOME"] = os.path.join(_SESSION_HOME, "prefect")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME}/mlflow.db"
+os.environ.pop("TRECFLOW_STORE", None)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+BUCKET = "trecflow-test"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness for the whole session (about 9 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback, credentials in the environment, an empty bucket."""
+    from moto.server import ThreadedMotoServer
+
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in credentials}
+    os.environ.update(credentials)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow SQLite database for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

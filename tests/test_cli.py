@@ -1,0 +1,69 @@
+"""The `trecflow predict` command: fast, light (no Prefect, MLflow or torch), writes nothing but
+the optional plot, and prints the documented JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import CONFIGS, ROOT
+
+TRECFLOW = Path(sys.executable).parent / "trecflow"
+CPT = str(CONFIGS / "cpt-3.9b-900b.yaml")
+
+
+def run_cli(*args: str, cwd: Path, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TRECFLOW_", "PREFECT_", "MLFLOW_"))}
+    command = [sys.executable, *python_flags, "-m", "flows.cli", *args] if python_flags else [str(TRECFLOW), *args]
+    return subprocess.run(command, cwd=cwd, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+
+
+def test_predict_json_is_fast_and_complete(tmp_path):
+    started = time.perf_counter()
+    result = run_cli("predict", CPT, "--json", cwd=tmp_path)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 3.0, f"trecflow predict took {elapsed:.2f} s"
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 214_576
+    assert summary["tau"] == 1 / (3e-4 * 0.1 * 214_576)
+    assert summary["tpp"] == 9e11 / 3.9e9
+    start, end = summary["hq_window"]
+    assert summary["hq_window_steps"][1] - summary["hq_window_steps"][0] == round(0.1 * 214_576)
+    assert end - start == pytest.approx(round(0.1 * 214_576) / 214_576)
+    assert start <= summary["valley_fraction"] <= end
+    for key in ("tau_opt", "valley_step", "weight_decay_opt", "warnings"):
+        assert key in summary
+    assert "Power-Lines optimum" in result.stderr  # tau is 2.7x tau_opt: warned on stderr, JSON stays clean
+    assert list(tmp_path.iterdir()) == []  # wrote nothing (no .trecflow, no store)
+
+
+def test_predict_imports_no_prefect_mlflow_or_torch(tmp_path):
+    result = run_cli("predict", CPT, "--json", cwd=tmp_path, python_flags=("-X", "importtime"))
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(name for name in imported if re.match(r"(prefect|mlflow|torch|ray|deepspeed)(\.|$)", name))
+    assert heavy == []
+    assert "numpy" in imported  # the check does see real imports
+
+
+def test_hq_fraction_option_and_plot(tmp_path):
+    plot = tmp_path / "trec.png"
+    result = run_cli("predict", CPT, "--hq-fraction", "0.3", "--plot", str(plot), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "HQ window (w = 0.3)" in result.stdout and "predicted valley" in result.stdout
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in tmp_path.iterdir()] == ["trec.png"]
+
+
+def test_bad_hq_fraction_is_exit_2(tmp_path):
+    result = run_cli("predict", CPT, "--hq-fraction", "1.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --hq-fraction: must be in (0, 1), got 1.5"

@@ -1,0 +1,110 @@
+"""The cpt_pipeline flow under Prefect's test harness, with MLflow on SQLite and the store on a
+local folder and on moto's S3 server: outputs, tracking, artifacts, caching and forced reruns."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+from flows.pipeline import cpt_pipeline, forced_stages
+from tasks.predict import CURVE_FILE
+from trecflow.store import Store
+
+from .conftest import BUCKET, CONFIGS
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+RECIPE = str(CONFIGS / "test.yaml")
+
+
+def run_flow(**parameters):
+    state = cpt_pipeline(recipe_path=RECIPE, return_state=True, **parameters)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return state.result(), {task.name.rsplit("-", 1)[0]: task.state.name for task in tasks}
+
+
+def curve(store: Store, fingerprint: str):
+    return pq.read_table(io.BytesIO(store.output("predict", fingerprint).read_bytes(CURVE_FILE)))
+
+
+def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlflow_uri):
+    store = Store(str(tmp_path / "store"))
+    monkeypatch.setenv("TRECFLOW_STORE", store.url)
+
+    result, states = run_flow()
+    assert states == {"predict_trec": "Completed"}
+    predicted = result["predict"]
+    assert not predicted["reused"] and predicted["steps"] == 48
+    assert result["variant"] == "trec_valley"
+    output = store.output("predict", predicted["fingerprint"])
+    assert output.exists() and curve(store, predicted["fingerprint"]).num_rows == 48
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.params"] == "200000" and run.data.params["schedule.kind"] == "linear"
+    assert run.data.metrics["tau"] == pytest.approx(predicted["tau"])
+    assert run.data.metrics["trec_valley_predicted"] == pytest.approx(predicted["valley_fraction"])
+    assert run.data.tags["trecflow.predict_fingerprint"] == predicted["fingerprint"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "predict")} == {"predict/trec.png", "predict/summary.json"}
+    assert run.info.artifact_uri.startswith(store.uri("mlflow", "test"))  # MLflow artifacts live in the store
+
+    with get_client(sync_client=True) as prefect:
+        key = "trec-prediction-test-trec-valley"
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts and "predicted valley" in artifacts[0].data
+
+    created = output.manifest()["created_unix"]
+    again, states = run_flow(variant="uniform")
+    assert states == {"predict_trec": "Cached"}  # same fingerprint: Prefect's cache, no recompute
+    assert again["predict"]["reused"] and output.manifest()["created_unix"] == created
+    assert client.get_run(again["mlflow_run_id"]).data.tags["trecflow.variant"] == "uniform"
+
+    forced, states = run_flow(force=["predict"])
+    assert states == {"predict_trec": "Completed"}
+    assert not forced["predict"]["reused"] and output.manifest()["created_unix"] > created
+
+    # Output deleted behind Prefect's back: the cache is not trusted, the stage recomputes.
+    output.invalidate()
+    _, states = run_flow()
+    assert states == {"predict_trec": "Completed"} and output.exists()
+
+
+def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_endpoint):
+    local = Store(str(tmp_path / "local"))
+    monkeypatch.setenv("TRECFLOW_STORE", local.url)
+    local_result, _ = run_flow()
+
+    remote = Store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
+    monkeypatch.setenv("TRECFLOW_STORE", remote.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'remote-mlflow.db'}")
+    remote_result, states = run_flow()
+    assert states == {"predict_trec": "Completed"}
+
+    fingerprint = local_result["predict"]["fingerprint"]
+    assert remote_result["predict"]["fingerprint"] == fingerprint
+    assert remote_result["predict"]["uri"].startswith("s3://")
+    assert curve(remote, fingerprint).equals(curve(local, fingerprint))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'remote-mlflow.db'}")
+    run = client.get_run(remote_result["mlflow_run_id"])
+    assert run.info.artifact_uri.startswith(f"{remote.url}/mlflow/test")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "predict")} == {"predict/trec.png", "predict/summary.json"}
+    assert remote.fs.exists(f"{remote.root}/mlflow/test")
+
+
+def test_forcing_a_stage_forces_everything_downstream():
+    assert forced_stages(["predict"]) == {"predict", "place", "train", "reevaluate"}
+    assert forced_stages(["score"]) == {"score", "place", "train", "reevaluate"}
+    assert forced_stages(["train"]) == {"train", "reevaluate"}
+    assert forced_stages(None) == set()
