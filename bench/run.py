@@ -1,0 +1,63 @@
+"""Benchmarks (`make bench`). Each reports a ratio against a baseline measured in the same run,
+since the machines are shared and noisy.
+
+predict_1m: TREC prediction for 10^6 steps (schedule, EMA coefficients, TREC, valley, window),
+against a straightforward Python loop computing the same EMA coefficients.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trecflow.recipe import parse_recipe  # noqa: E402
+from training.trec import ema_coefficients, ema_coefficients_loop, predict  # noqa: E402
+
+STEPS = 1_000_000
+
+
+def best_of(repeats: int, function) -> tuple[float, object]:
+    """Shortest wall time of ``repeats`` calls, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def bench_predict_1m() -> None:
+    recipe = parse_recipe(
+        {
+            "name": "bench-1m",
+            "model": {"params": 3.9e9},
+            "data": {"tokens": STEPS * 4096, "seq_len": 4096},
+            "batch": {"tokens": 4096},
+            "optimizer": {"peak_lr": 3e-4, "weight_decay": 0.1},
+            "schedule": {"kind": "linear", "warmup": 0.01},
+        }
+    )
+    assert recipe.steps == STEPS
+    full_time, prediction = best_of(5, lambda: predict(recipe))
+    lrs = prediction.lrs
+    vector_time, (vector, _) = best_of(5, lambda: ema_coefficients(lrs, 0.1))
+    as_list = lrs.tolist()
+    loop_time, loop = best_of(2, lambda: ema_coefficients_loop(as_list, 0.1))
+    np.testing.assert_allclose(vector, loop, rtol=1e-9, atol=1e-300)
+    window_time, _ = best_of(5, lambda: prediction.hq_window(0.1))
+    print(f"predict_1m: steps={STEPS:,}")
+    print(f"  full prediction (schedule + c + TREC + valley)  {full_time * 1e3:8.1f} ms")
+    print(f"  EMA coefficients, vectorized log-space          {vector_time * 1e3:8.1f} ms")
+    print(f"  EMA coefficients, Python loop (baseline)        {loop_time * 1e3:8.1f} ms")
+    print(f"  best window for w = 0.1                         {window_time * 1e3:8.1f} ms")
+    print(f"  ratio loop / vectorized coefficients            {loop_time / vector_time:8.1f}x")
+    print(f"  ratio loop / full vectorized prediction         {loop_time / full_time:8.1f}x")
+
+
+if __name__ == "__main__":
+    bench_predict_1m()
