@@ -66,3 +66,9 @@ def test_storage_options_are_fresh_each_call(s3_endpoint):
     options = store.storage_options()
     options["hf"] = True  # datasets mutates the dict it is given
     assert "hf" not in store.storage_options()
+
+
+def test_local_urls_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Store("relative/store/").url == str(tmp_path / "relative" / "store")
+    assert Store(f"file://{tmp_path}/x").url == str(tmp_path / "x")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,10 @@ class Store:
     root: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+        url = self.url.removeprefix("file://")
+        if "://" not in url:  # a local folder: always absolute, so URLs recorded elsewhere stay valid
+            url = os.path.abspath(os.path.expanduser(url))
+        self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options())
 
     def storage_options(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             return self.client.create_experiment(name, artifact_location=artifact_root)
-        if experiment.artifact_location.rstrip("/") != artifact_root.removeprefix("file://"):
+        if experiment.artifact_location.removeprefix("file://").rstrip("/") != artifact_root:
             raise TrackingError(
                 f"MLflow experiment {name!r} keeps its artifacts in {experiment.artifact_location}, "
                 f"not in this store ({artifact_root}); give the recipe another name or use its store"
