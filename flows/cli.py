@@ -91,6 +91,63 @@ def predict(
     typer.echo(json.dumps(summary) if as_json else format_summary(summary))
 
 
+def format_plan(sized: dict) -> str:
+    """The plan as aligned text, grouped by topic."""
+    first, last = sized["hq_window_steps"]
+    token_start, token_end = sized["hq_window_tokens"]
+    memory = sized["memory_per_gpu_gb"]
+    store = sized["store_gb"]
+    rows = [
+        ("recipe", f"{sized['recipe']} on {sized['gpus']} x {sized['gpu_type']} "
+         f"({sized['peak_flops_per_gpu'] / 1e12:g} TFLOP/s dense bf16, {sized['gpu_memory_gb']:g} GB) at MFU {sized['mfu']:g}"),
+        ("steps", f"{sized['steps']:,} of {sized['tokens_per_step']:,} tokens "
+         f"({sized['sequences_per_step']:,} sequences; per GPU {sized['tokens_per_gpu_per_step']:,} tokens, "
+         f"{sized['sequences_per_gpu_per_step']:,} sequences)"),
+        ("tau / TPP", f"{sized['tau']:.4g} / {sized['tpp']:.4g}"),
+        ("Power-Lines optimum", f"tau_opt {sized['tau_opt']:.4g}, weight decay {sized['weight_decay_opt']:.4g}"),
+        ("predicted valley", f"{sized['valley_fraction']:.4f} (step {sized['valley_step']:,})"),
+        (f"HQ window (w = {sized['hq_fraction']:g})", f"steps {first:,}..{last - 1:,}, tokens {token_start:.4g}..{token_end:.4g}"),
+        ("compute", f"{sized['flops']:.4g} FLOPs (6*N*D): {sized['gpu_hours']:,.0f} GPU-hours, "
+         f"{sized['wall_clock_hours']:,.1f} h wall clock ({sized['wall_clock_hours'] / 24:.2f} days), {sized['step_seconds']:.2f} s/step"),
+        ("memory per GPU", f"ZeRO-1 {memory['zero1']:.2f} GB, ZeRO-2 {memory['zero2']:.2f} GB, ZeRO-3 {memory['zero3']:.2f} GB "
+         f"(bf16 params+grads, fp32 Adam+master; before activations)"),
+        ("checkpoints", f"{sized['checkpoint_gb']:.1f} GB each (with optimizer state); every {sized['checkpoint_every_steps']:,} steps "
+         f"({sized['checkpoint_every_hours']:.2f} h), {sized['checkpoints_written']:,} in all"),
+        ("TREC re-evaluation", f"every {sized['reeval_stride']} step(s): {sized['reeval_steps']:,} batches, "
+         f"{sized['reeval_gpu_hours']:,.1f} GPU-hours ({sized['reeval_with_reference_gpu_hours']:,.1f} with a reference model)"),
+        ("store", f"{store['total']:,.0f} GB: tokens {store['tokens']:,.0f}, sample index {store['sample_index']:.2f}, "
+         f"checkpoints kept {store['checkpoints']:,.0f}, final model {store['final_model']:.1f}"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+@app.command()
+def plan(
+    recipe_path: RecipeArg,
+    gpus: Annotated[int, typer.Option(help="number of GPUs (data-parallel world size)")] = 128,
+    gpu_type: Annotated[str, typer.Option("--gpu-type", help="H100 | H200 | A100")] = "H100",
+    mfu: Annotated[float, typer.Option(help="model FLOP utilization")] = 0.4,
+    reeval_stride: Annotated[int, typer.Option("--reeval-stride", help="re-evaluate every k-th step")] = 1,
+    max_lost_hours: Annotated[float, typer.Option("--max-lost-hours", help="work a failure may lose")] = 0.5,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="checkpoints kept in the store")] = 3,
+    token_bytes: Annotated[int, typer.Option("--token-bytes", help="bytes per stored token id (2 or 4)")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Size a recipe's job on a cluster: compute, memory per ZeRO stage, checkpoints, storage."""
+    from training.sizing import SizingError
+    from training.sizing import plan as size_job
+
+    recipe = load_or_exit(recipe_path)
+    try:
+        sized = size_job(recipe, gpus, gpu_type, mfu, reeval_stride, max_lost_hours, keep_checkpoints, token_bytes)
+    except SizingError as error:
+        raise fail(str(error)) from None
+    for warning in sized["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(json.dumps(sized) if as_json else format_plan(sized))
+
+
 @app.command()
 def validate(recipe_path: RecipeArg) -> None:
     """Check a recipe without running anything."""
