@@ -137,6 +137,127 @@ class CurriculumSection(_Section):
         raise RecipeError(f"curriculum.variants: unknown variant {name!r} (known: {', '.join(known)})")
 
 
+SPLITS = ("eval", "base", "cpt", "reference", "classifier")
+TIERS = ("hq", "mid", "lq")
+
+
+class SourceSection(_Section):
+    """One corpus source: Hugging Face ``datasets`` input, local or ``s3://``.
+
+    ``path`` is a file, a folder or a glob; ``${VAR}`` is expanded (``TRECFLOW_HOME`` defaults to
+    ``./.trecflow``). ``disk`` is a folder written by ``Dataset.save_to_disk``.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    path: str = Field(min_length=1)
+    format: Literal["jsonl", "parquet", "arrow", "disk"] = "jsonl"
+    text_field: str = Field("text", min_length=1)
+
+
+class CorpusSection(_Section):
+    """The raw corpora and how documents are split (by a hash of their doc_id).
+
+    Splits: ``eval`` (held out to judge curricula), ``base`` (pretrains the demo's base model),
+    ``cpt`` (what the curriculum places), ``reference`` (trains the re-evaluation reference model)
+    and ``classifier`` (trains the quality classifier, so it never scores its own training data).
+    """
+
+    sources: list[SourceSection] = Field(min_length=1)
+    splits: dict[Literal["eval", "base", "cpt", "reference", "classifier"], float] = Field(
+        default_factory=lambda: {"eval": 0.05, "base": 0.25, "cpt": 0.5, "reference": 0.1, "classifier": 0.1}
+    )
+    partitions: int = Field(16, gt=0, le=65536, description="hash partitions of the deduplication pass")
+    rows_per_shard: int = Field(50_000, gt=0, description="rows per normalized/scored parquet file")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceSection]) -> list[SourceSection]:
+        names = [source.name for source in sources]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
+        return sources
+
+    @field_validator("splits")
+    @classmethod
+    def _shares(cls, splits: dict[str, float]) -> dict[str, float]:
+        if any(share < 0 for share in splits.values()) or not math.isclose(sum(splits.values()), 1.0, abs_tol=1e-9):
+            raise ValueError(f"shares must be >= 0 and sum to 1, got {splits}")
+        if splits.get("cpt", 0.0) <= 0:
+            raise ValueError("the cpt split must have a positive share")
+        return splits
+
+
+class RulesSection(_Section):
+    """Gopher/C4-style heuristic rules: a document passes a rule when its value is in range."""
+
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, gt=0)
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, gt=0)
+    max_symbol_to_word_ratio: float = Field(0.1, ge=0)
+    min_fraction_lines_end_punctuation: float = Field(0.1, ge=0, le=1)
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0)
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1)
+
+
+class ClassifierSection(_Section):
+    """A hashed n-gram logistic-regression quality classifier (scikit-learn).
+
+    Trained on the ``classifier`` split of ``hq_sources`` (label 1) and ``lq_sources`` (label 0);
+    ``holdout`` of those documents (by doc_id hash) measure its accuracy.
+    """
+
+    hq_sources: list[str] = Field(min_length=1)
+    lq_sources: list[str] = Field(min_length=1)
+    ngrams: int = Field(2, ge=1, le=3)
+    features: int = Field(2**20, ge=2**10, le=2**24)
+    holdout: float = Field(0.2, gt=0, lt=1)
+    max_documents: int = Field(200_000, gt=0, description="cap per class on training documents")
+    epochs: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class TierSection(_Section):
+    """Tiers from the combined score: fixed thresholds, or quantiles of the scored documents
+    (estimated on a deterministic sample of ``quantile_sample`` documents)."""
+
+    method: Literal["thresholds", "quantiles"] = "thresholds"
+    hq: float = Field(0.7, gt=0, lt=1, description="thresholds: min score of hq; quantiles: share of hq")
+    lq: float = Field(0.4, gt=0, lt=1, description="thresholds: scores below are lq; quantiles: share of lq")
+    quantile_sample: int = Field(20_000, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierSection:
+        if self.method == "thresholds" and self.lq > self.hq:
+            raise ValueError(f"thresholds: lq ({self.lq}) must not exceed hq ({self.hq})")
+        if self.method == "quantiles" and self.hq + self.lq > 1:
+            raise ValueError(f"quantiles: hq + lq shares ({self.hq} + {self.lq}) exceed 1")
+        return self
+
+
+class ScoringSection(_Section):
+    """How documents are scored: named scorers, their weights in the combined score, tiers."""
+
+    scorers: list[Literal["rules", "classifier"]] = Field(default_factory=lambda: ["rules", "classifier"], min_length=1)
+    weights: dict[Literal["rules", "classifier"], float] = Field(default_factory=lambda: {"rules": 0.3, "classifier": 0.7})
+    rules: RulesSection = RulesSection()
+    classifier: ClassifierSection | None = None
+    tiers: TierSection = TierSection()
+    batch_size: int = Field(256, gt=0, description="documents per Ray Data batch")
+    workers: int = Field(2, gt=0, description="scoring actors")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoringSection:
+        if "classifier" in self.scorers and self.classifier is None:
+            raise ValueError("the classifier scorer needs a scoring.classifier section")
+        for scorer in self.scorers:
+            if self.weights.get(scorer, 0.0) <= 0:
+                raise ValueError(f"weights.{scorer} must be > 0 for a configured scorer")
+        return self
+
+
 # Sections owned by later stages. Each stage replaces its entry with a typed model; until then
 # the section is accepted as a mapping so recipes can carry it.
 _Reserved = dict[str, Any] | None
@@ -154,8 +275,8 @@ class Recipe(_Section):
     trec: TrecSection = TrecSection()
     curriculum: CurriculumSection = CurriculumSection()
     store: StoreSection = StoreSection()
-    corpus: _Reserved = None
-    scoring: _Reserved = None
+    corpus: CorpusSection | None = None
+    scoring: ScoringSection | None = None
     tokenizer: _Reserved = None
     base: _Reserved = None
     training: _Reserved = None
@@ -188,6 +309,24 @@ class Recipe(_Section):
                     "schedule.cooldown",
                     f"warmup ({self.warmup_steps}) + cooldown ({cooldown}) steps exceed {steps} steps",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _scoring_matches_corpus(self) -> Recipe:
+        if self.scoring is None or self.scoring.classifier is None or "classifier" not in self.scoring.scorers:
+            return self
+        if self.corpus is None:
+            raise _FieldError("scoring", "scoring needs a corpus section")
+        names = {source.name for source in self.corpus.sources}
+        classifier = self.scoring.classifier
+        for field, listed in (("hq_sources", classifier.hq_sources), ("lq_sources", classifier.lq_sources)):
+            unknown = sorted(set(listed) - names)
+            if unknown:
+                raise _FieldError(f"scoring.classifier.{field}", f"unknown sources {unknown} (corpus has {sorted(names)})")
+        if set(classifier.hq_sources) & set(classifier.lq_sources):
+            raise _FieldError("scoring.classifier", "a source cannot be both hq and lq")
+        if self.corpus.splits.get("classifier", 0.0) <= 0:
+            raise _FieldError("corpus.splits", "the classifier scorer needs a classifier split with a positive share")
         return self
 
     @property

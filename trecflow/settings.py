@@ -58,3 +58,9 @@ def ensure_home() -> None:
     """Create the home folder and Prefect's home (Prefect's SQLite database needs the folder)."""
     home().mkdir(parents=True, exist_ok=True)
     Path(os.environ.get("PREFECT_HOME", home() / "prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def expand_path(path: str) -> str:
+    """Expand ``${VAR}`` and ``~`` in a configured path; ``TRECFLOW_HOME`` defaults to the home."""
+    with_home = path.replace("${TRECFLOW_HOME}", str(home())).replace("$TRECFLOW_HOME", str(home()))
+    return os.path.expanduser(os.path.expandvars(with_home))

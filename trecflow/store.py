@@ -107,10 +107,17 @@ class StageOutput:
         if name == MANIFEST:
             raise ValueError(f"{MANIFEST} is written by commit()")
         fs = self.store.fs
-        fs.makedirs(self.path, exist_ok=True)
+        fs.makedirs(self.file_path(name).rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(self.file_path(name), data)
         self._files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         return self.file_uri(name)
+
+    def record_file(self, name: str) -> None:
+        """Record a data file written directly through ``store.fs`` (e.g. by Ray workers).
+
+        Its size goes into the manifest; no checksum, since re-reading terabytes of shards to hash
+        them would double the stage's I/O (parquet carries its own page checksums)."""
+        self._files[name] = {"bytes": self.store.fs.info(self.file_path(name))["size"]}
 
     def read_bytes(self, name: str) -> bytes:
         """Read a file of a committed output, checking it against the manifest's checksum."""
@@ -118,7 +125,7 @@ class StageOutput:
         if entry is None:
             raise StoreError(f"{self.uri}: {name} is not in the manifest")
         data = self.store.fs.cat_file(self.file_path(name))
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise StoreError(f"{self.file_uri(name)}: checksum differs from the manifest (corrupt file)")
         return data
 

@@ -1,0 +1,342 @@
+"""Stage 1, score: ingest the corpus, train the quality classifier, score and tier every document.
+
+Steps (each reusing its output when the fingerprint matches):
+1. `tasks.ingest.run_ingest`: normalized, deduplicated, split shards.
+2. The classifier (if configured) trains on the ``classifier`` split of its hq/lq sources; those
+   documents are never scored (they are counted as ``classifier_training``).
+3. Ray Data reads the shards, a pool of actors (each loading the classifier once from the store)
+   adds the rule values, each scorer's score, the combined score (weighted mean, in [0, 1]) and
+   the tier, and writes the scored shards. Quantile tiers take their thresholds from a
+   deterministic sample scored first.
+4. A second Ray Data pass over three columns aggregates per-source x tier statistics and the score
+   histogram.
+
+Output ``<store>/score/<fingerprint>/``: ``shards/*.parquet`` (every ingest column plus
+``rule_*``, ``score_rules``, ``score_classifier``, ``score``, ``tier``), ``classifier/`` (weights
+and metadata), ``stats.json``, ``score_histogram.png``, manifest last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.context import TaskRunContext
+
+from tasks.ingest import IngestResult, ingest_fingerprint, list_source, run_ingest
+from tasks.quality_classifier import QualityClassifier, train_classifier
+from tasks.quality_rules import rule_table, rules_score
+from trecflow.fingerprint import fingerprint
+from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
+from trecflow.store import Store
+
+STAGE = "score"
+STAGE_VERSION = 1
+HISTOGRAM_BINS = 50
+CLASSIFIER_WEIGHTS = "classifier/weights.npz"
+CLASSIFIER_META = "classifier/classifier.json"
+
+
+def require_sections(recipe: Recipe) -> ScoringSection:
+    if recipe.corpus is None:
+        raise RecipeError("corpus: the score stage needs a corpus section")
+    return recipe.scoring or ScoringSection(scorers=["rules"], weights={"rules": 1.0})
+
+
+def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
+    scoring = require_sections(recipe)
+    return fingerprint(STAGE, STAGE_VERSION, scoring.model_dump(mode="json"), {"ingest": ingest_fp})
+
+
+def tier_of(scores: np.ndarray, hq_min: float, lq_max: float) -> np.ndarray:
+    """``hq`` at or above hq_min, ``lq`` below lq_max, else ``mid``."""
+    return np.where(scores >= hq_min, "hq", np.where(scores < lq_max, "lq", "mid"))
+
+
+class BatchScorer:
+    """Ray Data actor: loads the classifier once, scores pyarrow batches."""
+
+    def __init__(self, scoring: dict, store_url: str, endpoint_url: str | None, classifier_dir: str | None, thresholds: tuple[float, float]):
+        self.scoring = ScoringSection.model_validate(scoring)
+        self.thresholds = thresholds
+        self.classifier = None
+        if classifier_dir is not None:
+            store = Store(store_url, endpoint_url)
+            self.classifier = QualityClassifier.from_bytes(
+                store.fs.cat_file(f"{classifier_dir}/{CLASSIFIER_WEIGHTS}"), store.fs.cat_file(f"{classifier_dir}/{CLASSIFIER_META}")
+            )
+
+    def scores(self, texts: list[str]) -> dict[str, np.ndarray]:
+        columns = rule_table(texts)
+        parts = {"rules": rules_score(columns, self.scoring.rules)}
+        if self.classifier is not None:
+            parts["classifier"] = self.classifier.probability(texts)
+        total = sum(self.scoring.weights[name] for name in self.scoring.scorers)
+        combined = sum(self.scoring.weights[name] * parts[name] for name in self.scoring.scorers) / total
+        columns["score_rules"] = parts["rules"]
+        columns["score_classifier"] = parts.get("classifier", np.full(len(texts), np.nan))
+        columns["score"] = np.clip(combined, 0.0, 1.0)
+        return columns
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        table = table.filter(pc.not_equal(table["split"], "classifier"))
+        columns = self.scores(table["text"].to_pylist())
+        for name, values in columns.items():
+            table = table.append_column(name, pa.array(values, type=pa.float64()))
+        return table.append_column("tier", pa.array(tier_of(columns["score"], *self.thresholds).tolist(), type=pa.string()))
+
+
+def aggregate_batch(table: pa.Table) -> pa.Table:
+    """Per-batch partial statistics: one row per (source, split, tier) with a score histogram."""
+    rows: dict[tuple, list] = {}
+    scores = table["score"].to_numpy()
+    keys = zip(table["source"].to_pylist(), table["split"].to_pylist(), table["tier"].to_pylist())
+    bins = np.minimum((scores * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+    for key, score, bucket in zip(keys, scores, bins):
+        entry = rows.setdefault(key, [0, 0.0, [0] * HISTOGRAM_BINS])
+        entry[0] += 1
+        entry[1] += float(score)
+        entry[2][bucket] += 1
+    return pa.table(
+        {
+            "source": [key[0] for key in rows],
+            "split": [key[1] for key in rows],
+            "tier": [key[2] for key in rows],
+            "count": [value[0] for value in rows.values()],
+            "score_sum": [value[1] for value in rows.values()],
+            "histogram": [value[2] for value in rows.values()],
+        }
+    )
+
+
+def _read_training_documents(store: Store, ingest: IngestResult, scoring: ScoringSection) -> tuple[list[str], np.ndarray, list[str]]:
+    """The classifier split of the hq and lq sources, capped per class, in shard order."""
+    config = scoring.classifier
+    label_of = {**{name: 1 for name in config.hq_sources}, **{name: 0 for name in config.lq_sources}}
+    texts, labels, doc_ids, taken = [], [], [], {0: 0, 1: 0}
+    output = store.output("ingest", ingest.fingerprint)
+    for name in ingest.stats["shards"]:
+        with store.fs.open(output.file_path(name), "rb") as handle:
+            table = pq.read_table(handle, columns=["doc_id", "source", "text", "split"])
+        table = table.filter(pc.and_(pc.equal(table["split"], "classifier"), pc.is_in(table["source"], pa.array(list(label_of)))))
+        for doc_id, source, text in zip(table["doc_id"].to_pylist(), table["source"].to_pylist(), table["text"].to_pylist()):
+            label = label_of[source]
+            if taken[label] < config.max_documents:
+                taken[label] += 1
+                texts.append(text)
+                labels.append(label)
+                doc_ids.append(doc_id)
+        if min(taken.values()) >= config.max_documents:
+            break
+    return texts, np.array(labels), doc_ids
+
+
+def _quantile_thresholds(store: Store, ingest: IngestResult, scorer: BatchScorer, tiers) -> tuple[float, float]:
+    """hq/lq thresholds from a deterministic sample (the first shards, classifier split excluded)."""
+    output = store.output("ingest", ingest.fingerprint)
+    scores: list[np.ndarray] = []
+    seen = 0
+    for name in ingest.stats["shards"]:
+        with store.fs.open(output.file_path(name), "rb") as handle:
+            table = pq.read_table(handle, columns=["text", "split"])
+        texts = table.filter(pc.not_equal(table["split"], "classifier"))["text"].to_pylist()[: tiers.quantile_sample - seen]
+        scores.append(scorer.scores(texts)["score"])
+        seen += len(texts)
+        if seen >= tiers.quantile_sample:
+            break
+    sample = np.concatenate(scores)
+    return float(np.quantile(sample, 1.0 - tiers.hq)), float(np.quantile(sample, tiers.lq))
+
+
+def histogram_png(stats: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for source, histogram in sorted(stats["histograms"].items()):
+        counts = np.asarray(histogram, dtype=np.float64)
+        axis.plot(centers, counts / max(counts.sum(), 1), label=source, linewidth=1.3)
+    hq_min, lq_max = stats["thresholds"]["hq"], stats["thresholds"]["lq"]
+    axis.axvline(hq_min, color="green", linestyle="--", linewidth=0.9, label=f"hq >= {hq_min:.3f}")
+    axis.axvline(lq_max, color="red", linestyle="--", linewidth=0.9, label=f"lq < {lq_max:.3f}")
+    axis.set_xlabel("combined quality score")
+    axis.set_ylabel("share of the source's documents")
+    axis.set_title("quality score by source")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    fingerprint: str
+    uri: str
+    ingest_fingerprint: str
+    stats: dict[str, Any]
+    reused: bool
+
+
+def _fsspec_to_arrow(store: Store):
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
+
+
+def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> ScoreResult:
+    """Ingest and score the recipe's corpus into ``store`` unless a complete output exists."""
+    import ray
+
+    scoring = require_sections(recipe)
+    corpus = recipe.corpus
+    listings = [list_source(source, store.endpoint_url) for source in corpus.sources]
+    ingest_fp = ingest_fingerprint(corpus, listings)
+    fp = score_fingerprint(recipe, ingest_fp)
+    output = store.output(STAGE, fp)
+    if output.exists() and not force:
+        return ScoreResult(fp, output.uri, ingest_fp, json.loads(output.read_bytes("stats.json")), reused=True)
+    ingest = run_ingest(corpus, store, force=force, progress=progress)
+    output.invalidate()
+    try:
+        stats = _score(recipe, scoring, store, ingest, output, progress)
+    except BaseException:
+        output.invalidate()
+        raise
+    return ScoreResult(fp, output.uri, ingest.fingerprint, stats, reused=False)
+
+
+def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: IngestResult, output, progress) -> dict[str, Any]:
+    import ray
+
+    from trecflow.ray_runtime import ensure_ray
+
+    classifier_metrics: dict[str, Any] = {}
+    classifier_dir = None
+    if "classifier" in scoring.scorers:
+        texts, labels, doc_ids = _read_training_documents(store, ingest, scoring)
+        progress(f"score: training the classifier on {len(texts):,} documents ({int(labels.sum()):,} hq)")
+        classifier, classifier_metrics = train_classifier(texts, labels, doc_ids, scoring.classifier)
+        weights, meta = classifier.to_bytes()
+        info = {**json.loads(meta), **classifier_metrics, "fingerprint": output.fingerprint}
+        output.write_bytes(CLASSIFIER_WEIGHTS, weights)
+        output.write_bytes(CLASSIFIER_META, json.dumps(info, indent=2).encode())
+        classifier_dir = output.path
+        progress(f"score: classifier held-out accuracy {classifier_metrics['classifier_accuracy']:.4f}")
+
+    tiers = scoring.tiers
+    thresholds = (tiers.hq, tiers.lq)
+    if tiers.method == "quantiles":
+        sampler = BatchScorer(scoring.model_dump(mode="json"), store.url, store.endpoint_url, classifier_dir, thresholds)
+        thresholds = _quantile_thresholds(store, ingest, sampler, tiers)
+        progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f}")
+
+    ensure_ray()
+    filesystem = _fsspec_to_arrow(store)
+    ingest_output = store.output("ingest", ingest.fingerprint)
+    shards = [ingest_output.file_path(name) for name in ingest.stats["shards"]]
+    progress(f"score: scoring {ingest.stats['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
+    dataset = ray.data.read_parquet(shards, filesystem=filesystem).map_batches(
+        BatchScorer,
+        fn_constructor_kwargs={
+            "scoring": scoring.model_dump(mode="json"),
+            "store_url": store.url,
+            "endpoint_url": store.endpoint_url,
+            "classifier_dir": classifier_dir,
+            "thresholds": thresholds,
+        },
+        batch_size=scoring.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=scoring.workers),
+    )
+    dataset.write_parquet(output.file_path("shards"), filesystem=filesystem)
+    files = sorted(path.rsplit("/", 1)[-1] for path in store.fs.ls(output.file_path("shards"), detail=False))
+    for name in files:
+        output.record_file(f"shards/{name}")
+
+    partial = (
+        ray.data.read_parquet([output.file_path(f"shards/{name}") for name in files], filesystem=filesystem, columns=["source", "split", "tier", "score"])
+        .map_batches(aggregate_batch, batch_size=65536, batch_format="pyarrow")
+        .take_all()
+    )
+    stats = _combine(partial, ingest, thresholds, classifier_metrics)
+    stats["shards"] = [f"shards/{name}" for name in files]
+    output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
+    output.write_bytes("score_histogram.png", histogram_png(stats))
+    output.commit(
+        inputs={"ingest": ingest.fingerprint},
+        counts={"documents": stats["documents"], "dropped": stats["dropped"], "classifier_training": stats["classifier_training"]},
+    )
+    progress(f"score: {stats['documents']:,} documents scored; tiers {stats['tier_totals']}")
+    return stats
+
+
+def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
+    per_source: dict[str, dict[str, Any]] = {}
+    histograms: dict[str, np.ndarray] = {}
+    for row in partial:
+        entry = per_source.setdefault(row["source"], {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}})
+        entry["documents"] += row["count"]
+        entry["score_sum"] += row["score_sum"]
+        entry["tiers"][row["tier"]] += row["count"]
+        entry["splits"][row["split"]] = entry["splits"].get(row["split"], 0) + row["count"]
+        histograms[row["source"]] = histograms.get(row["source"], np.zeros(HISTOGRAM_BINS, dtype=np.int64)) + np.asarray(row["histogram"])
+    tiers = {
+        source: {tier: entry["tiers"][tier] / entry["documents"] for tier in TIERS} for source, entry in sorted(per_source.items())
+    }
+    documents = sum(entry["documents"] for entry in per_source.values())
+    classifier_training = sum(
+        entry.get("splits", {}).get("classifier", 0) for entry in ingest.stats["sources"].values()
+    )
+    return {
+        "documents": documents,
+        "dropped": dict(ingest.stats["dropped"]),
+        "classifier_training": classifier_training,
+        "classifier_accuracy": classifier_metrics.get("classifier_accuracy"),
+        **{key: value for key, value in classifier_metrics.items() if key != "classifier_accuracy"},
+        "thresholds": {"hq": thresholds[0], "lq": thresholds[1]},
+        "tiers": tiers,
+        "tier_totals": {tier: sum(entry["tiers"][tier] for entry in per_source.values()) for tier in TIERS},
+        "sources": {
+            source: {
+                "documents": entry["documents"],
+                "mean_score": entry["score_sum"] / entry["documents"],
+                "tier_counts": entry["tiers"],
+                "splits": entry["splits"],
+                "dropped_empty": ingest.stats["sources"][source]["dropped_empty"],
+                "dropped_duplicate": ingest.stats["sources"][source]["dropped_duplicate"],
+            }
+            for source, entry in sorted(per_source.items())
+        },
+        "histograms": {source: values.tolist() for source, values in sorted(histograms.items())},
+    }
+
+
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    recipe: Recipe = parameters["recipe"]
+    store = Store(parameters["store_url"], parameters.get("endpoint_url"))
+    listings = [list_source(source, store.endpoint_url) for source in recipe.corpus.sources]
+    fp = score_fingerprint(recipe, ingest_fingerprint(recipe.corpus, listings))
+    return f"{STAGE}-{fp}-{fingerprint('store', 1, store.url)}"
+
+
+@task(name="score_corpus", retries=2, retry_delay_seconds=10, cache_key_fn=_cache_key, persist_result=True)
+def score_corpus(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> ScoreResult:
+    """Prefect task around `run_score`; its cache key is the stage fingerprint (and the store)."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    return run_score(recipe, Store(store_url, endpoint_url), force=force, progress=logger.info)
