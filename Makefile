@@ -31,7 +31,9 @@ bench: $(STAMP)
 
 # Re-pin the whole working set after changing pyproject.toml's dependencies.
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements.lock.new
+	{ echo "# Every package of the verified working set (pip freeze of .venv; refresh with make lock)."; \
+	  echo "# Used as pip constraints by the Makefile and the image: a fresh machine installs exactly this set."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -199,17 +199,13 @@ def _fsspec_to_arrow(store: Store):
 
 def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> ScoreResult:
     """Ingest and score the recipe's corpus into ``store`` unless a complete output exists."""
-    import ray
-
     scoring = require_sections(recipe)
-    corpus = recipe.corpus
-    listings = [list_source(source, store.endpoint_url) for source in corpus.sources]
-    ingest_fp = ingest_fingerprint(corpus, listings)
-    fp = score_fingerprint(recipe, ingest_fp)
+    fp = current_fingerprint(recipe, store)
     output = store.output(STAGE, fp)
     if output.exists() and not force:
-        return ScoreResult(fp, output.uri, ingest_fp, json.loads(output.read_bytes("stats.json")), reused=True)
-    ingest = run_ingest(corpus, store, force=force, progress=progress)
+        manifest = output.manifest()
+        return ScoreResult(fp, output.uri, manifest["inputs"]["ingest"], json.loads(output.read_bytes("stats.json")), reused=True)
+    ingest = run_ingest(recipe.corpus, store, force=force, progress=progress)
     output.invalidate()
     try:
         stats = _score(recipe, scoring, store, ingest, output, progress)
@@ -325,12 +321,16 @@ def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float,
     }
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    recipe: Recipe = parameters["recipe"]
-    store = Store(parameters["store_url"], parameters.get("endpoint_url"))
+def current_fingerprint(recipe: Recipe, store: Store) -> str:
+    """The score fingerprint for the sources as they are listed now (cheap: no content read)."""
+    require_sections(recipe)
     listings = [list_source(source, store.endpoint_url) for source in recipe.corpus.sources]
-    fp = score_fingerprint(recipe, ingest_fingerprint(recipe.corpus, listings))
-    return f"{STAGE}-{fp}-{fingerprint('store', 1, store.url)}"
+    return score_fingerprint(recipe, ingest_fingerprint(recipe.corpus, listings))
+
+
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    store = Store(parameters["store_url"], parameters.get("endpoint_url"))
+    return f"{STAGE}-{current_fingerprint(parameters['recipe'], store)}-{fingerprint('store', 1, store.url)}"
 
 
 @task(name="score_corpus", retries=2, retry_delay_seconds=10, cache_key_fn=_cache_key, persist_result=True)
