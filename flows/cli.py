@@ -148,6 +148,86 @@ def plan(
     typer.echo(json.dumps(sized) if as_json else format_plan(sized))
 
 
+corpus_app = typer.Typer(no_args_is_help=True, help="Corpora: fetch the demo corpus.")
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("demo")
+def corpus_demo(
+    cache: Annotated[
+        Optional[Path], typer.Option(help="where the sources go (default: $TRECFLOW_HOME/corpus/demo)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="fetch and extract again even if cached")] = False,
+) -> None:
+    """Fetch the real demo corpus (Debian docs, SpamAssassin mail, Debian boilerplate) into a cache."""
+    from tasks.corpus_demo import CorpusFetchError, build_demo_corpus
+    from trecflow.settings import home
+
+    folder = cache or home() / "corpus" / "demo"
+    try:
+        sources = build_demo_corpus(folder, force=force, progress=lambda line: typer.echo(line, err=True))
+    except CorpusFetchError as error:
+        raise fail(f"corpus demo: {error}", code=1) from None
+    width = max(map(len, sources))
+    for name, info in sources.items():
+        typer.echo(f"{name:<{width}}  {info['level']:<3}  {info['documents']:>6,} documents  {info['bytes'] / 1e6:6.1f} MB  {info['path']}")
+
+
+def format_score(stats: dict) -> str:
+    """The per-source x tier table of a scoring run."""
+    width = max(len("source"), *map(len, stats["sources"]))
+    lines = [f"{'source':<{width}}  {'documents':>9}  {'hq':>6}  {'mid':>6}  {'lq':>6}  {'mean score':>10}"]
+    for source, entry in stats["sources"].items():
+        tiers = stats["tiers"][source]
+        lines.append(
+            f"{source:<{width}}  {entry['documents']:>9,}  {tiers['hq']:>6.3f}  {tiers['mid']:>6.3f}  {tiers['lq']:>6.3f}  {entry['mean_score']:>10.3f}"
+        )
+    accuracy = stats.get("classifier_accuracy")
+    lines.append("")
+    lines.append(f"documents scored     {stats['documents']:,} (tiers {stats['tier_totals']})")
+    lines.append(f"dropped              {stats['dropped']}")
+    lines.append(f"classifier training  {stats['classifier_training']:,} documents reserved")
+    if accuracy is not None:
+        lines.append(f"classifier accuracy  {accuracy:.4f} on {stats['classifier_holdout_documents']:,} held-out documents")
+    lines.append(f"tier thresholds      hq >= {stats['thresholds']['hq']:.4f}, lq < {stats['thresholds']['lq']:.4f}")
+    return "\n".join(lines)
+
+
+@app.command()
+def score(
+    recipe_path: RecipeArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="ingest and score again even if cached")] = False,
+) -> None:
+    """Run stage 1 alone (ingest and score the corpus) through the pipeline's Prefect task."""
+    recipe = load_or_exit(recipe_path)
+    if recipe.corpus is None:
+        raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
+    from tasks.ingest import IngestError, list_source
+    from trecflow.settings import store_endpoint
+
+    try:
+        for source in recipe.corpus.sources:  # bad paths: a clear error before any work
+            list_source(source, store_endpoint(recipe))
+    except IngestError as error:
+        raise fail(str(error)) from None
+    from flows.pipeline import score_stage
+
+    try:
+        result = score_stage(recipe_path=str(recipe_path), force=force)
+    except IngestError as error:
+        raise fail(str(error)) from None
+    except Exception as error:  # the flow run failed; Prefect has logged the traceback
+        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    stats = result["score"]
+    if as_json:
+        keys = ("documents", "dropped", "classifier_accuracy", "tiers", "tier_totals", "thresholds", "classifier_training")
+        typer.echo(json.dumps({key: stats.get(key) for key in keys} | {"uri": stats["uri"], "reused": stats["reused"]}))
+    else:
+        typer.echo(format_score(stats))
+        typer.echo(f"\nstore output         {stats['uri']} ({'reused' if stats['reused'] else 'computed'})")
+
+
 @app.command()
 def validate(recipe_path: RecipeArg) -> None:
     """Check a recipe without running anything."""

@@ -31,17 +31,14 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from tasks.ingest import IngestResult, ingest_fingerprint, list_source, run_ingest
-from tasks.quality_classifier import QualityClassifier, train_classifier
-from tasks.quality_rules import rule_table, rules_score
+from tasks.quality_classifier import train_classifier
+from tasks.score_workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.store import Store
 
 STAGE = "score"
 STAGE_VERSION = 1
-HISTOGRAM_BINS = 50
-CLASSIFIER_WEIGHTS = "classifier/weights.npz"
-CLASSIFIER_META = "classifier/classifier.json"
 
 
 def require_sections(recipe: Recipe) -> ScoringSection:
@@ -53,67 +50,6 @@ def require_sections(recipe: Recipe) -> ScoringSection:
 def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
     scoring = require_sections(recipe)
     return fingerprint(STAGE, STAGE_VERSION, scoring.model_dump(mode="json"), {"ingest": ingest_fp})
-
-
-def tier_of(scores: np.ndarray, hq_min: float, lq_max: float) -> np.ndarray:
-    """``hq`` at or above hq_min, ``lq`` below lq_max, else ``mid``."""
-    return np.where(scores >= hq_min, "hq", np.where(scores < lq_max, "lq", "mid"))
-
-
-class BatchScorer:
-    """Ray Data actor: loads the classifier once, scores pyarrow batches."""
-
-    def __init__(self, scoring: dict, store_url: str, endpoint_url: str | None, classifier_dir: str | None, thresholds: tuple[float, float]):
-        self.scoring = ScoringSection.model_validate(scoring)
-        self.thresholds = thresholds
-        self.classifier = None
-        if classifier_dir is not None:
-            store = Store(store_url, endpoint_url)
-            self.classifier = QualityClassifier.from_bytes(
-                store.fs.cat_file(f"{classifier_dir}/{CLASSIFIER_WEIGHTS}"), store.fs.cat_file(f"{classifier_dir}/{CLASSIFIER_META}")
-            )
-
-    def scores(self, texts: list[str]) -> dict[str, np.ndarray]:
-        columns = rule_table(texts)
-        parts = {"rules": rules_score(columns, self.scoring.rules)}
-        if self.classifier is not None:
-            parts["classifier"] = self.classifier.probability(texts)
-        total = sum(self.scoring.weights[name] for name in self.scoring.scorers)
-        combined = sum(self.scoring.weights[name] * parts[name] for name in self.scoring.scorers) / total
-        columns["score_rules"] = parts["rules"]
-        columns["score_classifier"] = parts.get("classifier", np.full(len(texts), np.nan))
-        columns["score"] = np.clip(combined, 0.0, 1.0)
-        return columns
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        table = table.filter(pc.not_equal(table["split"], "classifier"))
-        columns = self.scores(table["text"].to_pylist())
-        for name, values in columns.items():
-            table = table.append_column(name, pa.array(values, type=pa.float64()))
-        return table.append_column("tier", pa.array(tier_of(columns["score"], *self.thresholds).tolist(), type=pa.string()))
-
-
-def aggregate_batch(table: pa.Table) -> pa.Table:
-    """Per-batch partial statistics: one row per (source, split, tier) with a score histogram."""
-    rows: dict[tuple, list] = {}
-    scores = table["score"].to_numpy()
-    keys = zip(table["source"].to_pylist(), table["split"].to_pylist(), table["tier"].to_pylist())
-    bins = np.minimum((scores * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-    for key, score, bucket in zip(keys, scores, bins):
-        entry = rows.setdefault(key, [0, 0.0, [0] * HISTOGRAM_BINS])
-        entry[0] += 1
-        entry[1] += float(score)
-        entry[2][bucket] += 1
-    return pa.table(
-        {
-            "source": [key[0] for key in rows],
-            "split": [key[1] for key in rows],
-            "tier": [key[2] for key in rows],
-            "count": [value[0] for value in rows.values()],
-            "score_sum": [value[1] for value in rows.values()],
-            "histogram": [value[2] for value in rows.values()],
-        }
-    )
 
 
 def _read_training_documents(store: Store, ingest: IngestResult, scoring: ScoringSection) -> tuple[list[str], np.ndarray, list[str]]:
@@ -236,40 +172,37 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
     tiers = scoring.tiers
     thresholds = (tiers.hq, tiers.lq)
     if tiers.method == "quantiles":
-        sampler = BatchScorer(scoring.model_dump(mode="json"), store.url, store.endpoint_url, classifier_dir, thresholds)
+        sampler = BatchScorer(scoring.model_dump(mode="json"), store.url, store.endpoint_url, None, classifier_dir, thresholds)
         thresholds = _quantile_thresholds(store, ingest, sampler, tiers)
         progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f}")
 
     ensure_ray()
-    filesystem = _fsspec_to_arrow(store)
     ingest_output = store.output("ingest", ingest.fingerprint)
     shards = [ingest_output.file_path(name) for name in ingest.stats["shards"]]
     progress(f"score: scoring {ingest.stats['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
-    dataset = ray.data.read_parquet(shards, filesystem=filesystem).map_batches(
-        BatchScorer,
-        fn_constructor_kwargs={
-            "scoring": scoring.model_dump(mode="json"),
-            "store_url": store.url,
-            "endpoint_url": store.endpoint_url,
-            "classifier_dir": classifier_dir,
-            "thresholds": thresholds,
-        },
-        batch_size=scoring.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=scoring.workers),
-    )
-    dataset.write_parquet(output.file_path("shards"), filesystem=filesystem)
-    files = sorted(path.rsplit("/", 1)[-1] for path in store.fs.ls(output.file_path("shards"), detail=False))
-    for name in files:
-        output.record_file(f"shards/{name}")
-
     partial = (
-        ray.data.read_parquet([output.file_path(f"shards/{name}") for name in files], filesystem=filesystem, columns=["source", "split", "tier", "score"])
-        .map_batches(aggregate_batch, batch_size=65536, batch_format="pyarrow")
+        ray.data.read_parquet(shards, filesystem=_fsspec_to_arrow(store))
+        .map_batches(
+            BatchScorer,
+            fn_constructor_kwargs={
+                "scoring": scoring.model_dump(mode="json"),
+                "store_url": store.url,
+                "endpoint_url": store.endpoint_url,
+                "output_path": output.path,
+                "classifier_path": classifier_dir,
+                "thresholds": thresholds,
+            },
+            batch_size=scoring.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scoring.workers),
+        )
         .take_all()
     )
+    files = sorted({row["file"] for row in partial})
+    for name in files:
+        output.record_file(name)
     stats = _combine(partial, ingest, thresholds, classifier_metrics)
-    stats["shards"] = [f"shards/{name}" for name in files]
+    stats["shards"] = files
     output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
     output.write_bytes("score_histogram.png", histogram_png(stats))
     output.commit(

@@ -4,6 +4,7 @@
   set before anything imports Prefect.
 - ``prefect_harness``: Prefect's own test harness (a temporary API and database), once per session.
 - ``s3_endpoint``: moto's S3 protocol server on 127.0.0.1 with a bucket ``trecflow-test``.
+- ``test_corpus``: the real-text corpus of configs/test.yaml (no download).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
 
@@ -23,6 +24,9 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME}/mlflow.db"
 os.environ.pop("TRECFLOW_STORE", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("PREFECT_API_URL", None)
+# moto's credentials, set before anything starts Ray: Ray workers take the environment they are
+# started with, and the session's one local Ray serves the S3 tests and the others alike.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -46,16 +50,9 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server on loopback, credentials in the environment, an empty bucket."""
+    """moto's S3 server on loopback (credentials: the module's ``testing`` ones), an empty bucket."""
     from moto.server import ThreadedMotoServer
 
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {key: os.environ.get(key) for key in credentials}
-    os.environ.update(credentials)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -65,11 +62,14 @@ def s3_endpoint():
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     yield endpoint
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def test_corpus() -> dict[str, Path]:
+    """configs/test.yaml's corpus, written into the session's TRECFLOW_HOME."""
+    from .corpus_builder import build_test_corpus
+
+    return build_test_corpus(Path(_SESSION_HOME) / "corpus" / "test")
 
 
 @pytest.fixture

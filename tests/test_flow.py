@@ -18,7 +18,7 @@ from trecflow.store import Store
 
 from .conftest import BUCKET, CONFIGS
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "test_corpus")]
 RECIPE = str(CONFIGS / "test.yaml")
 
 
@@ -41,7 +41,10 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     monkeypatch.setenv("TRECFLOW_STORE", store.url)
 
     result, states = run_flow()
-    assert states == {"predict_trec": "Completed"}
+    assert states == {"score_corpus": "Completed", "predict_trec": "Completed"}
+    scored = result["score"]
+    assert scored["tiers"]["stdlib-docs"]["hq"] >= 0.9 and scored["tiers"]["debian-copyright"]["lq"] >= 0.9
+    assert store.output("score", scored["fingerprint"]).exists()
     predicted = result["predict"]
     assert not predicted["reused"] and predicted["steps"] == 48
     assert result["variant"] == "trec_valley"
@@ -53,6 +56,9 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     assert run.info.status == "FINISHED"
     assert run.data.params["model.params"] == "200000" and run.data.params["schedule.kind"] == "linear"
     assert run.data.metrics["tau"] == pytest.approx(predicted["tau"])
+    assert run.data.metrics["classifier_accuracy"] == pytest.approx(scored["classifier_accuracy"])
+    assert run.data.metrics["tier_fraction.stdlib-docs.hq"] == pytest.approx(scored["tiers"]["stdlib-docs"]["hq"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "score")} >= {"score/stats.json", "score/score_histogram.png", "score/classifier"}
     assert run.data.metrics["trec_valley_predicted"] == pytest.approx(predicted["valley_fraction"])
     assert run.data.tags["trecflow.predict_fingerprint"] == predicted["fingerprint"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "predict")} == {"predict/trec.png", "predict/summary.json"}
@@ -65,18 +71,18 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
 
     created = output.manifest()["created_unix"]
     again, states = run_flow(variant="uniform")
-    assert states == {"predict_trec": "Cached"}  # same fingerprint: Prefect's cache, no recompute
+    assert states == {"score_corpus": "Cached", "predict_trec": "Cached"}  # same fingerprints: no recompute
     assert again["predict"]["reused"] and output.manifest()["created_unix"] == created
     assert client.get_run(again["mlflow_run_id"]).data.tags["trecflow.variant"] == "uniform"
 
     forced, states = run_flow(force=["predict"])
-    assert states == {"predict_trec": "Completed"}
+    assert states == {"score_corpus": "Cached", "predict_trec": "Completed"}  # score and predict are siblings
     assert not forced["predict"]["reused"] and output.manifest()["created_unix"] > created
 
     # Output deleted behind Prefect's back: the cache is not trusted, the stage recomputes.
     output.invalidate()
     _, states = run_flow()
-    assert states == {"predict_trec": "Completed"} and output.exists()
+    assert states == {"score_corpus": "Cached", "predict_trec": "Completed"} and output.exists()
 
 
 def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_endpoint):
@@ -90,7 +96,12 @@ def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_en
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'remote-mlflow.db'}")
     remote_result, states = run_flow()
-    assert states == {"predict_trec": "Completed"}
+    assert states == {"score_corpus": "Completed", "predict_trec": "Completed"}
+    # Ingest and scoring read and write the S3 store through Ray: the same documents and tiers.
+    for key in ("documents", "dropped", "tiers", "classifier_accuracy", "classifier_training"):
+        assert remote_result["score"][key] == local_result["score"][key], key
+    assert remote_result["score"]["uri"].startswith("s3://")
+    assert remote.output("score", remote_result["score"]["fingerprint"]).exists()
 
     fingerprint = local_result["predict"]["fingerprint"]
     assert remote_result["predict"]["fingerprint"] == fingerprint

@@ -245,7 +245,7 @@ class ScoringSection(_Section):
     rules: RulesSection = RulesSection()
     classifier: ClassifierSection | None = None
     tiers: TierSection = TierSection()
-    batch_size: int = Field(256, gt=0, description="documents per Ray Data batch")
+    batch_size: int = Field(4096, gt=0, description="documents per Ray Data batch and per scored shard file")
     workers: int = Field(2, gt=0, description="scoring actors")
 
     @model_validator(mode="after")

@@ -1,0 +1,197 @@
+"""Stage 1: ingestion (formats, deduplication, splits, bad input) and scoring (rules, classifier,
+Ray Data on the local Ray, the store on moto's S3 server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.ingest import IngestError, assign_splits, list_source, run_ingest
+from tasks.quality_classifier import QualityClassifier, holdout_mask, train_classifier
+from tasks.quality_rules import RULE_NAMES, rule_values, rules_score, rule_table
+from tasks.score import run_score
+from trecflow.recipe import ClassifierSection, CorpusSection, RulesSection, load_recipe
+from trecflow.store import MANIFEST, Store
+
+from .conftest import BUCKET, CONFIGS
+from .corpus_builder import debian_copyright, stdlib_docstrings, write_jsonl
+
+
+def test_rule_values_of_a_known_text():
+    text = "The cat sat on the mat.\nAnd that was it 42 ...\n\n## heading\nThe cat sat on the mat.\n"
+    values = dict(zip(RULE_NAMES, rule_values(text)))
+    assert values == {
+        "word_count": 20.0,
+        "mean_word_length": 3.1,
+        "symbol_to_word_ratio": 3 / 20,  # "...", "#", "#"
+        "fraction_lines_end_punctuation": 0.75,
+        "duplicate_line_fraction": 0.25,
+        "stop_words": 3.0,  # the, and, that
+        "alpha_word_fraction": 17 / 20,
+    }
+
+
+def test_rules_score_counts_passed_rules():
+    prose = " ".join(["The quick brown fox jumps over the lazy dog and that is with the end."] * 10)
+    junk = "#### $$$ 1234 5678 #### ----"
+    scores = rules_score(rule_table([prose, junk]), RulesSection())
+    assert scores[0] == 1.0 and scores[1] < 0.5
+
+
+def test_splits_are_disjoint_stable_and_follow_the_shares():
+    doc_ids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(20000)]
+    shares = {"eval": 0.1, "base": 0.2, "cpt": 0.5, "reference": 0.1, "classifier": 0.1}
+    splits = assign_splits(doc_ids, shares)
+    assert splits == assign_splits(doc_ids, shares)
+    for name, share in shares.items():
+        assert splits.count(name) / len(splits) == pytest.approx(share, abs=0.015)
+
+
+def test_classifier_trains_saves_and_loads():
+    hq, lq = stdlib_docstrings()[:200], debian_copyright(200)
+    texts = hq + lq
+    doc_ids = [hashlib.sha256(text.encode()).hexdigest()[:32] for text in texts]
+    labels = np.array([1] * len(hq) + [0] * len(lq))
+    config = ClassifierSection(hq_sources=["a"], lq_sources=["b"], features=2**16)
+    classifier, metrics = train_classifier(texts, labels, doc_ids, config)
+    assert metrics["classifier_accuracy"] >= 0.9
+    assert metrics["classifier_holdout_documents"] == int(holdout_mask(doc_ids, 0.2).sum())
+    loaded = QualityClassifier.from_bytes(*classifier.to_bytes())
+    np.testing.assert_allclose(loaded.probability(texts[:20]), classifier.probability(texts[:20]), rtol=1e-5)
+
+
+def corpus(tmp_path, **sources) -> CorpusSection:
+    return CorpusSection(
+        sources=[{"name": name, **spec} for name, spec in sources.items()],
+        partitions=3,
+        splits={"eval": 0.2, "base": 0.2, "cpt": 0.6},
+    )
+
+
+def read_shards(store: Store, result) -> pa.Table:
+    output = store.output("ingest", result.fingerprint)
+    return pa.concat_tables(pq.read_table(output.file_path(name)) for name in result.stats["shards"])
+
+
+def test_ingest_formats_dedup_and_empty_documents(tmp_path):
+    texts = stdlib_docstrings()[:60]
+    write_jsonl(tmp_path / "a" / "one.jsonl", texts[:30] + ["   ", ""])
+    pq.write_table(pa.table({"body": texts[20:50]}), tmp_path / "b.parquet")  # 10 repeat source a
+    import datasets
+
+    datasets.Dataset.from_dict({"text": texts[50:60] + [None]}).save_to_disk(str(tmp_path / "disk"))
+    spec = corpus(
+        tmp_path,
+        folder={"path": str(tmp_path / "a"), "format": "jsonl"},
+        table={"path": str(tmp_path / "b.parquet"), "format": "parquet", "text_field": "body"},
+        saved={"path": str(tmp_path / "disk"), "format": "disk"},
+    )
+    store = Store(str(tmp_path / "store"))
+    result = run_ingest(spec, store)
+    stats = result.stats
+    assert stats["sources"]["folder"]["dropped_empty"] == 2 and stats["sources"]["saved"]["dropped_empty"] == 1
+    assert stats["sources"]["table"]["dropped_duplicate"] == 10  # the first occurrence (source order) is kept
+    assert stats["dropped"] == {"empty": 3, "duplicate": 10}
+    assert stats["documents"] == 60
+    table = read_shards(store, result)
+    assert table.num_rows == 60 and len(set(table["doc_id"].to_pylist())) == 60
+    assert set(table["split"].to_pylist()) <= {"eval", "base", "cpt"}
+    row = table.filter(pa.compute.equal(table["source"], "saved")).slice(0, 1).to_pylist()[0]
+    assert row["chars"] == len(row["text"]) and row["words"] == len(row["text"].split())
+    assert run_ingest(spec, store).reused
+
+
+def _missing_field(folder):
+    write_jsonl(folder / "x.jsonl", ["a document"])
+    return {"path": str(folder / "x.jsonl"), "text_field": "body"}
+
+
+def _unreadable_shard(folder):
+    (folder / "x.parquet").write_bytes(b"PAR1 this is not parquet")
+    return {"path": str(folder / "x.parquet"), "format": "parquet"}
+
+
+def _non_utf8(folder):
+    (folder / "x.jsonl").write_bytes(b'{"text": "caf\xe9 \xff\xfe"}\n')
+    return {"path": str(folder / "x.jsonl")}
+
+
+def _no_files(folder):
+    return {"path": str(folder / "absent.jsonl")}
+
+
+def _only_empty(folder):
+    write_jsonl(folder / "x.jsonl", ["  ", "\n"])
+    return {"path": str(folder / "x.jsonl")}
+
+
+def _not_text(folder):
+    (folder / "x.jsonl").write_text('{"text": 5}\n')
+    return {"path": str(folder / "x.jsonl")}
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (_missing_field, "has no text field 'body'"),
+        (_unreadable_shard, "cannot read"),
+        (_non_utf8, "UTF-8"),
+        (_no_files, "no jsonl files"),
+        (_only_empty, "yielded no documents"),
+        (_not_text, "holds int, not text"),
+    ],
+    ids=["missing-text-field", "unreadable-shard", "non-utf8", "no-files", "only-empty", "not-text"],
+)
+def test_bad_input_names_the_file_and_leaves_no_output(tmp_path, setup, message):
+    source_dir = tmp_path / "in"
+    source_dir.mkdir()
+    spec = setup(source_dir)
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(IngestError, match=message) as error:
+        run_ingest(corpus(tmp_path, bad=spec), store)
+    assert "corpus source bad" in str(error.value) and "\n" not in str(error.value)
+    if message != "no jsonl files":
+        assert str(source_dir) in str(error.value)
+    assert not list(store.fs.glob(store.path("ingest", "*", MANIFEST)))
+
+
+def test_source_fingerprint_follows_the_listing_not_the_content(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", ["one document here"])
+    source = CorpusSection(sources=[{"name": "x", "path": str(path)}]).sources[0]
+    first = list_source(source).listing_fingerprint
+    assert list_source(source).listing_fingerprint == first
+    write_jsonl(path, ["one document here", "and another"])
+    assert list_source(source).listing_fingerprint != first
+
+
+@pytest.mark.slow
+def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_corpus):
+    """Sources and store on moto's S3 server; Ray Data scores with the local Ray."""
+    recipe = load_recipe(CONFIGS / "test.yaml")
+    store = Store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
+    for name, path in test_corpus.items():
+        store.fs.put_file(str(path), store.path("raw", f"{name}.jsonl"))
+    sources = [{"name": s.name, "path": store.uri("raw", f"{s.name}.jsonl")} for s in recipe.corpus.sources]
+    recipe = recipe.model_validate({**recipe.model_dump(), "corpus": {**recipe.corpus.model_dump(), "sources": sources}})
+
+    result = run_score(recipe, store)
+    stats = result.stats
+    assert stats["classifier_accuracy"] >= 0.9
+    assert stats["tiers"]["stdlib-docs"]["hq"] >= 0.9 and stats["tiers"]["debian-copyright"]["lq"] >= 0.9
+    output = store.output("score", result.fingerprint)
+    scored = pa.concat_tables(pq.read_table(store.fs.open(output.file_path(name), "rb")) for name in stats["shards"])
+    assert scored.num_rows == stats["documents"]
+    assert "classifier" not in set(scored["split"].to_pylist())  # never scores its own training data
+    for column in ("score", "score_rules", "score_classifier", "tier", *(f"rule_{name}" for name in RULE_NAMES)):
+        assert column in scored.column_names
+    assert all(0.0 <= value <= 1.0 for value in scored["score"].to_pylist())
+    manifest = output.manifest()
+    assert set(manifest["files"]) >= {"stats.json", "score_histogram.png", "classifier/weights.npz", *stats["shards"]}
+    assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats["classifier_accuracy"]
+    assert run_score(recipe, store).reused  # same inputs: a hit, nothing recomputed
