@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/trecflow corpus demo
 	$(BIN)/trecflow run configs/demo.yaml
 
 test: $(STAMP)
@@ -27,7 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench
 
 # Re-pin the whole working set after changing pyproject.toml's dependencies.
 lock: $(STAMP)

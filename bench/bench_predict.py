@@ -1,22 +1,14 @@
-"""Benchmarks (`make bench`). Each reports a ratio against a baseline measured in the same run,
-since the machines are shared and noisy.
-
-predict_1m: TREC prediction for 10^6 steps (schedule, EMA coefficients, TREC, valley, window),
-against a straightforward Python loop computing the same EMA coefficients.
-"""
+"""predict_1m: TREC prediction for 10^6 steps (schedule, EMA coefficients, TREC, valley, window),
+against a straightforward Python loop computing the same EMA coefficients (same run)."""
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trecflow.recipe import parse_recipe  # noqa: E402
-from training.trec import ema_coefficients, ema_coefficients_loop, predict  # noqa: E402
+from trecflow.recipe import parse_recipe
+from training.trec import ema_coefficients, ema_coefficients_loop, predict
 
 STEPS = 1_000_000
 
@@ -31,7 +23,7 @@ def best_of(repeats: int, function) -> tuple[float, object]:
     return best, result
 
 
-def bench_predict_1m() -> None:
+def run() -> None:
     recipe = parse_recipe(
         {
             "name": "bench-1m",
@@ -57,7 +49,3 @@ def bench_predict_1m() -> None:
     print(f"  best window for w = 0.1                         {window_time * 1e3:8.1f} ms")
     print(f"  ratio loop / vectorized coefficients            {loop_time / vector_time:8.1f}x")
     print(f"  ratio loop / full vectorized prediction         {loop_time / full_time:8.1f}x")
-
-
-if __name__ == "__main__":
-    bench_predict_1m()

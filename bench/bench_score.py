@@ -1,0 +1,158 @@
+"""score: the scoring stage on 2 cores against a plain single-process loop (same scorers, same
+documents, same run), and peak memory at 1x and 10x corpus size with distinct documents.
+
+Corpus: standard-library docstrings (hq) and Debian copyright files (lq), as in the tests; the
+10x corpus repeats it with a distinct marker line per copy so deduplication keeps every document.
+Throughput counts the Ray Data scoring pass only (ingestion and classifier training excluded on
+both sides); per core = documents / seconds / cores used (2 for the stage, 1 for the loop). On a
+2-core machine a Ray Data job pays a fixed start-up (worker and coordinator processes: ~15-20 s
+here), so the marginal rate between the 1x and 10x runs is reported too.
+Memory is the peak summed RSS of this process and every process under it (the local Ray's
+workers included), sampled every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.corpus_builder import debian_copyright, stdlib_docstrings, write_jsonl
+
+CORES = 2
+
+
+class PeakRss:
+    """Peak RSS of this process tree while the block runs."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_corpus(folder: Path, copies: int) -> dict[str, Path]:
+    hq, lq = stdlib_docstrings(), debian_copyright()
+
+    def repeated(texts: list[str]) -> list[str]:
+        return [text if k == 0 else f"{text}\n\n(copy {k})" for k in range(copies) for text in texts]
+
+    return {
+        "stdlib-docs": write_jsonl(folder / "stdlib-docs.jsonl", repeated(hq)),
+        "debian-copyright": write_jsonl(folder / "debian-copyright.jsonl", repeated(lq)),
+    }
+
+
+def recipe_for(paths: dict[str, Path]):
+    from trecflow.recipe import parse_recipe
+
+    return parse_recipe(
+        {
+            "name": "bench-score",
+            "model": {"params": 1e6},
+            "data": {"tokens": 65536, "seq_len": 64},
+            "batch": {"tokens": 512},
+            "optimizer": {"peak_lr": 1e-3, "weight_decay": 0.1},
+            "schedule": {"kind": "linear"},
+            "corpus": {
+                "sources": [{"name": name, "path": str(path)} for name, path in paths.items()],
+                "splits": {"eval": 0.1, "base": 0.2, "cpt": 0.4, "reference": 0.1, "classifier": 0.2},
+                "partitions": 8,
+            },
+            "scoring": {
+                "classifier": {"hq_sources": ["stdlib-docs"], "lq_sources": ["debian-copyright"]},
+                "workers": CORES,
+                "batch_size": 1024,
+            },
+        }
+    )
+
+
+def run_stage(recipe, store_dir: Path) -> tuple[dict, float, int]:
+    """Run the stage; returns its stats, the seconds of the scoring pass, and peak RSS."""
+    from tasks.score import run_score
+    from trecflow.store import Store
+
+    marks: dict[str, float] = {}
+
+    def progress(line: str) -> None:
+        if line.startswith("score: scoring "):
+            marks["start"] = time.perf_counter()
+        elif line.startswith("score: ") and "documents scored" in line:
+            marks["end"] = time.perf_counter()
+
+    with PeakRss() as memory:
+        result = run_score(recipe, Store(str(store_dir)), progress=progress)
+    return result.stats, marks["end"] - marks["start"], memory.peak
+
+
+def loop_baseline(recipe, store_dir: Path, stats: dict) -> tuple[int, float]:
+    """The same scorers over the same scored documents, one process, no Ray."""
+    import pyarrow.parquet as pq
+
+    from tasks.score_workers import BatchScorer
+    from trecflow.store import Store
+
+    output = next(store_dir.glob("score/*"))
+    scorer = BatchScorer(recipe.scoring.model_dump(mode="json"), str(store_dir), None, None, str(output), (0.7, 0.4))
+    texts = []
+    for name in stats["shards"]:
+        texts.extend(pq.read_table(output / name, columns=["text"])["text"].to_pylist())
+    started = time.perf_counter()
+    for start in range(0, len(texts), 1024):
+        scorer.scores(texts[start : start + 1024])
+    return len(texts), time.perf_counter() - started
+
+
+def run() -> None:
+    from trecflow.ray_runtime import ensure_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ensure_ray()  # started once, outside the timed and measured regions' difference
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="trecflow-bench-") as folder:
+        for copies in (1, 10):
+            base = Path(folder) / f"x{copies}"
+            recipe = recipe_for(write_corpus(base / "corpus", copies))
+            stats, seconds, peak = run_stage(recipe, base / "store")
+            results[copies] = (stats, seconds, peak)
+        stats, seconds, _ = results[10]
+        documents, loop_seconds = loop_baseline(recipe, Path(folder) / "x10" / "store", stats)
+    stage_per_core = stats["documents"] / seconds / CORES
+    loop_per_core = documents / loop_seconds
+    print("score: scoring stage (Ray Data, 2 actors) vs a single-process loop, same scorers")
+    for copies, (stats_k, seconds_k, peak_k) in results.items():
+        print(
+            f"  {copies:>2}x corpus: {stats_k['documents']:,} documents scored in {seconds_k:.1f} s "
+            f"({stats_k['documents'] / seconds_k / CORES:,.0f} docs/s/core); peak RSS {peak_k / 2**30:.2f} GiB"
+        )
+    print(f"  loop baseline (10x documents): {documents:,} in {loop_seconds:.1f} s ({loop_per_core:,.0f} docs/s/core)")
+    (docs_1, seconds_1), (docs_10, seconds_10) = [(results[k][0]["documents"], results[k][1]) for k in (1, 10)]
+    marginal_per_core = (docs_10 - docs_1) / (seconds_10 - seconds_1) / CORES
+    print(f"  stage, marginal rate 1x -> 10x (fixed Ray Data start-up excluded): {marginal_per_core:,.0f} docs/s/core")
+    print(f"  ratio stage / loop, docs per second per core   {stage_per_core / loop_per_core:.2f}")
+    print(f"  ratio stage marginal / loop, per core          {marginal_per_core / loop_per_core:.2f}")
+    print(f"  ratio stage / loop, wall-clock throughput      {stats['documents'] / seconds / (documents / loop_seconds):.2f}")
+    print(f"  peak memory 10x / 1x                           {results[10][2] / results[1][2]:.2f}")
