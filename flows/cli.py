@@ -262,6 +262,9 @@ def run(
         raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
     summary = result["predict"]
     typer.echo("")
+    if "score" in result:
+        typer.echo(format_score(result["score"]))
+        typer.echo(f"score output         {result['score']['uri']} ({'reused' if result['score']['reused'] else 'computed'})\n")
     typer.echo(format_summary(summary))
     typer.echo(f"\nstore output   {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
     typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
