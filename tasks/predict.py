@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.context import TaskRunContext
 
+from tasks.retry import retry_unless_bad_input
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
 from trecflow.store import Store
@@ -106,7 +107,14 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{STAGE}-{predict_fingerprint(parameters['recipe'])}-{fingerprint('store', 1, store.url)}"
 
 
-@task(name="predict_trec", retries=2, retry_delay_seconds=5, cache_key_fn=_cache_key, persist_result=True)
+@task(
+    name="predict_trec",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_key_fn=_cache_key,
+    persist_result=True,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def predict_trec(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> PredictResult:
     """Prefect task around `run_predict`; its cache key is the stage fingerprint (and the store)."""
     return run_predict(recipe, Store(store_url, endpoint_url), force=force)

@@ -33,6 +33,7 @@ from prefect.context import TaskRunContext
 from tasks.ingest import IngestResult, ingest_fingerprint, list_source, run_ingest
 from tasks.quality_classifier import train_classifier
 from tasks.score_workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
+from tasks.retry import retry_unless_bad_input
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.store import Store
@@ -87,8 +88,12 @@ def _quantile_thresholds(store: Store, ingest: IngestResult, scorer: BatchScorer
         seen += len(texts)
         if seen >= tiers.quantile_sample:
             break
-    sample = np.concatenate(scores)
-    return float(np.quantile(sample, 1.0 - tiers.hq)), float(np.quantile(sample, tiers.lq))
+    return quantile_thresholds(np.concatenate(scores), tiers.hq, tiers.lq)
+
+
+def quantile_thresholds(scores: np.ndarray, hq_share: float, lq_share: float) -> tuple[float, float]:
+    """(hq_min, lq_max) so that about ``hq_share`` of ``scores`` are >= hq_min and ``lq_share`` < lq_max."""
+    return float(np.quantile(scores, 1.0 - hq_share)), float(np.quantile(scores, lq_share))
 
 
 def histogram_png(stats: dict[str, Any]) -> bytes:
@@ -266,7 +271,14 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{STAGE}-{current_fingerprint(parameters['recipe'], store)}-{fingerprint('store', 1, store.url)}"
 
 
-@task(name="score_corpus", retries=2, retry_delay_seconds=10, cache_key_fn=_cache_key, persist_result=True)
+@task(
+    name="score_corpus",
+    retries=2,
+    retry_delay_seconds=10,
+    cache_key_fn=_cache_key,
+    persist_result=True,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def score_corpus(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> ScoreResult:
     """Prefect task around `run_score`; its cache key is the stage fingerprint (and the store)."""
     from prefect import get_run_logger

@@ -195,3 +195,46 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
     assert set(manifest["files"]) >= {"stats.json", "score_histogram.png", "classifier/weights.npz", *stats["shards"]}
     assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats["classifier_accuracy"]
     assert run_score(recipe, store).reused  # same inputs: a hit, nothing recomputed
+
+
+def test_quantile_thresholds_give_the_configured_shares():
+    from tasks.score import quantile_thresholds
+    from tasks.score_workers import tier_of
+
+    scores = np.random.default_rng(3).random(100_000)
+    hq_min, lq_max = quantile_thresholds(scores, hq_share=0.2, lq_share=0.3)
+    tiers = tier_of(scores, hq_min, lq_max)
+    assert np.mean(tiers == "hq") == pytest.approx(0.2, abs=0.001)
+    assert np.mean(tiers == "lq") == pytest.approx(0.3, abs=0.001)
+    assert np.mean(tiers == "mid") == pytest.approx(0.5, abs=0.002)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
+    """A missing text field: one line naming the file, exit 2, and no retry of the task."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = write_jsonl(tmp_path / "docs.jsonl", ["some text"])
+    source.write_text('{"body": "a document without the text field"}\n')
+    recipe = (CONFIGS / "test.yaml").read_text().split("corpus:")[0] + (
+        f"corpus:\n  sources:\n    - {{name: docs, path: '{source}'}}\n  splits: {{eval: 0.5, cpt: 0.5}}\n"
+        "scoring: {scorers: [rules], weights: {rules: 1.0}}\n"
+    )
+    path = tmp_path / "bad.yaml"
+    path.write_text(recipe)
+    result = CliRunner().invoke(app, ["score", str(path)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == f"error: corpus source docs: {source} has no text field 'text' (fields: body)"
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="score_corpus")))
+    attempts = [run.run_count for run in runs if run.state.is_failed()]
+    assert attempts == [1]  # bad input is not retried
+    assert not list((tmp_path / "store").glob("*/*/_MANIFEST.json"))
