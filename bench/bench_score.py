@@ -8,7 +8,8 @@ both sides); per core = documents / seconds / cores used (2 for the stage, 1 for
 2-core machine a Ray Data job pays a fixed start-up (worker and coordinator processes: ~15-20 s
 here), so the marginal rate between the 1x and 10x runs is reported too.
 Memory is the peak summed RSS of this process and every process under it (the local Ray's
-workers included), sampled every 0.1 s.
+workers included), sampled every 0.1 s. The recipe is sized as the README says to size it: hash
+partitions grow with the corpus and the classifier's training set is capped (`max_documents`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def write_corpus(folder: Path, copies: int) -> dict[str, Path]:
     }
 
 
-def recipe_for(paths: dict[str, Path]):
+def recipe_for(paths: dict[str, Path], copies: int):
+    """The stage's recipe as a user would size it: hash partitions grow with the corpus (so each
+    stays the same size) and the classifier's training set is capped."""
     from trecflow.recipe import parse_recipe
 
     return parse_recipe(
@@ -79,10 +82,10 @@ def recipe_for(paths: dict[str, Path]):
             "corpus": {
                 "sources": [{"name": name, "path": str(path)} for name, path in paths.items()],
                 "splits": {"eval": 0.1, "base": 0.2, "cpt": 0.4, "reference": 0.1, "classifier": 0.2},
-                "partitions": 8,
+                "partitions": 4 * copies,
             },
             "scoring": {
-                "classifier": {"hq_sources": ["stdlib-docs"], "lq_sources": ["debian-copyright"]},
+                "classifier": {"hq_sources": ["stdlib-docs"], "lq_sources": ["debian-copyright"], "max_documents": 100},
                 "workers": CORES,
                 "batch_size": 1024,
             },
@@ -135,7 +138,7 @@ def run() -> None:
     with tempfile.TemporaryDirectory(prefix="trecflow-bench-") as folder:
         for copies in (1, 10):
             base = Path(folder) / f"x{copies}"
-            recipe = recipe_for(write_corpus(base / "corpus", copies))
+            recipe = recipe_for(write_corpus(base / "corpus", copies), copies)
             stats, seconds, peak = run_stage(recipe, base / "store")
             results[copies] = (stats, seconds, peak)
         stats, seconds, _ = results[10]

@@ -85,12 +85,15 @@ def test_ingest_formats_dedup_and_empty_documents(tmp_path):
     pq.write_table(pa.table({"body": texts[20:50]}), tmp_path / "b.parquet")  # 10 repeat source a
     import datasets
 
-    datasets.Dataset.from_dict({"text": texts[50:60] + [None]}).save_to_disk(str(tmp_path / "disk"))
+    datasets.Dataset.from_dict({"text": texts[50:55] + [None]}).save_to_disk(str(tmp_path / "disk"))
+    with pa.ipc.new_stream(str(tmp_path / "c.arrow"), pa.schema([("text", pa.string())])) as writer:
+        writer.write_table(pa.table({"text": texts[55:60]}))
     spec = corpus(
         tmp_path,
         folder={"path": str(tmp_path / "a"), "format": "jsonl"},
         table={"path": str(tmp_path / "b.parquet"), "format": "parquet", "text_field": "body"},
         saved={"path": str(tmp_path / "disk"), "format": "disk"},
+        stream={"path": str(tmp_path / "*.arrow"), "format": "arrow"},
     )
     store = Store(str(tmp_path / "store"))
     result = run_ingest(spec, store)
@@ -99,6 +102,9 @@ def test_ingest_formats_dedup_and_empty_documents(tmp_path):
     assert stats["sources"]["table"]["dropped_duplicate"] == 10  # the first occurrence (source order) is kept
     assert stats["dropped"] == {"empty": 3, "duplicate": 10}
     assert stats["documents"] == 60
+    assert {name: entry["documents"] for name, entry in stats["sources"].items()} == {
+        "folder": 30, "table": 20, "saved": 5, "stream": 5
+    }
     table = read_shards(store, result)
     assert table.num_rows == 60 and len(set(table["doc_id"].to_pylist())) == 60
     assert set(table["split"].to_pylist()) <= {"eval", "base", "cpt"}
