@@ -5,8 +5,8 @@ batch and buffer sizes, never by the corpus:
 
 1. One task per input file reads it with Hugging Face ``datasets`` (streaming), checks it, and gives
    every non-empty document ``doc_id`` = SHA-256 of its UTF-8 text (32 hex digits) and length
-   fields. Rows go to hash partition ``int(doc_id[:8], 16) % corpus.partitions``, one parquet file
-   per (input file, partition) under ``_work/``.
+   fields. Rows go to hash partition ``int(doc_id[:8], 16) % corpus.partitions``; every
+   ``corpus.buffer_mb`` of text, one parquet file per partition is written under ``_work/``.
 2. One task per partition drops exact duplicates (equal texts share a doc_id and so a partition;
    the first occurrence by source order, then file order, is kept), assigns the split from the
    doc_id hash (``int(doc_id[8:16], 16) / 2**32`` against the cumulative shares of
@@ -39,7 +39,6 @@ from trecflow.store import Store
 STAGE = "ingest"
 STAGE_VERSION = 1
 READ_BATCH = 1000
-BUFFER_BYTES = 64 * 1024**2  # pass 1 flushes every partition buffer beyond this much text
 EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet",), "arrow": (".arrow",)}
 SCHEMA = pa.schema(
     [
@@ -191,27 +190,35 @@ def assign_splits(doc_ids: list[str], shares: dict[str, float]) -> list[str]:
 
 
 def ingest_file(
-    source: SourceSection, source_index: int, path: str, file_index: int, output_url: str, endpoint_url: str | None, partitions: int
+    source: SourceSection,
+    source_index: int,
+    path: str,
+    file_index: int,
+    output_url: str,
+    endpoint_url: str | None,
+    partitions: int,
+    buffer_bytes: int,
 ) -> dict[str, int]:
-    """Pass 1 for one input file: normalized rows to per-partition parquet files under _work/."""
+    """Pass 1 for one input file: normalized rows to per-partition parquet files under _work/.
+    Rows are buffered until ``buffer_bytes`` of text, then flushed to every partition's file."""
     store = Store(output_url, endpoint_url)
     buffers: dict[int, list[tuple]] = {}
     buffered = 0
     counts = {"read": 0, "empty": 0, "kept": 0}
-    written: dict[int, pq.ParquetWriter] = {}
-    handles = []
+    flushes = 0
 
     def flush() -> None:
+        # One file per partition per flush, each closed at once: memory does not grow with the
+        # number of partitions (no open writer per partition), and sorted names keep the order.
+        nonlocal flushes
         for partition, rows in buffers.items():
-            if partition not in written:
-                folder = store.path("_work", f"p{partition:05d}")
-                store.fs.makedirs(folder, exist_ok=True)
-                handle = store.fs.open(f"{folder}/{source_index:04d}-{file_index:06d}.parquet", "wb")
-                handles.append(handle)
-                written[partition] = pq.ParquetWriter(handle, SCHEMA, compression="zstd")
-            columns = list(zip(*rows))
-            written[partition].write_table(pa.Table.from_arrays([pa.array(c) for c in columns], schema=SCHEMA))
+            folder = store.path("_work", f"p{partition:05d}")
+            store.fs.makedirs(folder, exist_ok=True)
+            columns = [pa.array(column) for column in zip(*rows)]
+            with store.fs.open(f"{folder}/{source_index:04d}-{file_index:06d}-{flushes:06d}.parquet", "wb") as handle:
+                pq.write_table(pa.Table.from_arrays(columns, schema=SCHEMA), handle, compression="zstd")
         buffers.clear()
+        flushes += 1
 
     for batch in iter_texts(source, path, endpoint_url):
         for value in batch:
@@ -227,14 +234,10 @@ def ingest_file(
             )
             buffered += len(data)
             counts["kept"] += 1
-        if buffered > BUFFER_BYTES:
+        if buffered > buffer_bytes:
             flush()
             buffered = 0
     flush()
-    for writer in written.values():
-        writer.close()
-    for handle in handles:
-        handle.close()
     return counts
 
 
@@ -310,7 +313,9 @@ def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progres
     remote_partition = ray.remote(dedup_partition).options(max_retries=2, retry_exceptions=[OSError])
     try:
         pending = {
-            remote_file.remote(item.source, s, path, f, output.uri, endpoint, corpus.partitions): (item.source.name, path)
+            remote_file.remote(
+                item.source, s, path, f, output.uri, endpoint, corpus.partitions, corpus.buffer_mb * 1024**2
+            ): (item.source.name, path)
             for s, item in enumerate(listings)
             for f, path in enumerate(item.files)
         }

@@ -186,7 +186,8 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
     shards = [ingest_output.file_path(name) for name in ingest.stats["shards"]]
     progress(f"score: scoring {ingest.stats['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
     partial = (
-        ray.data.read_parquet(shards, filesystem=_fsspec_to_arrow(store))
+        # One read task per shard: a task's memory is bounded by corpus.rows_per_shard.
+        ray.data.read_parquet(shards, filesystem=_fsspec_to_arrow(store), override_num_blocks=len(shards))
         .map_batches(
             BatchScorer,
             fn_constructor_kwargs={

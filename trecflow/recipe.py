@@ -168,6 +168,7 @@ class CorpusSection(_Section):
     )
     partitions: int = Field(16, gt=0, le=65536, description="hash partitions of the deduplication pass")
     rows_per_shard: int = Field(50_000, gt=0, description="rows per normalized/scored parquet file")
+    buffer_mb: int = Field(64, gt=0, description="text an ingest task buffers before writing; bounds its memory")
 
     @field_validator("sources")
     @classmethod
