@@ -2,7 +2,8 @@
 documents, same run), and peak memory at 1x and 10x corpus size with distinct documents.
 
 Corpus: standard-library docstrings (hq) and Debian copyright files (lq), as in the tests; the
-10x corpus repeats it with a distinct marker line per copy so deduplication keeps every document.
+10x and 30x corpora repeat it as 10 and 30 input shards per source, each copy with a distinct
+marker line so deduplication keeps every document.
 Throughput counts the Ray Data scoring pass only (ingestion and classifier training excluded on
 both sides); per core = documents / seconds / cores used (2 for the stage, 1 for the loop). On a
 2-core machine a Ray Data job pays a fixed start-up (worker and coordinator processes: ~15-20 s
@@ -67,15 +68,14 @@ class PeakRss:
 
 
 def write_corpus(folder: Path, copies: int) -> dict[str, Path]:
-    hq, lq = stdlib_docstrings(), debian_copyright()
-
-    def repeated(texts: list[str]) -> list[str]:
-        return [text if k == 0 else f"{text}\n\n(copy {k})" for k in range(copies) for text in texts]
-
-    return {
-        "stdlib-docs": write_jsonl(folder / "stdlib-docs.jsonl", repeated(hq)),
-        "debian-copyright": write_jsonl(folder / "debian-copyright.jsonl", repeated(lq)),
-    }
+    """Each source as a folder of ``copies`` jsonl shards of the 1x size (as real corpora come:
+    many bounded files), copy k marking its documents so that deduplication keeps every one."""
+    sources = {"stdlib-docs": stdlib_docstrings(), "debian-copyright": debian_copyright()}
+    for name, texts in sources.items():
+        for k in range(copies):
+            marked = texts if k == 0 else [f"{text}\n\n(copy {k})" for text in texts]
+            write_jsonl(folder / name / f"part-{k:04d}.jsonl", marked)
+    return {name: folder / name for name in sources}
 
 
 def recipe_for(paths: dict[str, Path], copies: int):
