@@ -20,10 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.context import TaskRunContext
 
-from tasks.retry import retry_unless_bad_input
+from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
 from trecflow.store import Store
@@ -102,19 +100,7 @@ def read_curve(store: Store, fp: str) -> pa.Table:
     return pq.read_table(io.BytesIO(store.output(STAGE, fp).read_bytes(CURVE_FILE)))
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    store = Store(parameters["store_url"], parameters.get("endpoint_url"))
-    return f"{STAGE}-{predict_fingerprint(parameters['recipe'])}-{fingerprint('store', 1, store.url)}"
-
-
-@task(
-    name="predict_trec",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_key_fn=_cache_key,
-    persist_result=True,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("predict_trec", STAGE, lambda recipe, store: predict_fingerprint(recipe), retry_delay_seconds=5)
 def predict_trec(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> PredictResult:
     """Prefect task around `run_predict`; its cache key is the stage fingerprint (and the store)."""
     return run_predict(recipe, Store(store_url, endpoint_url), force=force)

@@ -27,13 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.context import TaskRunContext
 
 from tasks.ingest import IngestResult, ingest_fingerprint, list_source, run_ingest
 from tasks.quality_classifier import train_classifier
 from tasks.score_workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
-from tasks.retry import retry_unless_bad_input
+from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.store import Store
@@ -267,19 +265,7 @@ def current_fingerprint(recipe: Recipe, store: Store) -> str:
     return score_fingerprint(recipe, ingest_fingerprint(recipe.corpus, listings))
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    store = Store(parameters["store_url"], parameters.get("endpoint_url"))
-    return f"{STAGE}-{current_fingerprint(parameters['recipe'], store)}-{fingerprint('store', 1, store.url)}"
-
-
-@task(
-    name="score_corpus",
-    retries=2,
-    retry_delay_seconds=10,
-    cache_key_fn=_cache_key,
-    persist_result=True,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("score_corpus", STAGE, current_fingerprint)
 def score_corpus(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> ScoreResult:
     """Prefect task around `run_score`; its cache key is the stage fingerprint (and the store)."""
     from prefect import get_run_logger
