@@ -8,10 +8,11 @@ Throughput counts the Ray Data scoring pass only (ingestion and classifier train
 both sides); per core = documents / seconds / cores used (2 for the stage, 1 for the loop). On a
 2-core machine a Ray Data job pays a fixed start-up (worker and coordinator processes: ~15-20 s
 here), so the marginal rate between the 10x and 30x runs is reported too.
-Memory is the peak summed PSS (proportional set size: shared pages, such as Ray's object store,
-split between the processes that map them rather than counted in each) of this process and every
-process under it (the local Ray's workers included), and the peak of the largest single process,
-sampled every 0.25 s. The recipe is sized as the README says to size it: hash
+Memory is the peak summed USS (unique set size: each process's private memory; shared pages such
+as Ray's object store, capped at 512 MiB on the local Ray, are left out, since every process that
+reads a block maps them and RSS or PSS would then grow with the data that flowed through, up to
+that cap) of this process and every process under it (the local Ray's workers included), and the
+peak of the largest single process, sampled every 0.25 s. The recipe is sized as the README says to size it: hash
 partitions grow with the corpus, the classifier's training set is capped (`max_documents`) and
 ingestion buffers at most `buffer_mb` = 4 MB of text per task (the 1x files are smaller than that,
 the 10x files larger, so the bound is exercised).
@@ -36,7 +37,7 @@ COPIES = (1, 10, 30)
 
 
 class PeakRss:
-    """Peak PSS of this process tree (and of its largest process) while the block runs."""
+    """Peak USS of this process tree (and of its largest process) while the block runs."""
 
     def __enter__(self) -> PeakRss:
         self.peak = 0  # summed over the tree
@@ -53,7 +54,7 @@ class PeakRss:
             sizes = []
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    sizes.append((process.memory_full_info().pss, process.name()))
+                    sizes.append((process.memory_full_info().uss, process.name()))
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, sum(size for size, _ in sizes))
@@ -162,7 +163,7 @@ def run() -> None:
     for copies, (stats_k, seconds_k, peak_k) in results.items():
         print(
             f"  {copies:>2}x corpus: {stats_k['documents']:,} documents scored in {seconds_k:.1f} s "
-            f"({stats_k['documents'] / seconds_k / CORES:,.0f} docs/s/core); peak PSS {peak_k.peak / 2**30:.2f} GiB "
+            f"({stats_k['documents'] / seconds_k / CORES:,.0f} docs/s/core); peak USS {peak_k.peak / 2**30:.2f} GiB "
             f"summed over the process tree, {peak_k.largest / 2**30:.2f} GiB in the largest process ({peak_k.largest_name})"
         )
     print(f"  loop baseline (10x documents): {documents:,} in {loop_seconds:.1f} s ({loop_per_core:,.0f} docs/s/core)")

@@ -4,12 +4,11 @@ Steps (each reusing its output when the fingerprint matches):
 1. `tasks.ingest.run_ingest`: normalized, deduplicated, split shards.
 2. The classifier (if configured) trains on the ``classifier`` split of its hq/lq sources; those
    documents are never scored (they are counted as ``classifier_training``).
-3. Ray Data reads the shards, a pool of actors (each loading the classifier once from the store)
-   adds the rule values, each scorer's score, the combined score (weighted mean, in [0, 1]) and
-   the tier, and writes the scored shards. Quantile tiers take their thresholds from a
-   deterministic sample scored first.
-4. A second Ray Data pass over three columns aggregates per-source x tier statistics and the score
-   histogram.
+3. Ray Data hands the ingest shards to a pool of actors (`tasks.score_workers.BatchScorer`, each
+   loading the classifier once from the store) that add the rule values, each scorer's score, the
+   combined score (weighted mean, in [0, 1]) and the tier, write the scored shards and return
+   partial statistics, aggregated here into per-source x tier statistics and the score histogram.
+   Quantile tiers take their thresholds from a deterministic sample scored first.
 
 Output ``<store>/score/<fingerprint>/``: ``shards/*.parquet`` (every ingest column plus
 ``rule_*``, ``score_rules``, ``score_classifier``, ``score``, ``tier``), ``classifier/`` (weights
@@ -130,12 +129,6 @@ class ScoreResult:
     reused: bool
 
 
-def _fsspec_to_arrow(store: Store):
-    import pyarrow.fs as pafs
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
-
-
 def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> ScoreResult:
     """Ingest and score the recipe's corpus into ``store`` unless a complete output exists."""
     scoring = require_sections(recipe)
@@ -184,8 +177,7 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
     shards = [ingest_output.file_path(name) for name in ingest.stats["shards"]]
     progress(f"score: scoring {ingest.stats['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
     partial = (
-        # One read task per shard: a task's memory is bounded by corpus.rows_per_shard.
-        ray.data.read_parquet(shards, filesystem=_fsspec_to_arrow(store), override_num_blocks=len(shards))
+        ray.data.from_items([{"path": path} for path in shards], override_num_blocks=len(shards))
         .map_batches(
             BatchScorer,
             fn_constructor_kwargs={
@@ -196,7 +188,7 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
                 "classifier_path": classifier_dir,
                 "thresholds": thresholds,
             },
-            batch_size=scoring.batch_size,
+            batch_size=1,  # one shard per call; the actor reads it in scoring.batch_size rows
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scoring.workers),
         )

@@ -1,10 +1,12 @@
 """The scoring workers: what runs inside Ray Data's actor pool (no Prefect imported here).
 
-`BatchScorer` loads the classifier once per actor; for each batch it drops the ``classifier``
-split, adds every rule value, each scorer's score, the combined score and the tier, writes the
-batch to ``<output>/shards/part-<first doc_id>-<rows>.parquet`` (a deterministic name, so a
-retried batch overwrites its own file), and returns the batch's partial statistics: one row per
-(source, split, tier) with a count, a score sum and a histogram. One pass over the data does both.
+`BatchScorer` loads the classifier once per actor. Ray Data hands it ingest shard paths; it reads
+each shard ``scoring.batch_size`` rows at a time, drops the ``classifier`` split, adds every rule
+value, each scorer's score, the combined score and the tier, writes the batch to
+``<output>/shards/part-<first doc_id>-<rows>.parquet`` (a deterministic name, so a retried shard
+overwrites its own files), and returns partial statistics: one row per (source, split, tier) with
+a count, a score sum and a histogram. One pass over the data does both, and an actor's memory is
+bounded by the batch size, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -110,12 +112,22 @@ class BatchScorer:
         tiers = tier_of(columns["score"], *self.thresholds)
         return table.append_column("tier", pa.array(tiers.tolist(), type=pa.string()))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        table = self.score_table(batch)
-        if table.num_rows == 0:
-            return PARTIAL_SCHEMA.empty_table()
-        name = f"shards/part-{table['doc_id'][0].as_py()[:16]}-{table.num_rows:06d}.parquet"
+    def score_shard(self, path: str) -> pa.Table:
+        """Score one ingest shard, ``batch_size`` rows at a time; write each scored batch and
+        return the partial statistics of all of them. Memory is bounded by the batch size."""
+        partials = [PARTIAL_SCHEMA.empty_table()]
         self.store.fs.makedirs(f"{self.output_path}/shards", exist_ok=True)
-        with self.store.fs.open(f"{self.output_path}/{name}", "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-        return partial_statistics(table, name)
+        with self.store.fs.open(path, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=self.scoring.batch_size):
+                table = self.score_table(pa.Table.from_batches([batch]))
+                if table.num_rows == 0:
+                    continue
+                name = f"shards/part-{table['doc_id'][0].as_py()[:16]}-{table.num_rows:06d}.parquet"
+                with self.store.fs.open(f"{self.output_path}/{name}", "wb") as out:
+                    pq.write_table(table, out, compression="zstd")
+                partials.append(partial_statistics(table, name))
+        return pa.concat_tables(partials)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """A Ray Data batch of ingest shard paths (column ``path``) -> their partial statistics."""
+        return pa.concat_tables([self.score_shard(path) for path in batch["path"].to_pylist()])
