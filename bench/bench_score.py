@@ -130,7 +130,6 @@ def loop_baseline(recipe, store_dir: Path, stats: dict) -> tuple[int, float]:
     import pyarrow.parquet as pq
 
     from tasks.score_workers import BatchScorer
-    from trecflow.store import Store
 
     output = next(store_dir.glob("score/*"))
     scorer = BatchScorer(recipe.scoring.model_dump(mode="json"), str(store_dir), None, None, str(output), (0.7, 0.4))

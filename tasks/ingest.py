@@ -21,7 +21,6 @@ its content. Bad input raises `IngestError` naming the source and file before an
 from __future__ import annotations
 
 import copy
-import glob as globbing
 import hashlib
 import json
 from dataclasses import dataclass

@@ -991,7 +991,7 @@ def test_dockerfile_uses_python_311_and_installs_with_the_lock():
             assert re.search(r"--constraint \S*requirements\.lock", command), f"not constrained by the lock: {command}"
     runtime = " ".join(stages["runtime"])
     assert "pip install --no-cache-dir --constraint requirements.lock ." in runtime
-    assert f"python${{PYTHON_VERSION}} -m venv" in runtime
+    assert "python${PYTHON_VERSION} -m venv" in runtime
     assert "COPY configs ./configs" in runtime and "COPY pyproject.toml requirements.lock" in runtime
     assert stages["services"][0].startswith("FROM python:${PYTHON_VERSION}-")
 
