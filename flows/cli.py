@@ -173,6 +173,20 @@ def corpus_demo(
         typer.echo(f"{name:<{width}}  {info['level']:<3}  {info['documents']:>6,} documents  {info['bytes'] / 1e6:6.1f} MB  {info['path']}")
 
 
+def check_sources(recipe: Recipe) -> None:
+    """List every corpus source (cheap): a missing path is a clear error before any work."""
+    if recipe.corpus is None:
+        return
+    from tasks.ingest import IngestError, list_source
+    from trecflow.settings import store_endpoint
+
+    try:
+        for source in recipe.corpus.sources:
+            list_source(source, store_endpoint(recipe))
+    except IngestError as error:
+        raise fail(str(error)) from None
+
+
 def format_score(stats: dict) -> str:
     """The per-source x tier table of a scoring run."""
     width = max(len("source"), *map(len, stats["sources"]))
@@ -203,15 +217,9 @@ def score(
     recipe = load_or_exit(recipe_path)
     if recipe.corpus is None:
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
-    from tasks.ingest import IngestError, list_source
-    from trecflow.settings import store_endpoint
-
-    try:
-        for source in recipe.corpus.sources:  # bad paths: a clear error before any work
-            list_source(source, store_endpoint(recipe))
-    except IngestError as error:
-        raise fail(str(error)) from None
+    check_sources(recipe)
     from flows.pipeline import score_stage
+    from tasks.ingest import IngestError
 
     try:
         result = score_stage(recipe_path=str(recipe_path), force=force)
@@ -253,11 +261,15 @@ def run(
         forced_stages(force)
     except RecipeError as error:
         raise fail(str(error)) from None
+    check_sources(recipe)
 
     from flows.pipeline import cpt_pipeline
+    from tasks.ingest import IngestError
 
     try:
         result = cpt_pipeline(recipe_path=str(recipe_path), variant=variant, force=force)
+    except IngestError as error:  # bad input found while reading: the task was not retried
+        raise fail(str(error)) from None
     except Exception as error:  # the flow run failed; Prefect has logged the traceback
         raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
     summary = result["predict"]

@@ -244,3 +244,19 @@ def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
     attempts = [run.run_count for run in runs if run.state.is_failed()]
     assert attempts == [1]  # bad input is not retried
     assert not list((tmp_path / "store").glob("*/*/_MANIFEST.json"))
+
+
+def test_run_refuses_a_missing_corpus_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
+    recipe = (CONFIGS / "test.yaml").read_text().replace("${TRECFLOW_HOME}/corpus/test", str(tmp_path / "absent"))
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    for command in ("run", "score"):
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: corpus source stdlib-docs: no jsonl files at {tmp_path}/absent/stdlib-docs.jsonl"
+    assert not (tmp_path / "store").exists()
