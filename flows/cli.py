@@ -67,18 +67,14 @@ def predict(
 ) -> None:
     """Predict the TREC of a recipe: tau, valley and the best high-quality window."""
     from training.trec import predict as predict_trec
+    from training.trec import recipe_summary
 
     recipe = load_or_exit(recipe_path)
     fraction = recipe.curriculum.hq_fraction if hq_fraction is None else hq_fraction
     if not 0.0 < fraction < 1.0:
         raise fail(f"--hq-fraction: must be in (0, 1), got {fraction:g}")
     prediction = predict_trec(recipe)
-    summary = {
-        "recipe": recipe.name,
-        **prediction.summary(fraction),
-        "tokens_trained": recipe.tokens_trained,
-        "tokens_unused": recipe.tokens_unused,
-    }
+    summary = recipe_summary(recipe, prediction, fraction)
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     if plot is not None:

@@ -25,7 +25,7 @@ from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
 from trecflow.store import Store
-from training.trec import TrecPrediction, predict
+from training.trec import TrecPrediction, predict, recipe_summary
 from training.trec_plot import plot_prediction
 
 STAGE = "predict"
@@ -80,12 +80,7 @@ def run_predict(recipe: Recipe, store: Store, force: bool = False) -> PredictRes
 
     prediction = predict(recipe)
     hq_fraction = recipe.curriculum.hq_fraction
-    summary = {
-        "recipe": recipe.name,
-        **prediction.summary(hq_fraction),
-        "tokens_trained": recipe.tokens_trained,
-        "tokens_unused": recipe.tokens_unused,
-    }
+    summary = recipe_summary(recipe, prediction, hq_fraction)
     buffer = io.BytesIO()
     pq.write_table(curve_table(prediction), buffer, compression="zstd")
     output.write_bytes(CURVE_FILE, buffer.getvalue())

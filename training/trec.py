@@ -178,3 +178,14 @@ def predict(recipe: Recipe) -> TrecPrediction:
         p=recipe.trec.p,
         m=recipe.trec.m,
     )
+
+
+def recipe_summary(recipe: Recipe, prediction: TrecPrediction, hq_fraction: float) -> dict:
+    """`TrecPrediction.summary` with the recipe's name and token accounting: what the CLI prints
+    and the stage stores as summary.json."""
+    return {
+        "recipe": recipe.name,
+        **prediction.summary(hq_fraction),
+        "tokens_trained": recipe.tokens_trained,
+        "tokens_unused": recipe.tokens_unused,
+    }
