@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,15 +50,20 @@ def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
     return fingerprint(STAGE, STAGE_VERSION, scoring.model_dump(mode="json"), {"ingest": ingest_fp})
 
 
+def _ingest_tables(store: Store, ingest: IngestResult, columns: list[str]) -> Iterator[pa.Table]:
+    """The ingest shards in order, one table (of ``columns``) at a time."""
+    output = store.output("ingest", ingest.fingerprint)
+    for name in ingest.stats["shards"]:
+        with store.fs.open(output.file_path(name), "rb") as handle:
+            yield pq.read_table(handle, columns=columns)
+
+
 def _read_training_documents(store: Store, ingest: IngestResult, scoring: ScoringSection) -> tuple[list[str], np.ndarray, list[str]]:
     """The classifier split of the hq and lq sources, capped per class, in shard order."""
     config = scoring.classifier
     label_of = {**{name: 1 for name in config.hq_sources}, **{name: 0 for name in config.lq_sources}}
     texts, labels, doc_ids, taken = [], [], [], {0: 0, 1: 0}
-    output = store.output("ingest", ingest.fingerprint)
-    for name in ingest.stats["shards"]:
-        with store.fs.open(output.file_path(name), "rb") as handle:
-            table = pq.read_table(handle, columns=["doc_id", "source", "text", "split"])
+    for table in _ingest_tables(store, ingest, ["doc_id", "source", "text", "split"]):
         table = table.filter(pc.and_(pc.equal(table["split"], "classifier"), pc.is_in(table["source"], pa.array(list(label_of)))))
         for doc_id, source, text in zip(table["doc_id"].to_pylist(), table["source"].to_pylist(), table["text"].to_pylist()):
             label = label_of[source]
@@ -74,12 +79,9 @@ def _read_training_documents(store: Store, ingest: IngestResult, scoring: Scorin
 
 def _quantile_thresholds(store: Store, ingest: IngestResult, scorer: BatchScorer, tiers) -> tuple[float, float]:
     """hq/lq thresholds from a deterministic sample (the first shards, classifier split excluded)."""
-    output = store.output("ingest", ingest.fingerprint)
     scores: list[np.ndarray] = []
     seen = 0
-    for name in ingest.stats["shards"]:
-        with store.fs.open(output.file_path(name), "rb") as handle:
-            table = pq.read_table(handle, columns=["text", "split"])
+    for table in _ingest_tables(store, ingest, ["text", "split"]):
         texts = table.filter(pc.not_equal(table["split"], "classifier"))["text"].to_pylist()[: tiers.quantile_sample - seen]
         scores.append(scorer.scores(texts)["score"])
         seen += len(texts)
