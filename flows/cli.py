@@ -232,6 +232,78 @@ def score(
         typer.echo(f"\nstore output         {stats['uri']} ({'reused' if stats['reused'] else 'computed'})")
 
 
+def check_placement(recipe: Recipe, variant: str) -> None:
+    """Placement errors that need no data (an unknown variant, a window too small for w)."""
+    from tasks.place import plan_request
+    from tasks.placement import check_request
+
+    check_request(plan_request(recipe, variant))
+
+
+def format_place(summary: dict) -> str:
+    """The placement of one variant as aligned text."""
+    window = summary["window"]
+    tiers = summary["tiers"]
+    rows = [
+        ("variant", f"{summary['variant']} ({summary['strategy']}, seed {summary['seed']})"),
+        ("index", f"{summary['steps']:,} steps x {summary['sequences_per_step']:,} sequences = {summary['sequences']:,}"),
+        ("hq share", f"{summary['hq_fraction']:.4f} ({summary['hq_tokens']:,} tokens)"),
+        ("window", "none (the strategy has none)" if window is None else
+         f"[{window[0]:.4f}, {window[1]:.4f}] (steps {summary['window_steps'][0]:,}..{summary['window_steps'][1] - 1:,})"),
+        ("hq inside the window", "n/a" if summary["hq_in_window"] is None else f"{summary['hq_in_window']:.4f}"),
+        ("repeated sequences", f"{summary['repeated_sequences']:,}"),
+        ("unplaced sequences", f"{summary['unplaced_sequences']:,}"),
+    ]
+    rows += [
+        (f"  {tier}", f"{entry['slots']:,} placed of {entry['supply']:,} packed; {entry['repeated']:,} repeated, {entry['unplaced']:,} unplaced")
+        for tier, entry in tiers.items()
+    ]
+    rows.append(("fingerprint", summary["fingerprint"]))
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+@app.command()
+def place(
+    recipe_path: RecipeArg,
+    variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="build the index again even if cached")] = False,
+) -> None:
+    """Run stage 3 alone: tokenizer, packing and the sample index of one variant (and the cached
+    stages it needs)."""
+    recipe = load_or_exit(recipe_path)
+    from tasks.placement import PlacementError
+
+    try:
+        if recipe.corpus is None or recipe.tokenizer is None:
+            missing = "corpus" if recipe.corpus is None else "tokenizer"
+            raise RecipeError(f"{recipe_path}: {missing}: placement needs corpus and tokenizer sections")
+        from flows.pipeline import default_variant
+
+        variant = variant or default_variant(recipe)
+        check_placement(recipe, variant)
+    except (RecipeError, PlacementError) as error:
+        raise fail(str(error)) from None
+    check_sources(recipe)
+    from flows.pipeline import place_stage
+
+    try:
+        result = place_stage(recipe_path=str(recipe_path), variant=variant, force=force)
+    except ValueError as error:  # bad input found while running (a short tier, a bad shard): not retried
+        raise fail(str(error)) from None
+    except Exception as error:  # the flow run failed; Prefect has logged the traceback
+        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    summary = result["place"]
+    if as_json:
+        keys = ("variant", "strategy", "seed", "steps", "sequences", "hq_fraction", "hq_tokens", "window", "window_steps",
+                "hq_in_window", "repeated_sequences", "unplaced_sequences", "tiers", "fingerprint", "uri", "reused")
+        typer.echo(json.dumps({key: summary[key] for key in keys} | {"mlflow_run_id": result["mlflow_run_id"]}))
+    else:
+        typer.echo(format_place(summary))
+        typer.echo(f"store output          {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+
+
 @app.command()
 def validate(recipe_path: RecipeArg) -> None:
     """Check a recipe without running anything."""
@@ -249,22 +321,24 @@ def run(
 ) -> None:
     """Run the cpt_pipeline flow for a recipe (embedded Prefect, MLflow and store by default)."""
     recipe = load_or_exit(recipe_path)
-    try:
-        if variant is not None:
-            recipe.curriculum.variant(variant)
-        from flows.pipeline import forced_stages
+    from tasks.placement import PlacementError
 
+    try:
+        from flows.pipeline import default_variant, forced_stages
+
+        recipe.curriculum.variant(variant or default_variant(recipe))
         forced_stages(force)
-    except RecipeError as error:
+        if recipe.corpus is not None and recipe.tokenizer is not None:
+            check_placement(recipe, variant or default_variant(recipe))
+    except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
 
     from flows.pipeline import cpt_pipeline
-    from tasks.ingest import IngestError
 
     try:
         result = cpt_pipeline(recipe_path=str(recipe_path), variant=variant, force=force)
-    except IngestError as error:  # bad input found while reading: the task was not retried
+    except ValueError as error:  # bad input found while running (IngestError, PlacementError): not retried
         raise fail(str(error)) from None
     except Exception as error:  # the flow run failed; Prefect has logged the traceback
         raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
@@ -275,6 +349,10 @@ def run(
         typer.echo(f"score output         {result['score']['uri']} ({'reused' if result['score']['reused'] else 'computed'})\n")
     typer.echo(format_summary(summary))
     typer.echo(f"\nstore output   {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+    if "place" in result:
+        typer.echo("")
+        typer.echo(format_place(result["place"]))
+        typer.echo(f"store output          {result['place']['uri']} ({'reused' if result['place']['reused'] else 'computed'})")
     typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 

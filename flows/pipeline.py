@@ -2,8 +2,9 @@
 
 Stages run as separate Prefect tasks whose cache keys are their output fingerprints, so a rerun
 reuses every complete output. ``force`` names stages to recompute; everything downstream of a
-forced stage is recomputed too. Today the flow runs scoring (when the recipe has a corpus) and the
-TREC prediction; placement, training and re-evaluation join it as they land.
+forced stage is recomputed too. Today the flow runs scoring (when the recipe has a corpus), the
+TREC prediction, the tokenizer, packing and placement (when it also has a tokenizer section);
+training and re-evaluation join it as they land.
 
 Each flow run opens one MLflow run (experiment = recipe name) with the recipe as parameters and
 each stage's metrics and artifacts, and leaves Prefect markdown artifacts with each stage's summary.
@@ -24,9 +25,13 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from tasks import place as place_module
+from tasks.pack import PackResult, pack_fingerprint, pack_sequences
+from tasks.place import PlaceResult, place_curriculum, place_fingerprint
 from tasks.predict import PLOT_FILE, SUMMARY_FILE, PredictResult, predict_fingerprint, predict_trec
 from tasks.score import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ScoreResult, score_corpus
 from tasks.score import current_fingerprint as score_fingerprint_now
+from tasks.tokenizer import TokenizerResult, build_tokenizer, tokenizer_fingerprint
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 from trecflow.settings import store_endpoint, store_url
 from trecflow.store import Store
@@ -36,7 +41,9 @@ from trecflow.tracking import Tracker
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "score": (),
     "predict": (),
-    "place": ("score", "predict"),
+    "tokenizer": ("score",),  # train_bpe reads the ingested base split
+    "pack": ("score", "tokenizer"),
+    "place": ("pack", "predict"),
     "train": ("place",),
     "reevaluate": ("train", "place"),
 }
@@ -133,11 +140,11 @@ def score_markdown(recipe: Recipe, result: ScoreResult) -> str:
     )
 
 
-def run_cached(stage_task, stage: str, fp: str, store: Store, forced: set[str], recipe: Recipe):
+def run_cached(stage_task, stage: str, fp: str, store: Store, forced: set[str], recipe: Recipe, **inputs):
     """Run a stage task, trusting Prefect's cache only while the output is complete in the store."""
     force = stage in forced
     refresh = force or not store.output(stage, fp).exists()
-    result = stage_task.with_options(refresh_cache=refresh)(recipe, store.url, store.endpoint_url, force=force)
+    result = stage_task.with_options(refresh_cache=refresh)(recipe, store.url, store.endpoint_url, force=force, **inputs)
     # A cached task returns the result of the run that computed it; report this run's view.
     return dataclasses.replace(result, reused=not refresh)
 
@@ -202,9 +209,126 @@ def predict_step(recipe: Recipe, variant: str, store: Store, forced: set[str], t
     return result
 
 
+def tokenizer_step(recipe: Recipe, store: Store, forced: set[str], scored: ScoreResult, tracker: Tracker, run_id: str) -> TokenizerResult:
+    """Stage 3a inside a flow: the tokenizer task."""
+    fp = tokenizer_fingerprint(recipe, store, scored.ingest_fingerprint)
+    result: TokenizerResult = run_cached(build_tokenizer, "tokenizer", fp, store, forced, recipe)
+    get_run_logger().info(
+        "tokenizer %s (%s): %s tokens (%s)", result.fingerprint, "reused" if result.reused else "computed",
+        result.summary["vocab_size"], result.summary["method"],
+    )
+    tracker.set_tags(run_id, {"trecflow.tokenizer_fingerprint": result.fingerprint})
+    tracker.log_metrics(run_id, {"tokenizer_vocab_size": result.summary["vocab_size"]})
+    return result
+
+
+def pack_step(
+    recipe: Recipe, store: Store, forced: set[str], scored: ScoreResult, tokenizer: TokenizerResult, tracker: Tracker, run_id: str
+) -> PackResult:
+    """Stage 3b inside a flow: the packing task."""
+    fp = pack_fingerprint(recipe, scored.fingerprint, tokenizer.fingerprint)
+    result: PackResult = run_cached(
+        pack_sequences, "pack", fp, store, forced, recipe, score_fp=scored.fingerprint, tokenizer_fp=tokenizer.fingerprint
+    )
+    stats = result.stats
+    get_run_logger().info(
+        "packed %s (%s): %d sequences of %d tokens; %d tail tokens dropped", result.fingerprint,
+        "reused" if result.reused else "computed", stats["sequences"], stats["seq_len"], stats["tail_tokens_dropped"],
+    )
+    tracker.set_tags(run_id, {"trecflow.pack_fingerprint": result.fingerprint})
+    metrics = {"packed_sequences": stats["sequences"], "pack_tail_tokens_dropped": stats["tail_tokens_dropped"]}
+    metrics |= {f"packed_sequences.{tier}": entry["sequences"] for tier, entry in stats["tiers"].items()}
+    tracker.log_metrics(run_id, metrics)
+    return result
+
+
+def placement_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of a placement."""
+    metrics = {
+        "hq_fraction_placed": summary["hq_fraction"],
+        "hq_tokens": summary["hq_tokens"],
+        "repeated_sequences": summary["repeated_sequences"],
+        "unplaced_sequences": summary["unplaced_sequences"],
+    }
+    if summary["window"] is not None:
+        metrics |= {"placement_window_start": summary["window"][0], "placement_window_end": summary["window"][1]}
+    if summary["hq_in_window"] is not None:
+        metrics["hq_in_window"] = summary["hq_in_window"]
+    return metrics
+
+
+def placement_markdown(recipe: Recipe, variant: str, result: PlaceResult) -> str:
+    summary = result.summary
+    window = summary["window"]
+    rows = [
+        ("strategy", f"{summary['strategy']} (seed {summary['seed']})"),
+        ("steps x sequences", f"{summary['steps']:,} x {summary['sequences_per_step']:,} = {summary['sequences']:,}"),
+        ("hq share", f"{summary['hq_fraction']:.4f} ({summary['hq_tokens']:,} tokens)"),
+        ("window", "none" if window is None else f"[{window[0]:.4f}, {window[1]:.4f}]"),
+        ("hq inside the window", "n/a" if summary["hq_in_window"] is None else f"{summary['hq_in_window']:.4f}"),
+        ("repeated / unplaced sequences", f"{summary['repeated_sequences']:,} / {summary['unplaced_sequences']:,}"),
+        ("index", f"`{result.uri}` ({'reused' if result.reused else 'computed'})"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"# Curriculum placement: {recipe.name} / {variant}\n\n| quantity | value |\n|---|---|\n{table}\n"
+
+
+def place_step(
+    recipe: Recipe, variant: str, store: Store, forced: set[str], packed: PackResult, predicted: PredictResult, tracker: Tracker, run_id: str
+) -> PlaceResult:
+    """Stage 3c inside a flow: the placement task, then MLflow and a Prefect artifact."""
+    upstream = place_module.pack_inputs(store, packed.fingerprint)
+    inputs = place_module.index_inputs(recipe, variant, packed.fingerprint, upstream["score"], upstream["tokenizer"], predicted.fingerprint)
+    result: PlaceResult = run_cached(
+        place_curriculum, "place", place_fingerprint(inputs), store, forced, recipe,
+        variant=variant, pack_fp=packed.fingerprint, predict_fp=predicted.fingerprint,
+    )
+    result = dataclasses.replace(result, summary={**result.summary, "variant": variant})
+    summary = result.summary
+    get_run_logger().info(
+        "placement %s (%s): %s, hq share %.4f, window %s, hq in window %s, repeated %d, unplaced %d",
+        result.fingerprint, "reused" if result.reused else "computed", summary["strategy"], summary["hq_fraction"],
+        summary["window"], summary["hq_in_window"], summary["repeated_sequences"], summary["unplaced_sequences"],
+    )
+    output = store.output("place", result.fingerprint)
+    tracker.set_tags(run_id, {"trecflow.place_fingerprint": result.fingerprint, "trecflow.strategy": summary["strategy"]})
+    tracker.log_metrics(run_id, placement_metrics(summary))
+    for name in (place_module.PLOT_FILE, place_module.SUMMARY_FILE):
+        tracker.log_artifact_bytes(run_id, name, output.read_bytes(name), artifact_path="place")
+    create_markdown_artifact(
+        key=artifact_key("placement", recipe.name, variant),
+        markdown=placement_markdown(recipe, variant, result),
+        description=f"curriculum placement of {recipe.name} / {variant}",
+    )
+    return result
+
+
 def _stage_summary(result) -> dict[str, Any]:
-    data = result.summary if isinstance(result, PredictResult) else result.stats
+    data = result.stats if hasattr(result, "stats") else result.summary
     return {"fingerprint": result.fingerprint, "uri": result.uri, "reused": result.reused, **data}
+
+
+def run_stages(recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str) -> dict[str, Any]:
+    """Stages 1-3 in order (scoring and placement when the recipe has their sections)."""
+    logger = get_run_logger()
+    outcome: dict[str, Any] = {}
+    scored = None
+    if recipe.corpus is not None:
+        scored = score_step(recipe, store, forced, tracker, run_id)
+        outcome["score"] = _stage_summary(scored)
+    else:
+        logger.info("no corpus section: the score stage is skipped")
+    predicted = predict_step(recipe, variant, store, forced, tracker, run_id)
+    outcome["predict"] = _stage_summary(predicted)
+    if scored is None or recipe.tokenizer is None:
+        logger.info("placement needs corpus and tokenizer sections: the tokenizer, pack and place stages are skipped")
+        return outcome
+    tokenizer = tokenizer_step(recipe, store, forced, scored, tracker, run_id)
+    outcome["tokenizer"] = _stage_summary(tokenizer)
+    packed = pack_step(recipe, store, forced, scored, tokenizer, tracker, run_id)
+    outcome["pack"] = _stage_summary(packed)
+    outcome["place"] = _stage_summary(place_step(recipe, variant, store, forced, packed, predicted, tracker, run_id))
+    return outcome
 
 
 @flow(name="cpt_pipeline")
@@ -221,12 +345,24 @@ def cpt_pipeline(recipe_path: str, variant: str | None = None, force: list[str] 
     tags = {"trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
     with tracked_run(store, recipe, f"{recipe.name}-{variant}", tags) as (tracker, run_id):
         outcome["mlflow_run_id"] = run_id
-        if recipe.corpus is not None:
-            outcome["score"] = _stage_summary(score_step(recipe, store, forced, tracker, run_id))
-        else:
-            logger.info("no corpus section: the score stage is skipped")
-        outcome["predict"] = _stage_summary(predict_step(recipe, variant, store, forced, tracker, run_id))
+        outcome |= run_stages(recipe, variant, store, forced, tracker, run_id)
     return outcome
+
+
+@flow(name="place_curriculum_stage")
+def place_stage(recipe_path: str, variant: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run stage 3 (the CLI's ``trecflow place``): its cached prerequisites, then placement."""
+    recipe = load_recipe(recipe_path)
+    variant = variant or default_variant(recipe)
+    recipe.curriculum.variant(variant)
+    if recipe.corpus is None or recipe.tokenizer is None:
+        missing = "corpus" if recipe.corpus is None else "tokenizer"
+        raise RecipeError(f"{recipe_path}: {missing}: placement needs corpus and tokenizer sections")
+    store = Store(store_url(recipe), store_endpoint(recipe))
+    tags = {"trecflow.stage": "place", "trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
+    with tracked_run(store, recipe, f"{recipe.name}-{variant}-place", tags) as (tracker, run_id):
+        outcome = run_stages(recipe, variant, store, {"place"} if force else set(), tracker, run_id)
+    return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, **outcome}
 
 
 @flow(name="score_corpus_stage")

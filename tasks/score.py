@@ -50,7 +50,7 @@ def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
     return fingerprint(STAGE, STAGE_VERSION, scoring.model_dump(mode="json"), {"ingest": ingest_fp})
 
 
-def _ingest_tables(store: Store, ingest: IngestResult, columns: list[str]) -> Iterator[pa.Table]:
+def ingest_tables(store: Store, ingest: IngestResult, columns: list[str]) -> Iterator[pa.Table]:
     """The ingest shards in order, one table (of ``columns``) at a time."""
     output = store.output("ingest", ingest.fingerprint)
     for name in ingest.stats["shards"]:
@@ -63,7 +63,7 @@ def _read_training_documents(store: Store, ingest: IngestResult, scoring: Scorin
     config = scoring.classifier
     label_of = {**{name: 1 for name in config.hq_sources}, **{name: 0 for name in config.lq_sources}}
     texts, labels, doc_ids, taken = [], [], [], {0: 0, 1: 0}
-    for table in _ingest_tables(store, ingest, ["doc_id", "source", "text", "split"]):
+    for table in ingest_tables(store, ingest, ["doc_id", "source", "text", "split"]):
         table = table.filter(pc.and_(pc.equal(table["split"], "classifier"), pc.is_in(table["source"], pa.array(list(label_of)))))
         for doc_id, source, text in zip(table["doc_id"].to_pylist(), table["source"].to_pylist(), table["text"].to_pylist()):
             label = label_of[source]
@@ -81,7 +81,7 @@ def _quantile_thresholds(store: Store, ingest: IngestResult, scorer: BatchScorer
     """hq/lq thresholds from a deterministic sample (the first shards, classifier split excluded)."""
     scores: list[np.ndarray] = []
     seen = 0
-    for table in _ingest_tables(store, ingest, ["text", "split"]):
+    for table in ingest_tables(store, ingest, ["text", "split"]):
         texts = table.filter(pc.not_equal(table["split"], "classifier"))["text"].to_pylist()[: tiers.quantile_sample - seen]
         scores.append(scorer.scores(texts)["score"])
         seen += len(texts)
@@ -252,11 +252,16 @@ def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float,
     }
 
 
-def current_fingerprint(recipe: Recipe, store: Store) -> str:
-    """The score fingerprint for the sources as they are listed now (cheap: no content read)."""
+def current_ingest_fingerprint(recipe: Recipe, store: Store) -> str:
+    """The ingest fingerprint for the sources as they are listed now (cheap: no content read)."""
     require_sections(recipe)
     listings = [list_source(source, store.endpoint_url) for source in recipe.corpus.sources]
-    return score_fingerprint(recipe, ingest_fingerprint(recipe.corpus, listings))
+    return ingest_fingerprint(recipe.corpus, listings)
+
+
+def current_fingerprint(recipe: Recipe, store: Store) -> str:
+    """The score fingerprint for the sources as they are listed now (cheap: no content read)."""
+    return score_fingerprint(recipe, current_ingest_fingerprint(recipe, store))
 
 
 @stage_task("score_corpus", STAGE, current_fingerprint)

@@ -14,7 +14,6 @@ from typing import Any, Callable
 from prefect import task
 
 from trecflow.fingerprint import fingerprint
-from trecflow.recipe import Recipe
 from trecflow.store import Store
 
 
@@ -23,12 +22,19 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(getattr(state, "data", None), ValueError)
 
 
-def stage_task(name: str, stage: str, current_fingerprint: Callable[[Recipe, Store], str], retry_delay_seconds: int = 10):
-    """Decorator for a stage's task ``fn(recipe, store_url, endpoint_url=None, force=False)``."""
+COMMON_PARAMETERS = ("recipe", "store_url", "endpoint_url", "force")
+
+
+def stage_task(name: str, stage: str, current_fingerprint: Callable[..., str], retry_delay_seconds: int = 10):
+    """Decorator for a stage's task ``fn(recipe, store_url, endpoint_url=None, force=False, **inputs)``.
+
+    ``current_fingerprint(recipe, store, **inputs)`` gives the stage fingerprint; ``inputs`` are
+    the task's other parameters (upstream fingerprints, the variant)."""
 
     def cache_key(context: Any, parameters: dict[str, Any]) -> str:
         store = Store(parameters["store_url"], parameters.get("endpoint_url"))
-        return f"{stage}-{current_fingerprint(parameters['recipe'], store)}-{fingerprint('store', 1, store.url)}"
+        inputs = {key: value for key, value in parameters.items() if key not in COMMON_PARAMETERS}
+        return f"{stage}-{current_fingerprint(parameters['recipe'], store, **inputs)}-{fingerprint('store', 1, store.url)}"
 
     return task(
         name=name,

@@ -53,3 +53,36 @@ def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str =
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def plot_placement(
+    fractions: np.ndarray, trec: np.ndarray, hq_share: np.ndarray, window: list[float] | None, hq_fraction: float, title: str = ""
+) -> bytes:
+    """PNG bytes: the high-quality share of every step's batch over the predicted TREC, with the
+    strategy's window (if any) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = _strided(fractions.size)
+    figure, share_axis = plt.subplots(figsize=(9, 4.5))
+    share_axis.fill_between(fractions[index], hq_share[index], step="pre", color="tab:green", alpha=0.35, label="HQ share of the batch")
+    share_axis.axhline(hq_fraction, color="tab:green", linestyle=":", linewidth=0.9, label=f"w = {hq_fraction:.3g}")
+    share_axis.set_ylim(0, 1.05)
+    share_axis.set_ylabel("HQ share of the batch")
+    share_axis.set_xlabel("training fraction (s+1)/T")
+    if window is not None:
+        share_axis.axvspan(*window, color="gold", alpha=0.25, label=f"window [{window[0]:.3f}, {window[1]:.3f}]")
+    trec_axis = share_axis.twinx()
+    trec_axis.plot(fractions[index], trec[index], color="tab:red", linewidth=1.2, label="predicted TREC")
+    trec_axis.set_ylabel("predicted TREC")
+    handles = share_axis.get_legend_handles_labels()[0] + trec_axis.get_legend_handles_labels()[0]
+    share_axis.legend(handles=handles, loc="upper left", fontsize=8)
+    share_axis.grid(alpha=0.3)
+    figure.suptitle(title or "curriculum placement")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -104,20 +104,70 @@ class StoreSection(_Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; else AWS_ENDPOINT_URL")
 
 
+# The parameters each strategy accepts (besides the shared ``hq_fraction`` and ``seed`` overrides).
+STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
+    "uniform": (),
+    "end": (),
+    "start": (),
+    "ascending": (),
+    "window": ("window",),
+    "trec_valley": (),
+}
+
+
 class VariantSection(_Section):
-    """One curriculum variant: a strategy and its parameters (validated by the placement stage)."""
+    """One curriculum variant: a strategy and its parameters.
+
+    Every strategy accepts ``hq_fraction`` and ``seed`` (overriding the curriculum's); ``window``
+    needs ``window: [a, b]`` with 0 <= a < b <= 1 (fractions of training).
+    """
 
     strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley"]
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _params(self) -> VariantSection:
+        allowed = {"hq_fraction", "seed", *STRATEGY_PARAMS[self.strategy]}
+        unknown = sorted(set(self.params) - allowed)
+        if unknown:
+            raise ValueError(f"params: {self.strategy} does not take {unknown} (it takes {sorted(allowed)})")
+        if "hq_fraction" in self.params:
+            w = self.params["hq_fraction"]
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 < w < 1.0:
+                raise ValueError(f"params.hq_fraction: must be a number in (0, 1), got {w!r}")
+        if "seed" in self.params and (not isinstance(self.params["seed"], int) or isinstance(self.params["seed"], bool)):
+            raise ValueError(f"params.seed: must be an integer, got {self.params['seed']!r}")
+        if self.strategy == "window":
+            window = self.params.get("window")
+            if (
+                not isinstance(window, (list, tuple))
+                or len(window) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
+                or not 0.0 <= window[0] < window[1] <= 1.0
+            ):
+                raise ValueError(f"params.window: needs [a, b] with 0 <= a < b <= 1, got {window!r}")
+        return self
 
 
 class CurriculumSection(_Section):
     """Where high-quality data goes. ``hq_fraction`` (w) counts sequences."""
 
     hq_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    on_shortage: Literal["repeat", "fail"] = "repeat"
+    on_shortage: Literal["repeat", "fail"] = Field(
+        "repeat", description="when a tier has fewer sequences than the plan needs: repeat them (counted) or fail"
+    )
     seed: int = 0
+    tier_weights: dict[Literal["mid", "lq"], float] | None = Field(
+        None, description="shares of mid and lq among the non-hq sequences; default: their supply"
+    )
     variants: dict[str, VariantSection] = Field(default_factory=dict)
+
+    @field_validator("tier_weights")
+    @classmethod
+    def _weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None and (any(value < 0 for value in weights.values()) or sum(weights.values()) <= 0):
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        return weights
 
     @field_validator("variants")
     @classmethod
@@ -264,6 +314,36 @@ class ScoringSection(_Section):
 _Reserved = dict[str, Any] | None
 
 
+class BpeSection(_Section):
+    """A byte-level BPE trained with ``tokenizers`` on the ``base`` split."""
+
+    vocab: int = Field(gt=256, le=2**20, description="vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1)
+    max_documents: int = Field(50_000, gt=0, description="cap on base-split documents read for training")
+
+
+class TokenizerSection(_Section):
+    """The tokenizer: a base checkpoint's (``from_base``: a folder with ``tokenizer.json``, local
+    or in the store) or a BPE trained on the ``base`` split (``train_bpe``). Exactly one."""
+
+    from_base: str | None = Field(None, min_length=1)
+    train_bpe: BpeSection | None = None
+    eos_token: str = Field("<|endoftext|>", min_length=1, description="separator between packed documents")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerSection:
+        if (self.from_base is None) == (self.train_bpe is None):
+            raise ValueError("give exactly one of from_base or train_bpe")
+        return self
+
+
+class PackingSection(_Section):
+    """How documents become fixed-length token sequences (stage 3)."""
+
+    group_mb: int = Field(256, gt=0, description="scored parquet per packing task; each task writes one token file per tier")
+    workers: int = Field(2, gt=0, description="packing tasks run at once")
+
+
 class Recipe(_Section):
     """A whole CPT job. Derived quantities (steps, tau, ...) are properties, never stored."""
 
@@ -278,7 +358,8 @@ class Recipe(_Section):
     store: StoreSection = StoreSection()
     corpus: CorpusSection | None = None
     scoring: ScoringSection | None = None
-    tokenizer: _Reserved = None
+    tokenizer: TokenizerSection | None = None
+    packing: PackingSection = PackingSection()
     base: _Reserved = None
     training: _Reserved = None
     reevaluation: _Reserved = None

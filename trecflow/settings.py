@@ -49,6 +49,8 @@ def configure_environment() -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    # A fresh ephemeral database migrates on first start: slower than Prefect's 20 s on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     # Ray 2.60 turns token authentication on by default; the embedded cluster is loopback only.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -1,0 +1,237 @@
+"""Curriculum strategies: which sequence every slot of training gets (pure numpy, no I/O).
+
+Training has S = steps x sequences-per-step slots, in order (slot j is position j % B of step
+j // B). A plan fills every slot:
+
+- H = round(w * S) slots get high-quality (``hq``) sequences, at positions the strategy chooses:
+  ``uniform`` spreads them evenly over all S slots (slot floor(k*S/H) for k = 0..H-1, so every
+  step holds floor or ceil of w*B of them and every rank's share is mixed); ``start`` / ``end``
+  take the first / last H slots; ``window`` spreads them evenly inside the steps of ``[a, b]``;
+  ``trec_valley`` inside the best window of stage 2's predicted curve for the w it actually gets
+  (H / S), found with stage 2's own `best_window`.
+- The other S - H slots get ``mid`` and ``lq`` sequences, split in proportion to their supply (or
+  ``curriculum.tier_weights``) and interleaved at random.
+- ``ascending`` builds the same mix, then orders all S slots by sequence score, ties broken by
+  the seed (a stable sort of the seeded order).
+
+Which sequences of a tier are used, and in which order, is drawn with the seed (one independent
+stream per tier). A tier with fewer sequences than the plan needs is repeated (each pass a new
+permutation; the repetitions are counted) or fails, as ``on_shortage`` says; sequences left out
+are counted as unplaced. Everything is vectorized: memory is a few bytes per slot, no Python loop
+per slot or step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from training.sample_index import TIERS
+from training.trec import best_window
+
+HQ, MID, LQ = range(3)
+
+
+class PlacementError(ValueError):
+    """A plan that cannot be made from this data (a tier too short, a window too small)."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything a plan depends on besides the sequences."""
+
+    steps: int
+    batch: int
+    strategy: str
+    hq_fraction: float
+    seed: int
+    on_shortage: str = "repeat"
+    tier_weights: dict[str, float] | None = None
+    window: tuple[float, float] | None = None  # the ``window`` strategy's [a, b]
+
+    @property
+    def slots(self) -> int:
+        return self.steps * self.batch
+
+    @property
+    def hq_slots(self) -> int:
+        return round(self.hq_fraction * self.slots)
+
+
+@dataclass
+class Plan:
+    """A filled plan: ``ids[j]`` is the sequence of slot j; ``tiers[j]`` its tier code."""
+
+    ids: np.ndarray = field(repr=False)
+    tiers: np.ndarray = field(repr=False)
+    steps: int
+    batch: int
+    window_steps: tuple[int, int] | None
+    counts: dict[str, dict[str, int]]
+
+    def composition(self) -> np.ndarray:
+        """(steps x 3) int32: hq, mid and lq sequences of each step."""
+        per_step = self.tiers.reshape(self.steps, self.batch)
+        return np.stack([(per_step == code).sum(axis=1, dtype=np.int32) for code in range(len(TIERS))], axis=1)
+
+    def hq_share_per_step(self) -> np.ndarray:
+        return self.composition()[:, HQ] / self.batch
+
+    @property
+    def hq_slots(self) -> int:
+        return int(self.counts["hq"]["slots"])
+
+    def hq_in_window(self) -> float | None:
+        """Share of the hq slots inside the window (None without a window or hq)."""
+        if self.window_steps is None or self.hq_slots == 0:
+            return None
+        start, end = self.window_steps
+        inside = np.count_nonzero(self.tiers[start * self.batch : end * self.batch] == HQ)
+        return inside / self.hq_slots
+
+    def window_fraction(self) -> list[float] | None:
+        if self.window_steps is None:
+            return None
+        start, end = self.window_steps
+        return [start / self.steps, end / self.steps]
+
+    @property
+    def repeated_sequences(self) -> int:
+        return sum(entry["repeated"] for entry in self.counts.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "sequences_per_step": self.batch,
+            "sequences": self.steps * self.batch,
+            "hq_fraction": self.hq_slots / (self.steps * self.batch),
+            "window": self.window_fraction(),
+            "window_steps": list(self.window_steps) if self.window_steps else None,
+            "hq_in_window": self.hq_in_window(),
+            "repeated_sequences": self.repeated_sequences,
+            "unplaced_sequences": sum(entry["unplaced"] for entry in self.counts.values()),
+            "tiers": self.counts,
+        }
+
+
+def hq_region(request: PlanRequest, trec: np.ndarray | None) -> tuple[int, int, tuple[int, int] | None]:
+    """(first slot, number of slots) of the region the hq slots spread over, and the window in
+    steps that the strategy reports. Raises PlacementError when the region cannot hold them."""
+    slots, hq, batch, steps = request.slots, request.hq_slots, request.batch, request.steps
+    strategy = request.strategy
+    if strategy in ("uniform", "ascending"):
+        return 0, slots, None
+    if strategy == "start":
+        return 0, hq, (0, -(-hq // batch))
+    if strategy == "end":
+        return slots - hq, hq, ((slots - hq) // batch, steps)
+    if strategy == "window":
+        a, b = request.window
+        start, end = round(a * steps), round(b * steps)
+        capacity = (end - start) * batch
+        if capacity < hq:
+            raise PlacementError(
+                f"window [{a:g}, {b:g}] holds steps {start}..{end - 1} = {capacity:,} sequences, fewer than the "
+                f"{hq:,} hq sequences of w={request.hq_fraction:g}; widen the window or lower hq_fraction"
+            )
+        return start * batch, capacity, (start, end)
+    if strategy == "trec_valley":
+        if trec is None or trec.size != steps:
+            raise PlacementError(f"trec_valley needs the predicted curve of all {steps} steps (got {None if trec is None else trec.size})")
+        start, end = best_window(trec, hq / slots)
+        capacity = (end - start) * batch
+        if capacity >= hq:
+            return start * batch, capacity, (start, end)
+        first = min(start * batch, slots - hq)  # the window rounds down by part of a step
+        return first, hq, (start, end)
+    raise PlacementError(f"unknown strategy {strategy!r}")
+
+
+def spread(first: int, region: int, count: int) -> np.ndarray:
+    """``count`` slot numbers spread evenly over ``[first, first + region)`` (all distinct)."""
+    return first + (np.arange(count, dtype=np.int64) * region) // max(count, 1)
+
+
+def draw(pool: np.ndarray, count: int, rng: np.random.Generator, tier: str, on_shortage: str) -> tuple[np.ndarray, int]:
+    """``count`` ids from ``pool`` in a seeded order; repeats whole permutations when short.
+
+    Returns the ids and how many of them are repetitions."""
+    if count == 0:
+        return pool[:0].copy(), 0
+    if pool.size == 0:
+        raise PlacementError(f"the plan needs {count:,} {tier} sequences but the packed data has none")
+    if count > pool.size and on_shortage == "fail":
+        raise PlacementError(
+            f"the plan needs {count:,} {tier} sequences but the packed data has {pool.size:,} "
+            "(curriculum.on_shortage: fail; set it to repeat, or lower hq_fraction)"
+        )
+    passes = []
+    remaining = count
+    while remaining > 0:
+        order = pool.copy()
+        rng.shuffle(order)
+        passes.append(order[:remaining])
+        remaining -= min(remaining, order.size)
+    drawn = passes[0] if len(passes) == 1 else np.concatenate(passes)
+    return drawn, max(0, count - pool.size)
+
+
+def filler_counts(request: PlanRequest, supply: dict[str, int]) -> dict[str, int]:
+    """How many mid and lq sequences fill the non-hq slots."""
+    rest = request.slots - request.hq_slots
+    weights = request.tier_weights or {"mid": supply["mid"], "lq": supply["lq"]}
+    mid_weight, lq_weight = float(weights.get("mid", 0.0)), float(weights.get("lq", 0.0))
+    if rest and mid_weight + lq_weight <= 0:
+        raise PlacementError(f"the plan needs {rest:,} mid or lq sequences but the packed data has none")
+    mid = round(rest * mid_weight / (mid_weight + lq_weight)) if rest else 0
+    return {"mid": mid, "lq": rest - mid}
+
+
+def check_request(request: PlanRequest) -> None:
+    """Errors that need no data: call before any expensive work."""
+    if request.hq_slots == 0:
+        raise PlacementError(f"hq_fraction {request.hq_fraction:g} of {request.slots:,} sequences rounds to 0 hq sequences")
+    hq_region(request, np.zeros(request.steps) if request.strategy == "trec_valley" else None)
+
+
+def make_plan(request: PlanRequest, tiers: np.ndarray, scores: np.ndarray, trec: np.ndarray | None = None) -> Plan:
+    """Fill all S slots from the packed sequences (``tiers`` int8 codes and ``scores`` per id)."""
+    check_request(request)
+    first, region, window = hq_region(request, trec)
+    id_dtype = np.uint32 if tiers.size < 2**32 else np.uint64
+    supply = {tier: int(np.count_nonzero(tiers == code)) for code, tier in enumerate(TIERS)}
+    need = {"hq": request.hq_slots, **filler_counts(request, supply)}
+
+    drawn: dict[str, np.ndarray] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for code, tier in enumerate(TIERS):
+        pool = np.flatnonzero(tiers == code).astype(id_dtype)
+        rng = np.random.default_rng([request.seed, code])
+        drawn[tier], repeated = draw(pool, need[tier], rng, tier, request.on_shortage)
+        unique = need[tier] - repeated
+        counts[tier] = {"supply": supply[tier], "slots": need[tier], "repeated": repeated, "unplaced": supply[tier] - unique}
+        del pool
+
+    ids = np.empty(request.slots, dtype=id_dtype)
+    slot_tiers = np.empty(request.slots, dtype=np.int8)
+    hq_mask = np.zeros(request.slots, dtype=bool)
+    hq_mask[spread(first, region, request.hq_slots)] = True
+    ids[hq_mask] = drawn.pop("hq")
+    slot_tiers[hq_mask] = HQ
+    filler = np.concatenate([drawn.pop("mid"), drawn.pop("lq")])
+    filler_tiers = np.concatenate([np.full(need["mid"], MID, np.int8), np.full(need["lq"], LQ, np.int8)])
+    # the same seeded shuffle of ids and their tiers (two generators in the same state), in place
+    np.random.default_rng([request.seed, len(TIERS)]).shuffle(filler)
+    np.random.default_rng([request.seed, len(TIERS)]).shuffle(filler_tiers)
+    rest = ~hq_mask
+    ids[rest] = filler
+    slot_tiers[rest] = filler_tiers
+    del filler, filler_tiers, rest, hq_mask
+
+    if request.strategy == "ascending":
+        order = np.argsort(scores[ids], kind="stable")
+        ids = ids[order]
+        slot_tiers = slot_tiers[order]
+    return Plan(ids, slot_tiers, request.steps, request.batch, window, counts)

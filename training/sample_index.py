@@ -1,0 +1,222 @@
+"""The global sample index and the packed token sequences it names: formats and the reader.
+
+Training and re-evaluation read their batches only through `SampleIndex`, so both see exactly the
+sequences the placement stage planned.
+
+Packed sequences (``<store>/pack/<fingerprint>/``):
+- ``tokens/<group>-<tier>.npy``: a 2-D array (sequences x seq_len) of token ids; every sequence
+  of a file has one tier. Sequence ids are global and contiguous: a file holds the ids
+  ``first_id .. first_id + count - 1``, listed in ``token_files.parquet`` (file, tier, first_id,
+  count).
+- ``sequences/scores.npy`` (float32) and ``sequences/tiers.npy`` (int8, index into TIERS): one
+  entry per sequence id.
+
+The index (``<store>/place/<fingerprint>/``):
+- ``index/steps-<first step>.npy``: 2-D arrays (steps x sequences per step) of sequence ids, in
+  chunks of ``steps_per_chunk`` steps; row s - first step is the global batch of step s.
+- ``composition.npy``: (steps x 3) int32, the hq / mid / lq sequences of each step.
+- ``index.json``: shape, dtype, chunking and the fingerprints the index was built from.
+
+Local files are memory-mapped; files in an object store are read by byte ranges (one request per
+run of consecutive sequences), so nothing loads a whole array to serve one batch.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from trecflow.store import StageOutput, Store
+
+PACK_STAGE = "pack"
+PLACE_STAGE = "place"
+TIERS = ("hq", "mid", "lq")
+TOKEN_FILES = "token_files.parquet"
+SCORES_FILE = "sequences/scores.npy"
+TIERS_FILE = "sequences/tiers.npy"
+INDEX_META = "index.json"
+COMPOSITION_FILE = "composition.npy"
+# The fingerprints an index records; a reader that expects others refuses it, naming each mismatch.
+INDEX_KEYS = ("recipe", "score", "tokenizer", "pack", "strategy", "seed")
+
+
+class IndexMismatchError(ValueError):
+    """An index (or packed data) built from other inputs than the reader expects."""
+
+
+def chunk_name(first_step: int) -> str:
+    return f"index/steps-{first_step:09d}.npy"
+
+
+def batch_hash(sequence_ids: np.ndarray) -> str:
+    """The audit hash of a global batch: SHA-256 (16 hex digits) of its sorted ids as int64."""
+    ordered = np.sort(np.asarray(sequence_ids, dtype=np.int64))
+    return hashlib.sha256(ordered.tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class NpyArray:
+    """A 2-D ``.npy`` file in the store, read by rows without loading it whole."""
+
+    store: Store
+    path: str
+    shape: tuple[int, int] = field(init=False)
+    dtype: np.dtype = field(init=False)
+    _offset: int = field(init=False, repr=False)
+    _mapped: np.ndarray | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.store.fs, LocalFileSystem):
+            self._mapped = np.load(self.path, mmap_mode="r")
+            self.shape, self.dtype = self._mapped.shape, self._mapped.dtype
+            return
+        head = self.store.fs.cat_file(self.path, start=0, end=4096)
+        major = head[6]
+        length_bytes = 2 if major == 1 else 4
+        header_length = int.from_bytes(head[8 : 8 + length_bytes], "little")
+        self._offset = 8 + length_bytes + header_length
+        header = ast.literal_eval(head[8 + length_bytes : self._offset].decode("latin1"))
+        if header["fortran_order"] or len(header["shape"]) != 2:
+            raise ValueError(f"{self.path}: expected a C-ordered 2-D array, got {header}")
+        self.shape, self.dtype = tuple(header["shape"]), np.dtype(header["descr"])
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (any order, repeats allowed) as an in-memory array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: rows outside 0..{self.shape[0] - 1}")
+        if self._mapped is not None:
+            return np.asarray(self._mapped[rows])
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        # one range request per run of consecutive rows
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for run in np.split(np.arange(ordered.size), breaks):
+            if run.size == 0:
+                continue
+            first, last = int(ordered[run[0]]), int(ordered[run[-1]])
+            start = self._offset + first * row_bytes
+            data = self.store.fs.cat_file(self.path, start=start, end=start + (last - first + 1) * row_bytes)
+            block = np.frombuffer(data, dtype=self.dtype).reshape(-1, self.shape[1])
+            out[order[run]] = block[ordered[run] - first]
+        return out
+
+
+class PackedSequences:
+    """Random access to the packed sequences of one pack output, by global sequence id."""
+
+    def __init__(self, output: StageOutput):
+        self.output = output
+        manifest = output.manifest()
+        self.fingerprint = output.fingerprint
+        self.seq_len = int(manifest["counts"]["seq_len"])
+        with output.store.fs.open(output.file_path(TOKEN_FILES), "rb") as handle:
+            table = pq.read_table(handle)
+        self.files = table["file"].to_pylist()
+        self.first_ids = table["first_id"].to_numpy()
+        self.counts = table["count"].to_numpy()
+        self.total = int(self.counts.sum())
+        self._arrays: dict[int, NpyArray] = {}
+
+    def _array(self, number: int) -> NpyArray:
+        if number not in self._arrays:
+            self._arrays[number] = NpyArray(self.output.store, self.output.file_path(self.files[number]))
+        return self._arrays[number]
+
+    def tokens(self, sequence_ids: np.ndarray) -> np.ndarray:
+        """Token ids of the given sequences, shape (len(ids), seq_len), in the order given."""
+        ids = np.asarray(sequence_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.total):
+            raise IndexError(f"sequence ids must be in 0..{self.total - 1}")
+        out = np.empty((ids.size, self.seq_len), dtype=np.int64)
+        numbers = np.searchsorted(self.first_ids, ids, side="right") - 1
+        for number in np.unique(numbers):
+            where = np.flatnonzero(numbers == number)
+            out[where] = self._array(int(number)).rows(ids[where] - self.first_ids[number])
+        return out
+
+
+class SampleIndex:
+    """The global sample index of one placement: which sequences every step trains on.
+
+    Guarantees: `batch(s)` is the same array on every call, process and machine; the ranks of a
+    world of size W split it into W contiguous, equal slices (`rank_batch`); an index whose
+    recorded fingerprints differ from the ``expected`` ones is refused before anything is read.
+    """
+
+    def __init__(self, store: Store, fingerprint: str, expected: dict[str, str] | None = None):
+        output = store.output(PLACE_STAGE, fingerprint)
+        manifest = output.manifest()
+        recorded = manifest["inputs"]
+        if expected:
+            differ = [
+                f"{key} {recorded.get(key)!r} (expected {value!r})"
+                for key, value in expected.items()
+                if recorded.get(key) != value
+            ]
+            if differ:
+                raise IndexMismatchError(
+                    f"{output.uri}: the sample index was built for other inputs: " + "; ".join(differ)
+                )
+        self.output = output
+        self.fingerprint = fingerprint
+        self.inputs = recorded
+        self.meta: dict[str, Any] = json.loads(output.read_bytes(INDEX_META))
+        self.steps = int(self.meta["steps"])
+        self.batch_size = int(self.meta["sequences_per_step"])
+        self.steps_per_chunk = int(self.meta["steps_per_chunk"])
+        self._chunks: dict[int, NpyArray] = {}
+        self._composition: np.ndarray | None = None
+        self._sequences: PackedSequences | None = None
+
+    def _chunk(self, number: int) -> NpyArray:
+        if number not in self._chunks:
+            self._chunks[number] = NpyArray(self.output.store, self.output.file_path(chunk_name(number * self.steps_per_chunk)))
+        return self._chunks[number]
+
+    def _check_step(self, step: int) -> None:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} is outside 0..{self.steps - 1}")
+
+    def batch(self, step: int) -> np.ndarray:
+        """The sequence ids of step ``step``'s global batch (int64, in batch order)."""
+        self._check_step(step)
+        number, row = divmod(step, self.steps_per_chunk)
+        return self._chunk(number).rows(np.array([row]))[0].astype(np.int64)
+
+    def rank_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """Data-parallel rank ``rank``'s contiguous share of step ``step``'s global batch."""
+        if world_size <= 0 or self.batch_size % world_size:
+            raise ValueError(f"{self.batch_size} sequences per step do not divide across {world_size} workers")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        share = self.batch_size // world_size
+        return self.batch(step)[rank * share : (rank + 1) * share]
+
+    def composition(self, step: int) -> dict[str, int]:
+        """How many sequences of each tier step ``step`` trains on."""
+        self._check_step(step)
+        if self._composition is None:
+            self._composition = np.load(io.BytesIO(self.output.read_bytes(COMPOSITION_FILE)))
+        return dict(zip(TIERS, map(int, self._composition[step])))
+
+    @property
+    def sequences(self) -> PackedSequences:
+        """The packed sequences this index refers to."""
+        if self._sequences is None:
+            self._sequences = PackedSequences(self.output.store.output(PACK_STAGE, self.inputs["pack"]))
+        return self._sequences
+
+    def tokens(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Token ids (int64, sequences x seq_len) of a rank's share of step ``step``."""
+        return self.sequences.tokens(self.rank_batch(step, rank, world_size))
