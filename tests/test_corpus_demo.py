@@ -43,13 +43,9 @@ MAIL_HEADER = re.compile(r"^(Received|Return-Path|Delivered-To|Message-I[dD]|X-M
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
+def corpus(demo_corpus):
     """The whole demo corpus, built once per session: (cache_dir, result, progress lines, seconds)."""
-    cache = tmp_path_factory.mktemp("corpus-demo")
-    lines: list[str] = []
-    start = time.perf_counter()
-    result = build_demo_corpus(cache, progress=lines.append)
-    return cache, result, lines, time.perf_counter() - start
+    return demo_corpus
 
 
 def _documents(path) -> list[dict]:

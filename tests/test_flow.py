@@ -20,6 +20,7 @@ from .conftest import BUCKET, CONFIGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "test_corpus")]
 RECIPE = str(CONFIGS / "test.yaml")
+STAGE_TASKS = ("score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "place_curriculum")
 
 
 def run_flow(**parameters):
@@ -41,7 +42,7 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     monkeypatch.setenv("TRECFLOW_STORE", store.url)
 
     result, states = run_flow()
-    assert states == {"score_corpus": "Completed", "predict_trec": "Completed"}
+    assert states == dict.fromkeys(STAGE_TASKS, "Completed")
     scored = result["score"]
     assert scored["tiers"]["stdlib-docs"]["hq"] >= 0.9 and scored["tiers"]["debian-copyright"]["lq"] >= 0.9
     assert store.output("score", scored["fingerprint"]).exists()
@@ -70,19 +71,32 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     assert artifacts and "predicted valley" in artifacts[0].data
 
     created = output.manifest()["created_unix"]
+    placed = result["place"]
+    assert placed["strategy"] == "trec_valley" and placed["hq_in_window"] >= 0.95 and placed["steps"] == 48
+    assert run.data.metrics["hq_in_window"] == pytest.approx(placed["hq_in_window"])
+    assert run.data.tags["trecflow.place_fingerprint"] == placed["fingerprint"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "place")} == {"place/placement.png", "place/summary.json"}
+
     again, states = run_flow(variant="uniform")
-    assert states == {"score_corpus": "Cached", "predict_trec": "Cached"}  # same fingerprints: no recompute
+    # same fingerprints: no recompute, except the new variant's index
+    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "place_curriculum": "Completed"}
+    assert again["place"]["window"] is None and again["place"]["fingerprint"] != placed["fingerprint"]
     assert again["predict"]["reused"] and output.manifest()["created_unix"] == created
     assert client.get_run(again["mlflow_run_id"]).data.tags["trecflow.variant"] == "uniform"
 
     forced, states = run_flow(force=["predict"])
-    assert states == {"score_corpus": "Cached", "predict_trec": "Completed"}  # score and predict are siblings
+    # score and predict are siblings; placement reads the prediction
+    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "predict_trec": "Completed", "place_curriculum": "Completed"}
     assert not forced["predict"]["reused"] and output.manifest()["created_unix"] > created
+    assert forced["place"]["fingerprint"] == placed["fingerprint"]
+
+    _, states = run_flow(force=["place"])
+    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "place_curriculum": "Completed"}
 
     # Output deleted behind Prefect's back: the cache is not trusted, the stage recomputes.
     output.invalidate()
     _, states = run_flow()
-    assert states == {"score_corpus": "Cached", "predict_trec": "Completed"} and output.exists()
+    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "predict_trec": "Completed"} and output.exists()
 
 
 def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_endpoint):
@@ -96,7 +110,7 @@ def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_en
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'remote-mlflow.db'}")
     remote_result, states = run_flow()
-    assert states == {"score_corpus": "Completed", "predict_trec": "Completed"}
+    assert states == dict.fromkeys(STAGE_TASKS, "Completed")
     # Ingest and scoring read and write the S3 store through Ray: the same documents and tiers.
     for key in ("documents", "dropped", "tiers", "classifier_accuracy", "classifier_training"):
         assert remote_result["score"][key] == local_result["score"][key], key
@@ -107,6 +121,15 @@ def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_en
     assert remote_result["predict"]["fingerprint"] == fingerprint
     assert remote_result["predict"]["uri"].startswith("s3://")
     assert curve(remote, fingerprint).equals(curve(local, fingerprint))
+    # Tokenizer, packing (Ray tasks writing to S3) and the index: the same fingerprints and bytes.
+    for stage in ("tokenizer", "pack", "place"):
+        assert remote_result[stage]["fingerprint"] == local_result[stage]["fingerprint"], stage
+    placed = local_result["place"]["fingerprint"]
+    local_files = local.output("place", placed).manifest()["files"]
+    remote_files = remote.output("place", placed).manifest()["files"]
+    assert {name: entry["sha256"] for name, entry in remote_files.items() if name.startswith("index/")} == {
+        name: entry["sha256"] for name, entry in local_files.items() if name.startswith("index/")
+    }
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'remote-mlflow.db'}")
     run = client.get_run(remote_result["mlflow_run_id"])
     assert run.info.artifact_uri.startswith(f"{remote.url}/mlflow/test")
@@ -116,6 +139,8 @@ def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_en
 
 def test_forcing_a_stage_forces_everything_downstream():
     assert forced_stages(["predict"]) == {"predict", "place", "train", "reevaluate"}
-    assert forced_stages(["score"]) == {"score", "place", "train", "reevaluate"}
+    assert forced_stages(["score"]) == {"score", "tokenizer", "pack", "place", "train", "reevaluate"}
+    assert forced_stages(["tokenizer"]) == {"tokenizer", "pack", "place", "train", "reevaluate"}
+    assert forced_stages(["place"]) == {"place", "train", "reevaluate"}
     assert forced_stages(["train"]) == {"train", "reevaluate"}
     assert forced_stages(None) == set()
