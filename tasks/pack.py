@@ -1,4 +1,7 @@
-"""Stage 3b, packing: the ``cpt`` split's documents -> fixed-length token sequences, per tier.
+"""Stage 3b, packing: one split's documents -> fixed-length token sequences, per tier.
+
+The curriculum packs the ``cpt`` split; a tiny base model is pretrained on the ``base`` split,
+packed the same way.
 
 The scored shards are cut into groups of about ``packing.group_mb`` of parquet; one Ray task per
 group reads its shards in batches, tokenizes the ``cpt`` documents (the Rust tokenizer, batched),
@@ -42,8 +45,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def pack_fingerprint(recipe: Recipe, score_fp: str, tokenizer_fp: str) -> str:
-    config = {"seq_len": recipe.data.seq_len, "group_mb": recipe.packing.group_mb, "split": "cpt"}
+def pack_fingerprint(recipe: Recipe, score_fp: str, tokenizer_fp: str, split: str = "cpt") -> str:
+    config = {"seq_len": recipe.data.seq_len, "group_mb": recipe.packing.group_mb, "split": split}
     return fingerprint(STAGE, STAGE_VERSION, config, {"score": score_fp, "tokenizer": tokenizer_fp})
 
 
@@ -90,6 +93,7 @@ def pack_group(
     eos_id: int,
     seq_len: int,
     dtype: str,
+    split: str = "cpt",
 ) -> dict[str, Any]:
     """Pack one group of scored shards; write ``tokens/g<group>-<tier>.npy`` per non-empty tier.
 
@@ -107,7 +111,7 @@ def pack_group(
         with store.fs.open(path, "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, columns=["text", "split", "score", "tier"]):
                 table = pa.Table.from_batches([batch])
-                table = table.filter(pc.equal(table["split"], "cpt"))
+                table = table.filter(pc.equal(table["split"], split))
                 if table.num_rows == 0:
                     continue
                 encodings = tokenizer.encode_batch(table["text"].to_pylist(), add_special_tokens=False)
@@ -157,13 +161,15 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run_pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print) -> PackResult:
-    """Pack the scored ``cpt`` documents with the tokenizer unless a complete output exists."""
+def run_pack(
+    recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print, split: str = "cpt"
+) -> PackResult:
+    """Pack the scored documents of ``split`` with the tokenizer unless a complete output exists."""
     import ray
 
     from trecflow.ray_runtime import ensure_ray
 
-    fp = pack_fingerprint(recipe, score_fp, tokenizer_fp)
+    fp = pack_fingerprint(recipe, score_fp, tokenizer_fp, split)
     output = store.output(STAGE, fp)
     if output.exists() and not force:
         return PackResult(fp, output.uri, json.loads(output.read_bytes("stats.json")), reused=True)
@@ -175,7 +181,7 @@ def run_pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, for
     shard_files = [(name, entry["bytes"]) for name, entry in score_output.manifest()["files"].items() if name.startswith("shards/")]
     groups = group_shards(shard_files, recipe.packing.group_mb * 1024**2)
     dtype = token_dtype(tokenizer_info["vocab_size"]).name
-    progress(f"pack: {len(shard_files)} scored shards in {len(groups)} groups -> sequences of {recipe.data.seq_len} tokens")
+    progress(f"pack: the {split} split of {len(shard_files)} scored shards, in {len(groups)} groups -> sequences of {recipe.data.seq_len} tokens")
     ensure_ray()
     remote = ray.remote(pack_group).options(max_retries=2, retry_exceptions=[OSError])
     try:
@@ -187,11 +193,11 @@ def run_pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, for
                 _collect(ray.get(done[0]), results, len(groups), progress)
             paths = [score_output.file_path(name) for name in names]
             pending.append(
-                remote.remote(number, paths, store.url, store.endpoint_url, output.path, tokenizer_json, tokenizer_info["eos_id"], recipe.data.seq_len, dtype)
+                remote.remote(number, paths, store.url, store.endpoint_url, output.path, tokenizer_json, tokenizer_info["eos_id"], recipe.data.seq_len, dtype, split)
             )
         for ref in pending:
             _collect(ray.get(ref), results, len(groups), progress)
-        stats = _write_catalog(recipe, output, results, dtype)
+        stats = _write_catalog(recipe, output, results, dtype, split)
         output.commit(
             inputs={"score": score_fp, "tokenizer": tokenizer_fp},
             counts={"seq_len": recipe.data.seq_len, "sequences": stats["sequences"], "tail_tokens_dropped": stats["tail_tokens_dropped"]},
@@ -209,7 +215,7 @@ def _collect(result: dict, results: dict, total: int, progress) -> None:
     progress(f"pack: group {len(results)}/{total} done")
 
 
-def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str) -> dict[str, Any]:
+def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str, split: str) -> dict[str, Any]:
     """Assign global ids (group order, then tier order); write the token-file table and the
     per-sequence scores and tiers; return the statistics."""
     files, tiers, first_ids, counts, scores, tier_codes = [], [], [], [], [], []
@@ -241,6 +247,7 @@ def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str)
     output.write_bytes(SCORES_FILE, _npy_bytes(np.concatenate(scores) if scores else np.empty(0, np.float32)))
     output.write_bytes(TIERS_FILE, _npy_bytes(np.concatenate(tier_codes) if tier_codes else np.empty(0, np.int8)))
     stats = {
+        "split": split,
         "seq_len": recipe.data.seq_len,
         "token_dtype": dtype,
         "groups": len(results),

@@ -337,6 +337,73 @@ class TokenizerSection(_Section):
         return self
 
 
+class TinyModelSection(_Section):
+    """The shape of a from-scratch Llama (``transformers.LlamaConfig``); the vocabulary is the
+    tokenizer's and the context is ``data.seq_len``."""
+
+    hidden: int = Field(128, gt=0)
+    intermediate: int = Field(512, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default: heads")
+    tie_embeddings: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TinyModelSection:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
+
+
+class PretrainSection(_Section):
+    """The short pretraining of a tiny base model on the ``base`` split (uniform mix of tiers),
+    run by the same DeepSpeed job as the CPT run."""
+
+    tokens: int = Field(gt=0, description="tokens of the base pretraining")
+    batch_tokens: int = Field(gt=0, description="global batch in tokens")
+    optimizer: OptimizerSection
+    schedule: ScheduleSection
+
+
+class BaseSection(_Section):
+    """The base checkpoint the CPT run continues: a Hugging Face folder (``path``: local or in the
+    store), or a tiny Llama that `trecflow base tiny` builds and pretrains (``tiny`` + ``pretrain``)."""
+
+    path: str | None = Field(None, min_length=1)
+    tiny: TinyModelSection | None = None
+    pretrain: PretrainSection | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseSection:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of path or tiny")
+        if (self.tiny is None) != (self.pretrain is None):
+            raise ValueError("tiny and pretrain go together")
+        return self
+
+
+class TrainingSection(_Section):
+    """The DeepSpeed job on Ray Train. The global batch is micro_batch x accumulation x workers
+    sequences and must equal the recipe's batch."""
+
+    workers: int = Field(2, gt=0, description="Ray Train workers (the data-parallel world size)")
+    micro_batch: int | None = Field(None, gt=0, description="sequences per worker per forward/backward; default: batch / (workers x accumulation)")
+    accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    gradient_clipping: float = Field(1.0, ge=0.0, description="0 turns clipping off")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+    log_every: int = Field(10, gt=0, description="steps per batched MLflow write")
+    seed: int = 0
+
+
 class PackingSection(_Section):
     """How documents become fixed-length token sequences (stage 3)."""
 
@@ -360,8 +427,8 @@ class Recipe(_Section):
     scoring: ScoringSection | None = None
     tokenizer: TokenizerSection | None = None
     packing: PackingSection = PackingSection()
-    base: _Reserved = None
-    training: _Reserved = None
+    base: BaseSection | None = None
+    training: TrainingSection = TrainingSection()
     reevaluation: _Reserved = None
 
     @model_validator(mode="after")
@@ -390,6 +457,32 @@ class Recipe(_Section):
                 raise _FieldError(
                     "schedule.cooldown",
                     f"warmup ({self.warmup_steps}) + cooldown ({cooldown}) steps exceed {steps} steps",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_across_workers(self) -> Recipe:
+        training = self.training
+        if training.micro_batch is None:
+            if self.sequences_per_step % (training.workers * training.accumulation):
+                raise _FieldError(
+                    "training.workers",
+                    f"the batch of {self.sequences_per_step} sequences does not divide across {training.workers} workers "
+                    f"x {training.accumulation} accumulation steps",
+                )
+        elif training.micro_batch * training.accumulation * training.workers != self.sequences_per_step:
+            raise _FieldError(
+                "training.micro_batch",
+                f"micro_batch x accumulation x workers = {training.micro_batch} x {training.accumulation} x "
+                f"{training.workers} = {training.micro_batch * training.accumulation * training.workers} sequences, "
+                f"but the recipe's batch is {self.sequences_per_step}",
+            )
+        if self.base is not None and self.base.pretrain is not None:
+            pretrain = self.base.pretrain
+            if pretrain.batch_tokens % (self.data.seq_len * training.workers):
+                raise _FieldError(
+                    "base.pretrain.batch_tokens",
+                    f"{pretrain.batch_tokens} is not a whole number of sequences of {self.data.seq_len} per each of {training.workers} workers",
                 )
         return self
 
@@ -433,6 +526,12 @@ class Recipe(_Section):
     @property
     def sequences_per_step(self) -> int:
         return self.batch.tokens // self.data.seq_len
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per worker per forward/backward pass (``training.micro_batch`` or derived)."""
+        training = self.training
+        return training.micro_batch or self.sequences_per_step // (training.workers * training.accumulation)
 
     def section(self, *names: str) -> dict[str, Any]:
         """The named sections as plain JSON-able data (for fingerprints and MLflow params)."""

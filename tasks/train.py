@@ -1,0 +1,183 @@
+"""Stage 4, train: the continual-pretraining job of one variant (`training.cpt_job` on Ray Train).
+
+Before any training it checks what would make the run wrong: the sample index must carry the
+fingerprints this recipe and variant expect, the base model's vocabulary must hold the
+tokenizer's, and a checkpoint left in the store must be of this run and world size (the batch
+dividing across the workers is checked with the recipe).
+
+Output ``<store>/train/<fingerprint>/``: ``model/`` (``save_pretrained`` with the tokenizer),
+``audit/attempt-*/part-*.jsonl`` (one record per step of every attempt), ``summary.json`` and the
+manifest last. Checkpoints go to ``<store>/checkpoints/<fingerprint>/`` through Ray Train (the
+last ``keep_checkpoints``); they outlive a failed attempt, so a Prefect retry of `train_cpt`
+resumes from the latest one, and they are logged to MLflow as store URIs, not uploaded.
+The fingerprint covers the index, the base model, the optimizer, schedule and the training
+settings that change the numbers (not logging, checkpoint cadence or retries).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tasks.stage_task import stage_task
+from trecflow.fingerprint import fingerprint
+from trecflow.recipe import Recipe, RecipeError
+from trecflow.settings import tracking_uri
+from trecflow.store import Store
+from training.audit import check_audit, read_audit
+from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
+from training.models import model_vocab_size
+from training.sample_index import SampleIndex, batch_hash
+
+STAGE = "train"
+STAGE_VERSION = 1
+SUMMARY_FILE = "summary.json"
+# Settings that do not change the trained weights: left out of the fingerprint.
+NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model a job starts from: a Hugging Face folder, or a from-scratch config."""
+
+    fingerprint: str
+    uri: str | None = None
+    config: dict[str, Any] | None = None
+
+
+def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str, stage: str = STAGE) -> str:
+    config = recipe.section("optimizer", "schedule", "training")
+    for key in NOT_FINGERPRINTED:
+        config["training"].pop(key)
+    config["steps"] = recipe.steps
+    return fingerprint(stage, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    fingerprint: str
+    uri: str
+    summary: dict[str, Any]
+    reused: bool
+
+
+def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | None) -> None:
+    model_vocab = model_vocab_size(base.uri, endpoint_url) if base.uri else (base.config or {}).get("vocab_size")
+    if model_vocab is not None and model_vocab < tokenizer_vocab:
+        raise RecipeError(
+            f"base: the model's vocabulary ({model_vocab:,} tokens, {base.uri or 'tiny config'}) is smaller than the "
+            f"tokenizer's ({tokenizer_vocab:,}); token ids past it would have no embedding"
+        )
+
+
+def run_train(
+    recipe: Recipe,
+    store: Store,
+    index_fp: str,
+    expected_inputs: dict[str, str],
+    base: BaseModel,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+    mlflow_run_id: str | None = None,
+    stage: str = STAGE,
+) -> TrainResult:
+    """Train (or resume, or reuse) the run of ``recipe`` on the index ``index_fp`` from ``base``."""
+    fp = train_fingerprint(recipe, index_fp, base.fingerprint, stage)
+    output = store.output(stage, fp)
+    if output.exists() and not force:
+        return TrainResult(fp, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), reused=True)
+    if force:
+        output.invalidate()
+        if store.fs.exists(checkpoint_root(store, fp)):
+            store.fs.rm(checkpoint_root(store, fp), recursive=True)
+
+    index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
+    tokenizer_fp = expected_inputs["tokenizer"]
+    tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
+    check_vocabulary(base, tokenizer_info["vocab_size"], store.endpoint_url)
+    spec = JobSpec(
+        recipe=recipe.model_dump(mode="json"),
+        store_url=store.url,
+        endpoint_url=store.endpoint_url,
+        index_fingerprint=index_fp,
+        index_inputs=expected_inputs,
+        tokenizer_fingerprint=tokenizer_fp,
+        output_path=output.path,
+        run_fingerprint=fp,
+        base_uri=base.uri,
+        model_config=base.config,
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri() if mlflow_run_id else None,
+    )
+    training = recipe.training
+    progress(
+        f"{stage}: {index.steps:,} steps on {training.workers} workers (micro-batch {recipe.micro_batch}, accumulation "
+        f"{training.accumulation}, ZeRO-{training.zero_stage}, {training.precision}) from {base.uri or 'a new model'}"
+    )
+    result = run_job(spec, progress)
+    if result.error is not None:
+        raise result.error
+
+    report = check_audit(read_audit(store, output.path), index.steps, lambda step: batch_hash(index.batch(step)))
+    if not report.exactly_once:
+        raise RuntimeError(f"{output.uri}: the audit log does not show every planned batch exactly once: {report.summary()}")
+    final = report.final
+    last_attempt = [record for record in final if record["attempt"] == report.attempts[-1]]
+    first_of_last = last_attempt[0]["step"] if last_attempt else index.steps
+    seconds = sum(record["seconds"] for record in final)
+    checkpoints = sorted(path for path in store.fs.glob(f"{checkpoint_root(store, fp)}/*/checkpoint_*") if not path.endswith(".json"))
+    summary = {
+        "steps": index.steps,
+        "final_loss": final[-1]["loss"],
+        "tokens_per_second": sum(record["tokens"] for record in final) / seconds if seconds else None,
+        "resumed_from_step": first_of_last if first_of_last > 0 else None,
+        "model_uri": output.file_uri(MODEL_DIR),
+        "audit": report.summary(),
+        "checkpoints": [store.uri(path[len(store.root.rstrip("/")) + 1 :]) for path in checkpoints],
+        "workers": training.workers,
+        "fingerprint": fp,
+    }
+    for path in store.fs.find(output.path):
+        name = path[len(output.path.rstrip("/")) + 1 :]
+        if name.startswith((f"{MODEL_DIR}/", "audit/")):
+            output.record_file(name)
+    output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    output.commit(
+        inputs={"place": index_fp, "base": base.fingerprint, "tokenizer": tokenizer_fp},
+        counts={"steps": index.steps, "records": report.records, "reexecuted_steps": report.reexecuted_steps},
+    )
+    progress(
+        f"{stage}: final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s, "
+        f"{report.reexecuted_steps} re-executed steps over {len(report.attempts)} attempt(s)"
+    )
+    return TrainResult(fp, output.uri, summary, reused=False)
+
+
+def _task_fingerprint(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict, base: BaseModel, **_: Any) -> str:
+    return train_fingerprint(recipe, index_fp, base.fingerprint)
+
+
+@stage_task("train_cpt", STAGE, _task_fingerprint, retry_delay_seconds=5)
+def train_cpt(
+    recipe: Recipe,
+    store_url: str,
+    endpoint_url: str | None = None,
+    force: bool = False,
+    *,
+    index_fp: str,
+    expected_inputs: dict[str, str],
+    base: BaseModel,
+    mlflow_run_id: str | None = None,
+) -> TrainResult:
+    """Prefect task around `run_train`. A retry resumes from the latest checkpoint in the store
+    (a forced run clears the old checkpoints on its first attempt only)."""
+    from prefect import get_run_logger
+    from prefect.runtime import task_run
+
+    force = force and task_run.run_count <= 1
+    store = Store(store_url, endpoint_url)
+    return run_train(recipe, store, index_fp, expected_inputs, base, force=force, progress=get_run_logger().info, mlflow_run_id=mlflow_run_id)
+
+
+__all__ = ["BaseModel", "JobError", "TrainResult", "run_train", "train_cpt", "train_fingerprint"]

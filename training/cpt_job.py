@@ -1,0 +1,328 @@
+"""The training job: DeepSpeed ZeRO on Ray Train, following the sample index exactly.
+
+`run_job` starts a Ray Train ``TorchTrainer`` with ``training.workers`` workers; each calls
+`train_worker`, which
+
+1. loads the causal LM (``from_pretrained`` on the base checkpoint, or a tiny Llama built from
+   its config with a fixed seed) and calls ``deepspeed.initialize`` with the recipe's ZeRO stage,
+   micro-batch, accumulation, precision, clipping and AdamW (betas, weight decay; torch's AdamW,
+   so the decay is multiplied by the LR as the predictor assumes);
+2. resumes from Ray Train's latest checkpoint when there is one (after a worker failure, or a new
+   ``fit`` of the same run after a Prefect retry), refusing one of another run or world size;
+3. for every step s from there to T-1: sets the LR of step s from the same `LRSchedule` the
+   predictor integrated, reads its share of the batch the index names for step s
+   (`SampleIndex.tokens`), runs the micro-batches, and (rank 0) appends the audit record
+   (`training.audit`) and buffers the MLflow metrics (written in batches, asynchronously);
+4. every ``checkpoint_every`` steps and at the end, saves a DeepSpeed checkpoint of all ranks
+   through Ray Train's storage (the store: a local folder or S3), keeping the last N;
+5. at the end, rank 0 saves the model in Hugging Face format with the tokenizer.
+
+Everything the workers need travels in a JSON-able `JobSpec`. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from trecflow.store import Store
+
+CHECKPOINT_TAG = "ds"
+CHECKPOINT_INFO = "trecflow_checkpoint.json"
+MODEL_DIR = "model"
+PID_DIR = "_work/pids"
+
+
+class JobError(ValueError):
+    """A job that must not start (bad input found before training)."""
+
+
+@dataclass
+class JobSpec:
+    """What every worker needs, JSON-able (Ray ships it to the workers)."""
+
+    recipe: dict[str, Any]
+    store_url: str
+    endpoint_url: str | None
+    index_fingerprint: str
+    index_inputs: dict[str, str]
+    tokenizer_fingerprint: str
+    output_path: str  # the stage folder, a path inside the store
+    run_fingerprint: str
+    base_uri: str | None = None  # a Hugging Face folder (local path or store URL)
+    model_config: dict[str, Any] | None = None  # a from-scratch model when there is no base
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def recipe_object(self):
+        from trecflow.recipe import parse_recipe
+
+        return parse_recipe(self.recipe)
+
+
+def deepspeed_config(recipe) -> dict[str, Any]:
+    """The DeepSpeed config of a recipe's training section (the LR is set per step by us)."""
+    training = recipe.training
+    optimizer = recipe.optimizer
+    config: dict[str, Any] = {
+        "train_batch_size": recipe.sequences_per_step,
+        "train_micro_batch_size_per_gpu": recipe.micro_batch,
+        "gradient_accumulation_steps": training.accumulation,
+        "zero_optimization": {"stage": training.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optimizer.peak_lr,
+                "betas": list(optimizer.betas),
+                "eps": 1e-8,
+                "weight_decay": optimizer.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if training.gradient_clipping > 0:
+        config["gradient_clipping"] = training.gradient_clipping
+    if training.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def checkpoint_root(store: Store, run_fingerprint: str) -> str:
+    """Where Ray Train keeps this run's checkpoints (a path inside the store)."""
+    return store.path("checkpoints", run_fingerprint)
+
+
+def latest_checkpoint(store: Store, run_fingerprint: str) -> dict[str, Any] | None:
+    """The newest checkpoint's `CHECKPOINT_INFO` (with its ``path``), or None."""
+    root = checkpoint_root(store, run_fingerprint)
+    found = store.fs.glob(f"{root}/*/checkpoint_*/{CHECKPOINT_INFO}")
+    best = None
+    for path in found:
+        info = json.loads(store.fs.cat_file(path))
+        info["path"] = path.rsplit("/", 1)[0]
+        if best is None or info["step"] > best["step"]:
+            best = info
+    return best
+
+
+def check_resumable(store: Store, spec: JobSpec, world_size: int) -> dict[str, Any] | None:
+    """The checkpoint a new ``fit`` would resume from, checked: same run, same world size."""
+    info = latest_checkpoint(store, spec.run_fingerprint)
+    if info is None:
+        return None
+    if info.get("run") != spec.run_fingerprint:
+        raise JobError(f"{info['path']}: checkpoint of run {info.get('run')!r}, not of this run {spec.run_fingerprint!r}")
+    if info.get("world_size") != world_size:
+        raise JobError(
+            f"{info['path']}: the checkpoint was written by {info.get('world_size')} workers; resuming needs the same "
+            f"world size, but training.workers is {world_size} (restore the setting, or force the train stage to start over)"
+        )
+    return info
+
+
+def _load_model(spec: JobSpec):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from training.models import fetch_checkpoint
+
+    if spec.base_uri is not None:
+        folder = fetch_checkpoint(spec.base_uri, spec.endpoint_url)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = dict(spec.model_config)
+    seed = config.pop("init_seed", 0)
+    torch.manual_seed(seed)  # every rank builds the same initial weights
+    return AutoModelForCausalLM.from_config(LlamaConfig(**config))
+
+
+class _MetricBuffer:
+    """Rank 0's MLflow metrics, written in batches and asynchronously (the step does not wait)."""
+
+    def __init__(self, spec: JobSpec, every: int):
+        self.client = None
+        self.every = every
+        self.pending: list = []
+        self.monitor = None
+        if spec.mlflow_run_id and spec.tracking_uri:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(spec.tracking_uri)
+            self.run_id = spec.mlflow_run_id
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1)
+                self.monitor.start()
+            except Exception:  # system metrics are a convenience; training goes on without them
+                self.monitor = None
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), now, step) for key, value in values.items())
+        if len(self.pending) >= self.every * len(values):
+            self.flush(synchronous=False)
+
+    def flush(self, synchronous: bool = True) -> None:
+        if self.client is None or not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        for first in range(0, len(batch), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=batch[first : first + 1000], synchronous=synchronous)
+
+    def close(self) -> None:
+        self.flush(synchronous=True)
+        if self.monitor is not None:
+            self.monitor.finish()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module docstring)."""
+    import deepspeed
+    import numpy as np
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from training.audit import AuditWriter
+    from training.sample_index import SampleIndex, batch_hash
+    from training.schedules import LRSchedule
+    from training.torch_schedule import set_step_lr
+
+    spec = JobSpec(**config)
+    os.environ.update(spec.extra_env)
+    recipe = spec.recipe_object()
+    training = recipe.training
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    store = Store(spec.store_url, spec.endpoint_url)
+    index = SampleIndex(store, spec.index_fingerprint, expected=spec.index_inputs)
+    steps, micro, accumulation = index.steps, recipe.micro_batch, training.accumulation
+    schedule = LRSchedule.from_recipe(recipe)
+
+    store.fs.makedirs(f"{spec.output_path}/{PID_DIR}", exist_ok=True)
+    store.fs.pipe_file(f"{spec.output_path}/{PID_DIR}/rank-{rank}.json", json.dumps({"pid": os.getpid(), "rank": rank}).encode())
+
+    torch.manual_seed(training.seed)
+    model = _load_model(spec)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(recipe))
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            info = json.loads(open(os.path.join(folder, CHECKPOINT_INFO)).read())
+            if info["run"] != spec.run_fingerprint or info["world_size"] != world:
+                raise JobError(f"checkpoint {info} is not of this run ({spec.run_fingerprint}) and world size {world}")
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            start = int(client_state["step"])
+
+    writer = AuditWriter.next_attempt(store, spec.output_path) if rank == 0 else None
+    metrics = _MetricBuffer(spec, training.log_every) if rank == 0 else None
+    tokens_per_step = recipe.sequences_per_step * recipe.data.seq_len
+    device = engine.device
+    last_loss = float("nan")
+    for step in range(start, steps):
+        began = time.perf_counter()
+        set_step_lr(engine.optimizer, schedule, step)
+        tokens = torch.from_numpy(np.ascontiguousarray(index.tokens(step, rank, world))).to(device)
+        losses = []
+        for number in range(accumulation):
+            batch = tokens[number * micro : (number + 1) * micro]
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        applied_lr = float(engine.optimizer.param_groups[0]["lr"])
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+        last_loss = float(mean) / world
+        seconds = time.perf_counter() - began
+        if rank == 0:
+            writer.record(step, batch_hash(index.batch(step)), applied_lr, last_loss, tokens_per_step, seconds)
+            hq_share = index.composition(step)["hq"] / recipe.sequences_per_step
+            metrics.add(step, {"loss": last_loss, "lr": applied_lr, "tokens_per_second": tokens_per_step / seconds, "hq_share": hq_share})
+        if (step + 1) % training.checkpoint_every == 0 or step + 1 == steps:
+            _save_checkpoint(engine, spec, step + 1, world, last_loss, rank)
+    if rank == 0:
+        metrics.close()
+    _save_model(engine, spec, store, rank, training.zero_stage)
+
+
+def _save_checkpoint(engine, spec: JobSpec, next_step: int, world: int, loss: float, rank: int) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        state = {"step": next_step, "run": spec.run_fingerprint, "world_size": world}
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=state)
+        if rank == 0:
+            with open(os.path.join(folder, CHECKPOINT_INFO), "w") as handle:
+                json.dump(state, handle)
+        ray.train.report({"step": next_step, "loss": loss}, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _save_model(engine, spec: JobSpec, store: Store, rank: int, zero_stage: int) -> None:
+    """Rank 0 writes the model (``save_pretrained``) and the tokenizer under ``model/``."""
+    import contextlib
+
+    import deepspeed
+
+    gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
+    with gather:
+        if rank != 0:
+            return
+        tokenizer = store.output("tokenizer", spec.tokenizer_fingerprint)
+        with tempfile.TemporaryDirectory() as folder:
+            engine.module.save_pretrained(folder, safe_serialization=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                with open(os.path.join(folder, name), "wb") as handle:
+                    handle.write(tokenizer.read_bytes(name))
+            destination = f"{spec.output_path}/{MODEL_DIR}"
+            store.fs.makedirs(destination, exist_ok=True)
+            for name in sorted(os.listdir(folder)):
+                store.fs.put_file(os.path.join(folder, name), f"{destination}/{name}")
+
+
+def run_job(spec: JobSpec, progress: Callable[[str], None] = print):
+    """Run (or resume) the job; returns Ray Train's ``Result``. Raises ``JobError`` before any
+    training for a checkpoint of another run or world size."""
+    import pyarrow.fs
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trecflow.ray_runtime import ensure_ray
+
+    recipe = spec.recipe_object()
+    training = recipe.training
+    store = Store(spec.store_url, spec.endpoint_url)
+    resumable = check_resumable(store, spec, training.workers)
+    if resumable is not None:
+        progress(f"train: resuming from the checkpoint of step {resumable['step']} ({resumable['path']})")
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=asdict(spec),
+        scaling_config=ScalingConfig(
+            num_workers=training.workers, use_gpu=training.use_gpu, resources_per_worker={"CPU": training.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=checkpoint_root(store, spec.run_fingerprint),
+            storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs)),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=training.max_failures),
+        ),
+    )
+    return trainer.fit()
