@@ -213,3 +213,12 @@ def test_reader_serves_steps_and_ranks_and_refuses_other_inputs(tmp_path, s3_end
         SampleIndex(local, "fp", expected={**inputs, "tokenizer": "t2"})
     with pytest.raises(IndexMismatchError, match=r"recipe 'r1' \(expected 'r9'\); score 's1' \(expected 's9'\)"):
         SampleIndex(remote, "fp", expected={**inputs, "recipe": "r9", "score": "s9"})
+
+
+def test_ascending_order_is_a_stable_sort_by_score():
+    from tasks.placement import ascending_order
+
+    rng = np.random.default_rng(0)
+    scores = rng.choice(np.array([0.0, 0.25, 0.5, 1.0], dtype=np.float32), 10_000)  # heavy ties
+    scores[::7] = rng.uniform(0, 1, scores[::7].size)
+    assert np.array_equal(ascending_order(scores), np.argsort(scores, kind="stable"))
