@@ -32,6 +32,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def run_stage_flow(flow_fn, **parameters) -> dict:
+    """Run a stage's flow; bad input found while running is exit 2, other failures exit 1."""
+    try:
+        return flow_fn(**parameters)
+    except ValueError as error:  # RecipeError, IngestError, PlacementError, JobError...: not retried
+        raise fail(str(error)) from None
+    except Exception as error:  # the flow run failed; Prefect has logged the traceback
+        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+
+
 def load_or_exit(path: Path) -> Recipe:
     try:
         return load_recipe(path)
@@ -215,14 +225,8 @@ def score(
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
     check_sources(recipe)
     from flows.pipeline import score_stage
-    from tasks.ingest import IngestError
 
-    try:
-        result = score_stage(recipe_path=str(recipe_path), force=force)
-    except IngestError as error:
-        raise fail(str(error)) from None
-    except Exception as error:  # the flow run failed; Prefect has logged the traceback
-        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    result = run_stage_flow(score_stage, recipe_path=str(recipe_path), force=force)
     stats = result["score"]
     if as_json:
         keys = ("documents", "dropped", "classifier_accuracy", "tiers", "tier_totals", "thresholds", "classifier_training")
@@ -238,6 +242,23 @@ def check_placement(recipe: Recipe, variant: str) -> None:
     from tasks.placement import check_request
 
     check_request(plan_request(recipe, variant))
+
+
+def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
+    """Everything ``place``/``train`` can check before any work: the recipe, its sections, the
+    variant and its plan, the corpus sources. Returns the variant (default: the first declared)."""
+    recipe = load_or_exit(recipe_path)
+    from flows.pipeline import STAGE_SECTIONS, default_variant, require_sections
+    from tasks.placement import PlacementError
+
+    try:
+        require_sections(recipe, str(recipe_path), STAGE_SECTIONS[stage], "placement" if stage == "place" else "training")
+        variant = variant or default_variant(recipe)
+        check_placement(recipe, variant)
+    except (RecipeError, PlacementError) as error:
+        raise fail(str(error)) from None
+    check_sources(recipe)
+    return variant
 
 
 def format_place(summary: dict) -> str:
@@ -272,28 +293,10 @@ def place(
 ) -> None:
     """Run stage 3 alone: tokenizer, packing and the sample index of one variant (and the cached
     stages it needs)."""
-    recipe = load_or_exit(recipe_path)
-    from tasks.placement import PlacementError
-
-    try:
-        if recipe.corpus is None or recipe.tokenizer is None:
-            missing = "corpus" if recipe.corpus is None else "tokenizer"
-            raise RecipeError(f"{recipe_path}: {missing}: placement needs corpus and tokenizer sections")
-        from flows.pipeline import default_variant
-
-        variant = variant or default_variant(recipe)
-        check_placement(recipe, variant)
-    except (RecipeError, PlacementError) as error:
-        raise fail(str(error)) from None
-    check_sources(recipe)
+    variant = checked_variant(recipe_path, variant, "place")
     from flows.pipeline import place_stage
 
-    try:
-        result = place_stage(recipe_path=str(recipe_path), variant=variant, force=force)
-    except ValueError as error:  # bad input found while running (a short tier, a bad shard): not retried
-        raise fail(str(error)) from None
-    except Exception as error:  # the flow run failed; Prefect has logged the traceback
-        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    result = run_stage_flow(place_stage, recipe_path=str(recipe_path), variant=variant, force=force)
     summary = result["place"]
     if as_json:
         keys = ("variant", "strategy", "seed", "steps", "sequences", "hq_fraction", "hq_tokens", "window", "window_steps",
@@ -302,6 +305,73 @@ def place(
     else:
         typer.echo(format_place(summary))
         typer.echo(f"store output          {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+
+
+def format_train(summary: dict) -> str:
+    audit = summary["audit"]
+    rows = [
+        ("steps", f"{summary['steps']:,} on {summary['workers']} workers"),
+        ("final loss", f"{summary['final_loss']:.4f}"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
+        ("resumed from step", "-" if summary["resumed_from_step"] is None else f"{summary['resumed_from_step']:,}"),
+        ("audit", f"{audit['records']:,} records over {len(audit['attempts'])} attempt(s); {audit['reexecuted_steps']:,} re-executed steps; "
+                  f"every planned batch exactly once: {audit['exactly_once']}"),
+        ("model", summary["model_uri"]),
+        ("checkpoints", ", ".join(summary["checkpoints"]) or "-"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+@app.command()
+def train(
+    recipe_path: RecipeArg,
+    variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="train again from the base, discarding this run's checkpoints")] = False,
+) -> None:
+    """Run stage 4: the DeepSpeed job on Ray Train for one variant (placement first if needed)."""
+    variant = checked_variant(recipe_path, variant, "train")
+    from flows.pipeline import train_stage
+
+    result = run_stage_flow(train_stage, recipe_path=str(recipe_path), variant=variant, force=force)
+    summary = result["train"]
+    if as_json:
+        keys = ("steps", "final_loss", "tokens_per_second", "resumed_from_step", "model_uri", "audit", "checkpoints", "workers", "fingerprint", "uri", "reused")
+        typer.echo(json.dumps({key: summary[key] for key in keys} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
+    else:
+        typer.echo(format_train(summary))
+        typer.echo(f"store output       {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+
+
+@app.command()
+def base(
+    kind: Annotated[str, typer.Argument(help="tiny (build and pretrain the recipe's base.tiny) or smollm2 (convert SmolLM2-135M)")],
+    recipe_path: RecipeArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="tiny: pretrain again")] = False,
+) -> None:
+    """Build a base model into the store: a tiny pretrained Llama, or SmolLM2-135M as a plain checkpoint."""
+    recipe = load_or_exit(recipe_path)
+    if kind == "smollm2":
+        from tasks.base_model import convert_smollm2
+        from trecflow.settings import store_endpoint, store_url
+        from trecflow.store import Store
+
+        uri = convert_smollm2(Store(store_url(recipe), store_endpoint(recipe)), progress=lambda line: typer.echo(line, err=True))
+        typer.echo(json.dumps({"model_uri": uri}) if as_json else f"SmolLM2-135M (fp32, de-quantized from Q4_1): {uri}\n"
+                   f"use it with  base: {{path: {uri}}}  and  tokenizer: {{from_base: {uri}}}")
+        return
+    if kind != "tiny":
+        raise fail(f"base: unknown kind {kind!r} (tiny or smollm2)")
+    if recipe.base is None or recipe.base.tiny is None:
+        raise fail(f"{recipe_path}: base: building a tiny base needs base.tiny and base.pretrain sections")
+    check_sources(recipe)
+    from flows.pipeline import base_stage
+
+    result = run_stage_flow(base_stage, recipe_path=str(recipe_path), force=force)
+    summary = result["base"]
+    typer.echo(json.dumps(summary) if as_json else format_train(summary))
 
 
 @app.command()
@@ -336,12 +406,7 @@ def run(
 
     from flows.pipeline import cpt_pipeline
 
-    try:
-        result = cpt_pipeline(recipe_path=str(recipe_path), variant=variant, force=force)
-    except ValueError as error:  # bad input found while running (IngestError, PlacementError): not retried
-        raise fail(str(error)) from None
-    except Exception as error:  # the flow run failed; Prefect has logged the traceback
-        raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
+    result = run_stage_flow(cpt_pipeline, recipe_path=str(recipe_path), variant=variant, force=force)
     summary = result["predict"]
     typer.echo("")
     if "score" in result:
@@ -353,6 +418,9 @@ def run(
         typer.echo("")
         typer.echo(format_place(result["place"]))
         typer.echo(f"store output          {result['place']['uri']} ({'reused' if result['place']['reused'] else 'computed'})")
+    if "train" in result:
+        typer.echo("")
+        typer.echo(format_train(result["train"]))
     typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 from typing import Any, Iterator
 
@@ -26,12 +27,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks import place as place_module
+from tasks.base_model import build_base
 from tasks.pack import PackResult, pack_fingerprint, pack_sequences
 from tasks.place import PlaceResult, place_curriculum, place_fingerprint
 from tasks.predict import PLOT_FILE, SUMMARY_FILE, PredictResult, predict_fingerprint, predict_trec
 from tasks.score import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ScoreResult, score_corpus
 from tasks.score import current_fingerprint as score_fingerprint_now
 from tasks.tokenizer import TokenizerResult, build_tokenizer, tokenizer_fingerprint
+from tasks.train import BaseModel, TrainResult, train_cpt, train_fingerprint
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 from trecflow.settings import store_endpoint, store_url
 from trecflow.store import Store
@@ -303,13 +306,56 @@ def place_step(
     return result
 
 
+def train_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The end-of-run MLflow metrics of a training stage (per-step ones come from the job)."""
+    metrics = {
+        "final_loss": summary["final_loss"],
+        "train_tokens_per_second": summary["tokens_per_second"] or 0.0,
+        "reexecuted_steps": summary["audit"]["reexecuted_steps"],
+        "attempts": len(summary["audit"]["attempts"]),
+    }
+    if summary["resumed_from_step"] is not None:
+        metrics["resumed_from_step"] = summary["resumed_from_step"]
+    return metrics
+
+
+def train_step(
+    recipe: Recipe, store: Store, forced: set[str], scored: ScoreResult, tokenizer: TokenizerResult,
+    placed: PlaceResult, expected: dict[str, str], tracker: Tracker, run_id: str,
+) -> TrainResult:
+    """Stage 4 inside a flow: the base model (built once when it is a tiny one), then the job on
+    the index, which must carry the ``expected`` fingerprints."""
+    logger = get_run_logger()
+    base: BaseModel = build_base(recipe, store.url, store.endpoint_url, score_fp=scored.fingerprint, tokenizer_fp=tokenizer.fingerprint)
+    logger.info("base model %s: %s", base.fingerprint, base.uri)
+    result: TrainResult = run_cached(
+        train_cpt, "train", train_fingerprint(recipe, placed.fingerprint, base.fingerprint), store, forced, recipe,
+        index_fp=placed.fingerprint, expected_inputs=expected, base=base, mlflow_run_id=run_id,
+    )
+    summary = result.summary
+    logger.info(
+        "training %s (%s): %d steps, final loss %.4f, %.0f tokens/s, %d re-executed steps, model %s",
+        result.fingerprint, "reused" if result.reused else "computed", summary["steps"], summary["final_loss"],
+        summary["tokens_per_second"] or 0, summary["audit"]["reexecuted_steps"], summary["model_uri"],
+    )
+    tracker.set_tags(run_id, {
+        "trecflow.train_fingerprint": result.fingerprint, "trecflow.base_fingerprint": base.fingerprint,
+        "trecflow.index_fingerprint": placed.fingerprint, "trecflow.model_uri": summary["model_uri"],
+        "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000],
+    })
+    tracker.log_metrics(run_id, train_metrics(summary))
+    return result
+
+
 def _stage_summary(result) -> dict[str, Any]:
     data = result.stats if hasattr(result, "stats") else result.summary
     return {"fingerprint": result.fingerprint, "uri": result.uri, "reused": result.reused, **data}
 
 
-def run_stages(recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str) -> dict[str, Any]:
-    """Stages 1-3 in order (scoring and placement when the recipe has their sections)."""
+def run_stages(
+    recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str, until: str = "train"
+) -> dict[str, Any]:
+    """The stages in order, up to ``until`` (each one that the recipe has the sections for)."""
     logger = get_run_logger()
     outcome: dict[str, Any] = {}
     scored = None
@@ -327,7 +373,15 @@ def run_stages(recipe: Recipe, variant: str, store: Store, forced: set[str], tra
     outcome["tokenizer"] = _stage_summary(tokenizer)
     packed = pack_step(recipe, store, forced, scored, tokenizer, tracker, run_id)
     outcome["pack"] = _stage_summary(packed)
-    outcome["place"] = _stage_summary(place_step(recipe, variant, store, forced, packed, predicted, tracker, run_id))
+    placed = place_step(recipe, variant, store, forced, packed, predicted, tracker, run_id)
+    outcome["place"] = _stage_summary(placed)
+    if until == "place":
+        return outcome
+    if recipe.base is None:
+        logger.info("training needs a base section: the train stage is skipped")
+        return outcome
+    expected = place_module.index_inputs(recipe, variant, packed.fingerprint, scored.fingerprint, tokenizer.fingerprint, predicted.fingerprint)
+    outcome["train"] = _stage_summary(train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, run_id))
     return outcome
 
 
@@ -349,20 +403,59 @@ def cpt_pipeline(recipe_path: str, variant: str | None = None, force: list[str] 
     return outcome
 
 
-@flow(name="place_curriculum_stage")
-def place_stage(recipe_path: str, variant: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Run stage 3 (the CLI's ``trecflow place``): its cached prerequisites, then placement."""
+def require_sections(recipe: Recipe, source: str, sections: tuple[str, ...], purpose: str) -> None:
+    """A RecipeError naming the first missing section ``purpose`` needs."""
+    for section in sections:
+        if getattr(recipe, section) is None:
+            raise RecipeError(f"{source}: {section}: {purpose} needs {', '.join(sections)} sections")
+
+
+STAGE_SECTIONS = {"place": ("corpus", "tokenizer"), "train": ("corpus", "tokenizer", "base")}
+
+
+def _run_through(recipe_path: str, variant: str | None, stage: str, force: bool) -> dict[str, Any]:
+    """The cached stages up to ``stage`` for one variant, forcing ``stage`` when asked."""
     recipe = load_recipe(recipe_path)
     variant = variant or default_variant(recipe)
     recipe.curriculum.variant(variant)
-    if recipe.corpus is None or recipe.tokenizer is None:
-        missing = "corpus" if recipe.corpus is None else "tokenizer"
-        raise RecipeError(f"{recipe_path}: {missing}: placement needs corpus and tokenizer sections")
+    require_sections(recipe, recipe_path, STAGE_SECTIONS[stage], "placement" if stage == "place" else "training")
     store = Store(store_url(recipe), store_endpoint(recipe))
-    tags = {"trecflow.stage": "place", "trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
-    with tracked_run(store, recipe, f"{recipe.name}-{variant}-place", tags) as (tracker, run_id):
-        outcome = run_stages(recipe, variant, store, {"place"} if force else set(), tracker, run_id)
+    tags = {"trecflow.stage": stage, "trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
+    with tracked_run(store, recipe, f"{recipe.name}-{variant}-{stage}", tags) as (tracker, run_id):
+        outcome = run_stages(recipe, variant, store, {stage} if force else set(), tracker, run_id, until=stage)
     return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, **outcome}
+
+
+@flow(name="train_cpt_stage")
+def train_stage(recipe_path: str, variant: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run stage 4 (the CLI's ``trecflow train``): its cached prerequisites, then training."""
+    return _run_through(recipe_path, variant, "train", force)
+
+
+@flow(name="build_base_model")
+def base_stage(recipe_path: str, force: bool = False) -> dict[str, Any]:
+    """Build the recipe's tiny base model (the CLI's ``trecflow base tiny``): scoring and the
+    tokenizer (cached), then the base pretraining."""
+    recipe = load_recipe(recipe_path)
+    require_sections(recipe, recipe_path, ("corpus", "tokenizer", "base"), "building a tiny base")
+    if recipe.base.tiny is None:
+        raise RecipeError(f"{recipe_path}: base.tiny: building a tiny base needs base.tiny and base.pretrain")
+    store = Store(store_url(recipe), store_endpoint(recipe))
+    tags = {"trecflow.stage": "base", "trecflow.recipe_path": recipe_path}
+    with tracked_run(store, recipe, f"{recipe.name}-base", tags) as (tracker, run_id):
+        scored = score_step(recipe, store, set(), tracker, run_id)
+        tokenizer = tokenizer_step(recipe, store, set(), scored, tracker, run_id)
+        base: BaseModel = build_base(recipe, store.url, store.endpoint_url, force=force, score_fp=scored.fingerprint, tokenizer_fp=tokenizer.fingerprint)
+        summary = json.loads(store.output("base", base.fingerprint).read_bytes("summary.json"))
+        tracker.set_tags(run_id, {"trecflow.base_fingerprint": base.fingerprint, "trecflow.model_uri": base.uri})
+        tracker.log_metrics(run_id, train_metrics(summary))
+    return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": run_id, "base": {"fingerprint": base.fingerprint, "uri": base.uri, **summary}}
+
+
+@flow(name="place_curriculum_stage")
+def place_stage(recipe_path: str, variant: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run stage 3 (the CLI's ``trecflow place``): its cached prerequisites, then placement."""
+    return _run_through(recipe_path, variant, "place", force)
 
 
 @flow(name="score_corpus_stage")

@@ -83,6 +83,10 @@ def run_train(
     stage: str = STAGE,
 ) -> TrainResult:
     """Train (or resume, or reuse) the run of ``recipe`` on the index ``index_fp`` from ``base``."""
+    index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
+    tokenizer_fp = expected_inputs["tokenizer"]
+    tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
+    check_vocabulary(base, tokenizer_info["vocab_size"], store.endpoint_url)
     fp = train_fingerprint(recipe, index_fp, base.fingerprint, stage)
     output = store.output(stage, fp)
     if output.exists() and not force:
@@ -91,11 +95,6 @@ def run_train(
         output.invalidate()
         if store.fs.exists(checkpoint_root(store, fp)):
             store.fs.rm(checkpoint_root(store, fp), recursive=True)
-
-    index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
-    tokenizer_fp = expected_inputs["tokenizer"]
-    tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
-    check_vocabulary(base, tokenizer_info["vocab_size"], store.endpoint_url)
     spec = JobSpec(
         recipe=recipe.model_dump(mode="json"),
         store_url=store.url,

@@ -5,6 +5,8 @@
 - ``prefect_harness``: Prefect's own test harness (a temporary API and database), once per session.
 - ``s3_endpoint``: moto's S3 protocol server on 127.0.0.1 with a bucket ``trecflow-test``.
 - ``test_corpus``: the real-text corpus of configs/test.yaml (no download).
+- ``staged_test``: configs/test.yaml's stages 1-3 inputs (scores, tokenizer, packed sequences,
+  prediction) in a local store, made once.
 - ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
@@ -71,6 +73,28 @@ def test_corpus() -> dict[str, Path]:
     from .corpus_builder import build_test_corpus
 
     return build_test_corpus(Path(_SESSION_HOME) / "corpus" / "test")
+
+
+QUIET = {"progress": lambda line: None}
+
+
+@pytest.fixture(scope="session")
+def staged_test(tmp_path_factory, test_corpus):
+    """configs/test.yaml scored, tokenized, packed and predicted once per session, in a local store."""
+    from tasks.pack import run_pack
+    from tasks.predict import run_predict
+    from tasks.score import run_score
+    from tasks.tokenizer import run_tokenizer
+    from trecflow.recipe import load_recipe
+    from trecflow.store import Store
+
+    recipe = load_recipe(CONFIGS / "test.yaml")
+    store = Store(str(tmp_path_factory.mktemp("staged-store")))
+    scored = run_score(recipe, store, **QUIET)
+    tokenizer = run_tokenizer(recipe, store, **QUIET)
+    packed = run_pack(recipe, store, scored.fingerprint, tokenizer.fingerprint, **QUIET)
+    predicted = run_predict(recipe, store)
+    return {"recipe": recipe, "store": store, "score": scored, "tokenizer": tokenizer, "pack": packed, "predict": predicted}
 
 
 @pytest.fixture(scope="session")

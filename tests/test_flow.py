@@ -20,7 +20,12 @@ from .conftest import BUCKET, CONFIGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "test_corpus")]
 RECIPE = str(CONFIGS / "test.yaml")
-STAGE_TASKS = ("score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "place_curriculum")
+STAGE_TASKS = ("score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "place_curriculum", "build_base", "train_cpt")
+
+
+def cached(*recomputed: str) -> dict[str, str]:
+    """Every stage task Cached except ``recomputed`` (build_base always runs: it reuses its output)."""
+    return {**dict.fromkeys(STAGE_TASKS, "Cached"), "build_base": "Completed", **dict.fromkeys(recomputed, "Completed")}
 
 
 def run_flow(**parameters):
@@ -76,27 +81,37 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     assert run.data.metrics["hq_in_window"] == pytest.approx(placed["hq_in_window"])
     assert run.data.tags["trecflow.place_fingerprint"] == placed["fingerprint"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "place")} == {"place/placement.png", "place/summary.json"}
+    trained = result["train"]
+    assert trained["steps"] == 48 and trained["audit"]["exactly_once"] and trained["resumed_from_step"] is None
+    assert run.data.tags["trecflow.index_fingerprint"] == placed["fingerprint"]
+    assert run.data.tags["trecflow.model_uri"] == trained["model_uri"] and store.fs.exists(trained["model_uri"] + "/model.safetensors")
+    assert all(uri.startswith(store.uri("checkpoints")) for uri in run.data.tags["trecflow.checkpoints"].split())
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [metric.step for metric in history] == list(range(48))
+    assert history[-1].value == pytest.approx(trained["final_loss"])
+    assert len(client.get_metric_history(run.info.run_id, "hq_share")) == 48
+    assert any(key.startswith("system/") for key in run.data.metrics)  # system metrics of the job
 
     again, states = run_flow(variant="uniform")
     # same fingerprints: no recompute, except the new variant's index
-    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "place_curriculum": "Completed"}
+    assert states == cached("place_curriculum", "train_cpt")
     assert again["place"]["window"] is None and again["place"]["fingerprint"] != placed["fingerprint"]
     assert again["predict"]["reused"] and output.manifest()["created_unix"] == created
     assert client.get_run(again["mlflow_run_id"]).data.tags["trecflow.variant"] == "uniform"
 
     forced, states = run_flow(force=["predict"])
     # score and predict are siblings; placement reads the prediction
-    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "predict_trec": "Completed", "place_curriculum": "Completed"}
+    assert states == cached("predict_trec", "place_curriculum", "train_cpt")
     assert not forced["predict"]["reused"] and output.manifest()["created_unix"] > created
     assert forced["place"]["fingerprint"] == placed["fingerprint"]
 
     _, states = run_flow(force=["place"])
-    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "place_curriculum": "Completed"}
+    assert states == cached("place_curriculum", "train_cpt")
 
     # Output deleted behind Prefect's back: the cache is not trusted, the stage recomputes.
     output.invalidate()
     _, states = run_flow()
-    assert states == {**dict.fromkeys(STAGE_TASKS, "Cached"), "predict_trec": "Completed"} and output.exists()
+    assert states == cached("predict_trec") and output.exists()
 
 
 def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_endpoint):
@@ -122,8 +137,12 @@ def test_flow_on_s3_store_matches_local(tmp_path, monkeypatch, mlflow_uri, s3_en
     assert remote_result["predict"]["uri"].startswith("s3://")
     assert curve(remote, fingerprint).equals(curve(local, fingerprint))
     # Tokenizer, packing (Ray tasks writing to S3) and the index: the same fingerprints and bytes.
-    for stage in ("tokenizer", "pack", "place"):
+    for stage in ("tokenizer", "pack", "place", "train"):
         assert remote_result[stage]["fingerprint"] == local_result[stage]["fingerprint"], stage
+    # the job read the index and the base from S3 and checkpointed there through Ray Train
+    assert remote_result["train"]["final_loss"] == pytest.approx(local_result["train"]["final_loss"], abs=1e-4)
+    assert remote_result["train"]["model_uri"].startswith("s3://") and remote_result["train"]["checkpoints"][0].startswith("s3://")
+    assert remote.fs.exists(remote_result["train"]["model_uri"] + "/config.json")
     placed = local_result["place"]["fingerprint"]
     local_files = local.output("place", placed).manifest()["files"]
     remote_files = remote.output("place", placed).manifest()["files"]

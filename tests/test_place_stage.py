@@ -20,26 +20,18 @@ from tasks.place import index_inputs, run_place
 from tasks.predict import run_predict
 from tasks.score import run_score
 from tasks.tokenizer import load_tokenizer, run_tokenizer
-from trecflow.recipe import RecipeError, load_recipe, parse_recipe, read_yaml
+from trecflow.recipe import RecipeError, parse_recipe, read_yaml
 from trecflow.store import Store
 from training.sample_index import IndexMismatchError, PackedSequences, SampleIndex
 
-from .conftest import BUCKET, CONFIGS, ROOT
+from .conftest import BUCKET, CONFIGS, QUIET, ROOT
 
 TRECFLOW = Path(sys.executable).parent / "trecflow"
-QUIET = {"progress": lambda line: None}
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory, test_corpus):
-    """configs/test.yaml scored, tokenized, packed and predicted once, in a local store."""
-    recipe = load_recipe(CONFIGS / "test.yaml")
-    store = Store(str(tmp_path_factory.mktemp("place-store")))
-    scored = run_score(recipe, store, **QUIET)
-    tokenizer = run_tokenizer(recipe, store, **QUIET)
-    packed = run_pack(recipe, store, scored.fingerprint, tokenizer.fingerprint, **QUIET)
-    predicted = run_predict(recipe, store)
-    return {"recipe": recipe, "store": store, "score": scored, "tokenizer": tokenizer, "pack": packed, "predict": predicted}
+def staged(staged_test):
+    return staged_test
 
 
 def place(staged, variant: str, force: bool = False, recipe=None):
@@ -247,7 +239,7 @@ def test_place_command_refuses_bad_input_before_any_work(tmp_path):
     del data["tokenizer"], data["curriculum"]["variants"]
     narrow.write_text(yaml.safe_dump(data))
     result = run_cli("place", str(narrow), home=tmp_path / "home", store=store)
-    assert result.returncode == 2 and "tokenizer: placement needs corpus and tokenizer sections" in result.stderr
+    assert result.returncode == 2 and "tokenizer: placement needs corpus, tokenizer sections" in result.stderr
     assert not store.exists()
 
 

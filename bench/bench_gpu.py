@@ -1,0 +1,357 @@
+"""gpu: tokens/s per GPU and MFU of a ~1B-parameter Llama at sequence length 2048, DeepSpeed ZeRO-2
+in bf16 on one CUDA GPU (plain DeepSpeed in this process: no Ray, no launcher), against a plain
+PyTorch loop on the same model in the same run.
+
+Model: ``LlamaConfig`` hidden 2048, intermediate 5504, 16 layers, 16 heads (no grouped-query
+attention), vocabulary 32,000, untied embeddings, SDPA attention: 0.94B parameters. Data: random
+token ids from a seeded ``torch.Generator`` (a fresh micro-batch each step; throughput does not
+depend on the text). Micro-batch: 8 sequences on a GPU with 70 GiB or more, 4 with 35 GiB or
+more, else 2 (``TRECFLOW_BENCH_GPU_MICRO`` overrides); a step that runs out of memory halves it
+and starts over. No gradient accumulation, no activation checkpointing.
+
+- DeepSpeed: ``deepspeed.initialize`` with ZeRO stage 2 (overlap_comm, contiguous gradients),
+  bf16 (bf16 weights and gradients, fp32 master weights and Adam moments in the ZeRO optimizer),
+  gradient clipping 1.0 and AdamW (betas 0.9/0.95, weight decay 0.1, constant LR 3e-4): torch's
+  AdamW (``torch_adam``, foreach), or DeepSpeed's FusedAdam with
+  ``TRECFLOW_BENCH_GPU_OPTIMIZER=fused`` (falls back to torch's when it cannot be built). The
+  process initializes torch.distributed itself (``MASTER_ADDR``/``MASTER_PORT``/``RANK``/
+  ``WORLD_SIZE``/``LOCAL_RANK`` defaulted for one process, NCCL) through
+  ``deepspeed.init_distributed``.
+- loop (baseline): the same model in fp32 under ``torch.autocast(bfloat16)``, torch's AdamW with
+  ``fused=True`` and the same hyper-parameters, clipping 1.0; run after the DeepSpeed engine is
+  freed (skipped, with a line saying so, if it does not fit; ``TRECFLOW_BENCH_GPU_BASELINE=0``
+  skips it).
+
+Each side runs `WARMUP` steps that are not measured (``TRECFLOW_BENCH_GPU_WARMUP``), then `STEPS`
+measured steps (``TRECFLOW_BENCH_GPU_STEPS``); each step is timed from the batch's creation to the
+loss read back (``torch.cuda.synchronize`` on both ends). tokens/s/GPU = micro-batch x 2048 /
+mean step time (one GPU). MFU = 6 N tokens/s / peak, N = every parameter (the PaLM convention);
+also with attention, (6 N + 12 L d s) tokens/s / peak (L layers, d hidden, s sequence length:
+attention scores and values, causal masking not discounted). Peak: dense bf16 tensor FLOP/s by GPU
+name (H100/H200/H800/GH200 989e12, A100/A800 312e12, L40S 362e12, A10G/A10 125e12, L4 121e12),
+or ``TRECFLOW_BENCH_PEAK_FLOPS``; unknown GPUs print no MFU. Memory:
+``torch.cuda.max_memory_allocated`` over the measured run (and reserved).
+Without CUDA it prints one line and returns (exit status 0).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import socket
+import time
+
+HIDDEN = 2048
+INTERMEDIATE = 5504
+LAYERS = 16
+HEADS = 16
+VOCAB = 32000
+SEQ_LEN = 2048
+WARMUP = int(os.environ.get("TRECFLOW_BENCH_GPU_WARMUP", "5"))
+STEPS = int(os.environ.get("TRECFLOW_BENCH_GPU_STEPS", "30"))
+SEED = 1234
+LR = 3e-4
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.1
+CLIP = 1.0
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("L4", 121e12),
+)
+NO_CUDA = "no CUDA device: the GPU benchmark needs one"
+
+
+def llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    shape = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=SEQ_LEN, tie_word_embeddings=False,
+    )
+    shape.update(overrides)
+    config = LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def peak_flops(device_name: str) -> float | None:
+    override = os.environ.get("TRECFLOW_BENCH_PEAK_FLOPS")
+    if override:
+        return float(override)
+    for key, value in PEAK_FLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def flops_per_token(parameters: int, config, seq_len: int) -> tuple[float, float]:
+    """(6 N, 6 N + 12 L d s): training FLOPs per token without and with attention."""
+    dense = 6.0 * parameters
+    return dense, dense + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def deepspeed_config(micro: int, optimizer: str) -> dict:
+    params = {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WEIGHT_DECAY}
+    if optimizer == "torch":
+        params["torch_adam"] = True
+    return {
+        "train_batch_size": micro,  # one GPU, no accumulation
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8,
+            "allgather_bucket_size": 5e8,
+        },
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": CLIP,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def default_micro_batch(total_bytes: int) -> int:
+    if "TRECFLOW_BENCH_GPU_MICRO" in os.environ:
+        return int(os.environ["TRECFLOW_BENCH_GPU_MICRO"])
+    gib = total_bytes / 2**30
+    return 8 if gib >= 70 else 4 if gib >= 35 else 2
+
+
+def init_distributed(backend: str = "nccl") -> None:
+    """One process as a world of one, without a launcher."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(config, micro: int, seq_len: int, device):
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(SEED)
+    while True:
+        yield torch.randint(0, config.vocab_size, (micro, seq_len), generator=generator, device=device)
+
+
+def _build_model(config, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.train()
+    return model
+
+
+def _timed_steps(step, batches, device, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Seconds of each measured step and the last loss; the peak-memory counter is reset after
+    the warm-up."""
+    import torch
+
+    loss = float("nan")
+    for _ in range(warmup):
+        loss = step(next(batches))
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        loss = step(next(batches))  # reads the loss back: the step has finished on the device
+        _sync(device)
+        seconds.append(time.perf_counter() - began)
+    return seconds, loss
+
+
+def measure_deepspeed(config, micro: int, seq_len: int, device, optimizer: str, warmup: int = WARMUP, steps: int = STEPS) -> dict:
+    import deepspeed
+
+    model = _build_model(config, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(micro, optimizer))
+    except Exception as error:  # FusedAdam that cannot be built here
+        if optimizer == "torch":
+            raise
+        print(f"  FusedAdam unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]}); using torch's AdamW")
+        optimizer = "torch"
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(micro, optimizer))
+    inner = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
+
+    def step(batch) -> float:
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        return float(loss)
+
+    try:
+        seconds, loss = _timed_steps(step, _batches(config, micro, seq_len, device), device, warmup, steps)
+        return {"seconds": seconds, "loss": loss, "parameters": parameters, "optimizer": inner, **_memory(device)}
+    finally:
+        engine.destroy() if hasattr(engine, "destroy") else None
+        del engine, model
+        _free(device)
+
+
+def measure_loop(config, micro: int, seq_len: int, device, warmup: int = WARMUP, steps: int = STEPS) -> dict:
+    """The plain PyTorch loop: fp32 weights, bf16 autocast, fused AdamW, clipping."""
+    import torch
+
+    model = _build_model(config, device)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=1e-8, weight_decay=WEIGHT_DECAY, fused=fused)
+
+    def step(batch) -> float:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    try:
+        seconds, loss = _timed_steps(step, _batches(config, micro, seq_len, device), device, warmup, steps)
+        return {"seconds": seconds, "loss": loss, "optimizer": f"AdamW(fused={fused})", **_memory(device)}
+    finally:
+        del optimizer, model
+        _free(device)
+
+
+def _memory(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {"peak_allocated": 0, "peak_reserved": 0}
+    return {"peak_allocated": torch.cuda.max_memory_allocated(device), "peak_reserved": torch.cuda.max_memory_reserved(device)}
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def with_smaller_batches(measure, micro: int, what: str):
+    """``measure(micro)``, halving the micro-batch after an out-of-memory error."""
+    import torch
+
+    while True:
+        try:
+            return micro, measure(micro)
+        except torch.cuda.OutOfMemoryError:
+            _free(torch.device("cuda"))
+            if micro == 1:
+                raise
+            print(f"  {what}: out of memory at micro-batch {micro}; trying {micro // 2}", flush=True)
+            micro //= 2
+
+
+def summarize(result: dict, micro: int, seq_len: int, per_token: tuple[float, float], peak: float | None) -> dict:
+    seconds = sorted(result["seconds"])
+    mean = sum(seconds) / len(seconds)
+    tokens_per_second = micro * seq_len / mean
+    return {
+        "mean": mean,
+        "median": seconds[len(seconds) // 2],
+        "p90": seconds[min(len(seconds) - 1, math.ceil(0.9 * len(seconds)) - 1)],
+        "tokens_per_second": tokens_per_second,
+        "mfu": tokens_per_second * per_token[0] / peak if peak else None,
+        "mfu_attention": tokens_per_second * per_token[1] / peak if peak else None,
+    }
+
+
+def run() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(NO_CUDA)
+        return
+    began = time.perf_counter()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    properties = torch.cuda.get_device_properties(device)
+    name = properties.name
+    peak = peak_flops(name)
+    init_distributed("nccl")
+    config = llama_config()
+    optimizer = "fused" if os.environ.get("TRECFLOW_BENCH_GPU_OPTIMIZER", "torch") == "fused" else "torch"
+    micro = default_micro_batch(properties.total_memory)
+    print(f"gpu: {name} ({properties.total_memory / 2**30:.0f} GiB), peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}; "
+          f"{WARMUP} warm-up + {STEPS} measured steps per side ...", flush=True)
+
+    micro, ds = with_smaller_batches(lambda m: measure_deepspeed(config, m, SEQ_LEN, device, optimizer), micro, "deepspeed")
+    per_token = flops_per_token(ds["parameters"], config, SEQ_LEN)
+    ds_summary = summarize(ds, micro, SEQ_LEN, per_token, peak)
+    loop = loop_summary = None
+    if os.environ.get("TRECFLOW_BENCH_GPU_BASELINE", "1") != "0":
+        try:
+            loop = measure_loop(config, micro, SEQ_LEN, device)
+            loop_summary = summarize(loop, micro, SEQ_LEN, per_token, peak)
+        except torch.cuda.OutOfMemoryError:
+            _free(device)
+            print(f"  loop baseline: out of memory at micro-batch {micro} (after the DeepSpeed run): skipped")
+
+    def pct(value: float | None) -> str:
+        return f"{100 * value:5.1f}%" if value is not None else "  n/a"
+
+    print()
+    print(f"gpu: Llama {ds['parameters'] / 1e9:.2f}B parameters (hidden {HIDDEN}, intermediate {INTERMEDIATE}, {LAYERS} layers, "
+          f"{HEADS} heads, vocab {VOCAB}), seq {SEQ_LEN}, micro-batch {micro} ({micro * SEQ_LEN:,} tokens/step), one GPU: {name}")
+    print(f"  {'':<40} {'tokens/s/GPU':>12} {'step ms':>8} {'median':>7} {'p90':>7} {'MFU 6N':>7} {'+attn':>7} "
+          f"{'peak alloc':>10} {'reserved':>9} {'loss':>7}")
+    rows = [(f"DeepSpeed ZeRO-2 bf16, {ds['optimizer']}", ds, ds_summary)]
+    if loop is not None:
+        rows.append((f"loop, autocast bf16, {loop['optimizer']}", loop, loop_summary))
+    for label, result, summary in rows:
+        print(f"  {label:<40} {summary['tokens_per_second']:>12,.0f} {1e3 * summary['mean']:>8.1f} {1e3 * summary['median']:>7.1f} "
+              f"{1e3 * summary['p90']:>7.1f} {pct(summary['mfu']):>7} {pct(summary['mfu_attention']):>7} "
+              f"{result['peak_allocated'] / 2**30:>8.1f} G {result['peak_reserved'] / 2**30:>7.1f} G {result['loss']:>7.3f}")
+    print(f"  (steps {WARMUP + 1}..{WARMUP + STEPS} of each side; FLOPs per token {per_token[0] / 1e9:.2f} G (6N), "
+          f"{per_token[1] / 1e9:.2f} G with attention; random tokens: loss ~ ln {VOCAB} = {math.log(VOCAB):.2f})")
+    if loop_summary is not None:
+        print(f"  ratio DeepSpeed / loop tokens/s   {ds_summary['tokens_per_second'] / loop_summary['tokens_per_second']:.2f}")
+    print(f"  total benchmark time {time.perf_counter() - began:.0f} s")
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()

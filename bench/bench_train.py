@@ -1,0 +1,383 @@
+"""train: the continual-pretraining job (`tasks.train.run_train`: DeepSpeed ZeRO-1 on Ray Train, 2
+CPU workers, gloo) against a plain single-process PyTorch loop on the same model, batch and steps,
+and the job's start-up time.
+
+Recipe: configs/test.yaml enlarged in memory to the demo's shape: sequences of 128 tokens, a
+global batch of 32 sequences (4,096 tokens per step), `STEPS` steps, the demo's tiny Llama (hidden
+128, intermediate 512, 4 layers, 4 heads; vocabulary: the test recipe's 1,024-token BPE), fp32,
+ZeRO-1, a checkpoint every `CHECKPOINT_EVERY` steps (so one mid-run and the final one), weight
+decay 0.1. Stages 1-3 (score, tokenizer, pack, predict, the ``uniform`` index) are run into a
+store in a temporary ``TRECFLOW_HOME`` before anything is timed. Both sides start from the same
+from-scratch weights (the tiny base's config and init seed, built as `training.cpt_job` builds
+it, without the base pretraining: throughput does not depend on the weights).
+
+- job: one `run_train` call, 2 workers of 1 CPU each (Ray sets ``OMP_NUM_THREADS=1`` in a 1-CPU
+  worker, so each worker's torch uses one thread; the workers' environment is read back from
+  /proc to show it). Steady-state tokens/s = the audit records' tokens / seconds over the steps
+  after the first `WARMUP` (a record times one optimizer step on rank 0: LR, batch read, forward,
+  backward, all-reduce, optimizer step, loss all-reduce; not the audit write or checkpoints).
+  A thread polls the audit log and the workers' pid files every 0.05 s, which times, from the
+  moment `run_train` is called: the workers running the training function (pid files written),
+  the first step starting (first record's arrival minus its seconds), the last record, and the
+  return. From these: start-up = call -> first step start (Ray Train worker group, torch process
+  group, model load, ``deepspeed.initialize``), the in-loop overhead (wall time between the
+  records minus their step seconds: audit writes, the mid-run checkpoint), and the tail (last
+  record -> return: final checkpoint, ``save_pretrained``, Ray Train shutdown, the audit check and
+  the manifest). "Wall" tokens/s is steps after the warm-up over the wall time between their
+  records (overheads included).
+- loop: the same process, no Ray, no DeepSpeed: the same model (config, init seed), torch's AdamW
+  with the recipe's betas, eps 1e-8 and weight decay, the LR of each step from
+  `training.schedules.LRSchedule`, gradient clipping 1.0, the whole global batch of each step read
+  through `training.sample_index.SampleIndex` (rank 0 of 1), the same steps, timed per step the
+  same way (batch read to loss read back). ``torch.set_num_threads(2)``: the whole machine, as a
+  user's plain loop would use it. It runs once before and once after the job (the machine is
+  shared and noisy); the ratio is against the mean of the two rates. A third loop with 1 thread
+  is a reference for what perfect 2-way data parallelism would reach (2 x its rate).
+Goal: job / loop steady-state tokens/s >= 0.8. Final losses of both sides are printed: they
+should be close, not identical (2 ranks x 16 sequences all-reduced vs one batch of 32).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 80
+SEQ_LEN = 128
+SEQUENCES = 32
+WARMUP = 5  # steps left out of steady-state rates
+CHECKPOINT_EVERY = 40
+WORKERS = 2
+LOOP_THREADS = 2
+GOAL = 0.8
+POLL_SECONDS = 0.05
+TINY = {"hidden": 128, "intermediate": 512, "layers": 4, "heads": 4}
+
+
+def bench_recipe():
+    """configs/test.yaml at the demo's shape (see the module docstring)."""
+    from trecflow.recipe import parse_recipe, read_yaml
+
+    data = read_yaml((ROOT / "configs" / "test.yaml").read_text())
+    data["name"] = "bench-train"
+    data["model"] = {"params": 1.3e6}
+    data["data"] = {"tokens": STEPS * SEQUENCES * SEQ_LEN, "seq_len": SEQ_LEN}
+    data["batch"] = {"tokens": SEQUENCES * SEQ_LEN}
+    data["optimizer"] = {"peak_lr": 2.0e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]}
+    data["base"]["tiny"] = dict(TINY)
+    data["training"] = {
+        "workers": WORKERS,
+        "zero_stage": 1,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "keep_checkpoints": 2,
+        "log_every": 20,
+    }
+    recipe = parse_recipe(data, source="bench-train")
+    assert recipe.steps == STEPS and recipe.sequences_per_step == SEQUENCES
+    return recipe
+
+
+def stage(recipe, store, quiet):
+    """Stages 1-3 and the uniform index; returns (place fingerprint, expected inputs, base)."""
+    from tasks.pack import run_pack
+    from tasks.place import index_inputs, run_place
+    from tasks.predict import run_predict
+    from tasks.score import run_score
+    from tasks.tokenizer import run_tokenizer
+    from tasks.base_model import STAGE_VERSION, tiny_config
+    from tasks.train import BaseModel
+    from trecflow.fingerprint import fingerprint
+
+    scored = run_score(recipe, store, **quiet)
+    tokenizer = run_tokenizer(recipe, store, **quiet)
+    packed = run_pack(recipe, store, scored.fingerprint, tokenizer.fingerprint, **quiet)
+    predicted = run_predict(recipe, store)
+    placed = run_place(recipe, "uniform", store, packed.fingerprint, predicted.fingerprint, **quiet)
+    expected = index_inputs(recipe, "uniform", packed.fingerprint, scored.fingerprint, tokenizer.fingerprint, predicted.fingerprint)
+    info = json.loads(store.output("tokenizer", tokenizer.fingerprint).read_bytes("tokenizer_info.json"))
+    config = tiny_config(recipe, info)
+    base = BaseModel(fingerprint("base", STAGE_VERSION, {"tiny": config}), config=config)
+    return placed.fingerprint, expected, base, packed.stats
+
+
+class JobWatcher:
+    """Polls the job's audit log and pid files: when records and workers appear, and the workers'
+    thread settings (from /proc)."""
+
+    def __init__(self, output_path: str):
+        self.output_path = output_path
+        self.started = time.perf_counter()
+        self.record_seen: dict[int, float] = {}  # record count -> first time seen
+        self.pids_seen: float | None = None
+        self.worker_env: dict[int, dict[str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> JobWatcher:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _count(self) -> int:
+        count = 0
+        for part in glob.glob(f"{self.output_path}/audit/attempt-*/part-*.jsonl"):
+            try:
+                with open(part, "rb") as handle:
+                    count += handle.read().count(b"\n")
+            except OSError:
+                pass
+        return count
+
+    def _read_pids(self) -> None:
+        from training.cpt_job import PID_DIR
+
+        files = glob.glob(f"{self.output_path}/{PID_DIR}/rank-*.json")
+        if len(files) < WORKERS:
+            return
+        self.pids_seen = time.perf_counter()
+        for path in files:
+            try:
+                entry = json.loads(Path(path).read_text())
+                raw = Path(f"/proc/{entry['pid']}/environ").read_bytes()
+            except (OSError, ValueError, KeyError):
+                continue
+            env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+            self.worker_env[entry["rank"]] = {key: env.get(key, "(unset)") for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def _poll(self) -> None:
+        last = 0
+        while not self._stop.is_set():
+            if self.pids_seen is None:
+                self._read_pids()
+            count = self._count()
+            if count > last:
+                now = time.perf_counter()
+                for number in range(last + 1, count + 1):
+                    self.record_seen[number] = now
+                last = count
+            time.sleep(POLL_SECONDS)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(recipe, store, place_fp, expected, base) -> dict:
+    from tasks.train import run_train, train_fingerprint
+    from training.audit import read_audit
+
+    output = store.output("train", train_fingerprint(recipe, place_fp, base.fingerprint))
+    with JobWatcher(output.path) as watcher:
+        called = time.perf_counter()
+        result = run_train(recipe, store, place_fp, expected, base, progress=lambda line: None)
+        returned = time.perf_counter()
+    assert not result.reused and result.summary["audit"]["exactly_once"]
+    records = read_audit(store, output.path)
+    seconds = [record["seconds"] for record in records]
+    tokens = [record["tokens"] for record in records]
+    seen = watcher.record_seen
+    first_seen, last_seen = seen[1], seen[len(records)]
+    after = range(WARMUP, len(records))
+    return {
+        "wall": returned - called,
+        "steps": len(records),
+        "seconds": seconds,
+        "tokens_per_step": tokens[0],
+        "steady": sum(tokens[k] for k in after) / sum(seconds[k] for k in after),
+        # steps WARMUP.. over the wall time from the record before them to the last record
+        "wall_steady": sum(tokens[k] for k in after) / (last_seen - seen[WARMUP]),
+        "workers_up": (watcher.pids_seen - called) if watcher.pids_seen else None,
+        "first_step_start": first_seen - seconds[0] - called,
+        "first_step": seconds[0],
+        "loop_wall": last_seen - first_seen,
+        "loop_steps": sum(seconds[1:]),
+        "tail": returned - last_seen,
+        "final_loss": records[-1]["loss"],
+        "worker_env": watcher.worker_env,
+        "lrs": [record["lr"] for record in records],
+    }
+
+
+def run_loop(recipe, store, place_fp, base, threads: int) -> dict:
+    """The plain single-process loop (see the module docstring)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from training.sample_index import SampleIndex
+    from training.schedules import LRSchedule
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        training, optimizer_section = recipe.training, recipe.optimizer
+        torch.manual_seed(training.seed)
+        config = dict(base.config)
+        torch.manual_seed(config.pop("init_seed", 0))  # as training.cpt_job builds a from-scratch model
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**config))
+        model.train()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optimizer_section.peak_lr, betas=tuple(optimizer_section.betas), eps=1e-8,
+            weight_decay=optimizer_section.weight_decay,
+        )
+        schedule = LRSchedule.from_recipe(recipe)
+        index = SampleIndex(store, place_fp)
+        seconds, losses, lrs = [], [], []
+        for step in range(index.steps):
+            began = time.perf_counter()
+            lr = schedule.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens = torch.from_numpy(np.ascontiguousarray(index.tokens(step)))
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            if training.gradient_clipping > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), training.gradient_clipping)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            seconds.append(time.perf_counter() - began)
+            lrs.append(lr)
+        tokens_per_step = recipe.sequences_per_step * recipe.data.seq_len
+        after = seconds[WARMUP:]
+        return {
+            "threads": threads,
+            "steps": len(seconds),
+            "seconds": seconds,
+            "steady": tokens_per_step * len(after) / sum(after),
+            "wall": sum(seconds),
+            "final_loss": losses[-1],
+            "lrs": lrs,
+            "params": sum(parameter.numel() for parameter in model.parameters()),
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run() -> None:
+    began = time.perf_counter()
+    home = tempfile.mkdtemp(prefix="trecflow-bench-train-")
+    saved = {key: os.environ.get(key) for key in ("TRECFLOW_HOME", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
+    os.environ["TRECFLOW_HOME"] = home  # before anything reads it (the recipe's corpus paths, Prefect's home)
+    os.environ["PREFECT_HOME"] = os.path.join(home, "prefect")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    try:
+        _run(Path(home), began)
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run(home: Path, began: float) -> None:
+    import numpy as np
+
+    from tests.corpus_builder import build_test_corpus
+    from trecflow.ray_runtime import ensure_ray
+    from trecflow.store import Store
+
+    quiet = {"progress": lambda line: None}
+    load_before = load_average()
+    build_test_corpus(home / "corpus" / "test")
+    recipe = bench_recipe()
+    store = Store(str(home / "store"))
+    ensure_ray()
+    started = time.perf_counter()
+    place_fp, expected, base, pack_stats = stage(recipe, store, quiet)
+    staging = time.perf_counter() - started
+    print(f"train: stages 1-3 staged in {staging:.0f} s ({pack_stats.get('sequences', '?')} packed cpt sequences); "
+          f"loop 1 ({LOOP_THREADS} threads) ...", flush=True)
+
+    loops = [run_loop(recipe, store, place_fp, base, LOOP_THREADS)]
+    print(f"  loop 1: {loops[0]['steady']:,.0f} tokens/s; job ...", flush=True)
+    job = run_job(recipe, store, place_fp, expected, base)
+    print(f"  job: {job['steady']:,.0f} tokens/s in {job['wall']:.1f} s; loop 2 ...", flush=True)
+    loops.append(run_loop(recipe, store, place_fp, base, LOOP_THREADS))
+    print(f"  loop 2: {loops[1]['steady']:,.0f} tokens/s; 1-thread reference loop ...", flush=True)
+    single = run_loop(recipe, store, place_fp, base, 1)
+    load_after = load_average()
+
+    # the same LR at every step on both sides
+    same_lr = all(np.allclose(loop["lrs"], job["lrs"], rtol=1e-12, atol=0) for loop in (*loops, single))
+    loop_mean = sum(loop["steady"] for loop in loops) / len(loops)
+    ratio = job["steady"] / loop_mean
+    tokens_per_step = job["tokens_per_step"]
+    params = loops[0]["params"]
+
+    def row(name: str, steady: float, seconds: list[float], wall: float, loss: float) -> None:
+        after = seconds[WARMUP:]
+        print(f"  {name:<44} {steady:>10,.0f} {1e3 * sum(after) / len(after):>9.0f} {1e3 * float(np.median(after)):>8.0f} "
+              f"{1e3 * seconds[0]:>9.0f} {wall:>8.1f} {loss:>10.4f}")
+
+    print()
+    print(f"train: the job vs a plain PyTorch loop, {os.cpu_count()} cores; tiny Llama {params / 1e6:.2f}M parameters "
+          f"(hidden {TINY['hidden']}, intermediate {TINY['intermediate']}, {TINY['layers']} layers, {TINY['heads']} heads, "
+          f"vocab {base.config['vocab_size']}), {STEPS} steps x {SEQUENCES} sequences x {SEQ_LEN} tokens = "
+          f"{tokens_per_step:,} tokens/step, fp32")
+    print(f"  {'':<44} {'tokens/s':>10} {'ms/step':>9} {'median':>8} {'step 0 ms':>9} {'wall s':>8} {'final loss':>10}")
+    workers = f"ZeRO-{recipe.training.zero_stage}, {WORKERS} Ray Train workers x 1 CPU"
+    row(f"job ({workers})", job["steady"], job["seconds"], job["wall"], job["final_loss"])
+    for number, loop in enumerate(loops, 1):
+        row(f"loop {number}, 1 process x {LOOP_THREADS} threads ({'before' if number == 1 else 'after'} job)",
+            loop["steady"], loop["seconds"], loop["wall"], loop["final_loss"])
+    row("reference loop, 1 process x 1 thread", single["steady"], single["seconds"], single["wall"], single["final_loss"])
+    print(f"  (tokens/s and ms/step: steady state, steps {WARMUP}..{STEPS - 1}; wall: the job's run_train call, the loops' "
+          f"summed steps; the same LR every step on all sides: {'yes' if same_lr else 'NO'})")
+    print(f"  ratio job / loop ({LOOP_THREADS} threads, mean of 2 runs)      {ratio:6.2f}   goal >= {GOAL}: "
+          f"{'OK' if ratio >= GOAL else 'FAIL'}   (against loop 1: {job['steady'] / loops[0]['steady']:.2f}, "
+          f"loop 2: {job['steady'] / loops[1]['steady']:.2f})")
+    print(f"  ratio job wall-clock steady / loop              {job['wall_steady'] / loop_mean:6.2f}   "
+          f"({job['wall_steady']:,.0f} tokens/s between records: audit writes and the step-{CHECKPOINT_EVERY} checkpoint included)")
+    print(f"  ratio job / ideal 2 x 1-thread loop             {job['steady'] / (2 * single['steady']):6.2f}   "
+          f"loop {LOOP_THREADS} threads / 1 thread: {loop_mean / single['steady']:.2f}x")
+    print(f"  ratio job end-to-end / loop                     "
+          f"{tokens_per_step * STEPS / job['wall'] / loop_mean:6.2f}   ({tokens_per_step * STEPS / job['wall']:,.0f} tokens/s "
+          f"over the whole run_train call)")
+    step_sum = sum(job["seconds"])
+    print(f"  job start-up: wall {job['wall']:.1f} s - {step_sum:.1f} s in steps = {job['wall'] - step_sum:.1f} s outside steps:")
+    if job["workers_up"] is not None:
+        print(f"    run_train call -> both workers in the training function (Ray Train worker group, process group)  "
+              f"{job['workers_up']:6.1f} s")
+        print(f"    workers in the training function -> step 0 starts (model, deepspeed.initialize)                 "
+              f"{job['first_step_start'] - job['workers_up']:6.1f} s")
+    print(f"    run_train call -> step 0 starts (start-up)                                                          "
+          f"{job['first_step_start']:6.1f} s")
+    print(f"    step 0 (first step: warm-up)                                                                        "
+          f"{job['first_step']:6.1f} s")
+    print(f"    steps 1..{STEPS - 1}: wall between records {job['loop_wall']:.1f} s - step seconds {job['loop_steps']:.1f} s "
+          f"= in-loop overhead (audit writes, mid-run checkpoint)          {job['loop_wall'] - job['loop_steps']:6.1f} s")
+    print(f"    last record -> run_train returns (final checkpoint, save_pretrained, shutdown, audit check)          "
+          f"{job['tail']:6.1f} s")
+    env = ", ".join(f"rank {rank}: {' '.join(f'{k}={v}' for k, v in values.items())}" for rank, values in sorted(job["worker_env"].items()))
+    print(f"  workers' environment: {env or 'not read'}")
+    print(f"  final loss: job {job['final_loss']:.4f}, loops {', '.join(format(loop['final_loss'], '.4f') for loop in loops)}, "
+          f"1-thread {single['final_loss']:.4f} (close, not identical: 2 ranks x 16 sequences vs 1 x 32)")
+    print(f"  load average (1/5/15 min) before {load_before}, after {load_after}: the machine is shared")
+    print(f"  total benchmark time {time.perf_counter() - began:.0f} s (staging {staging:.0f} s)")
+
+
+if __name__ == "__main__":
+    run()

