@@ -196,13 +196,14 @@ def _timed_steps(step, batches, device, warmup: int, steps: int) -> tuple[list[f
 
 def measure_deepspeed(config, micro: int, seq_len: int, device, optimizer: str, warmup: int = WARMUP, steps: int = STEPS) -> dict:
     import deepspeed
+    import torch
 
     model = _build_model(config, device)
     parameters = sum(p.numel() for p in model.parameters())
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(micro, optimizer))
     except Exception as error:  # FusedAdam that cannot be built here
-        if optimizer == "torch":
+        if optimizer == "torch" or isinstance(error, torch.cuda.OutOfMemoryError):
             raise
         print(f"  FusedAdam unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]}); using torch's AdamW")
         optimizer = "torch"
@@ -213,7 +214,7 @@ def measure_deepspeed(config, micro: int, seq_len: int, device, optimizer: str, 
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
-        return float(loss)
+        return float(loss.detach())
 
     try:
         seconds, loss = _timed_steps(step, _batches(config, micro, seq_len, device), device, warmup, steps)
@@ -239,7 +240,7 @@ def measure_loop(config, micro: int, seq_len: int, device, warmup: int = WARMUP,
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     try:
         seconds, loss = _timed_steps(step, _batches(config, micro, seq_len, device), device, warmup, steps)
@@ -273,11 +274,11 @@ def with_smaller_batches(measure, micro: int, what: str):
         try:
             return micro, measure(micro)
         except torch.cuda.OutOfMemoryError:
-            _free(torch.device("cuda"))
             if micro == 1:
                 raise
-            print(f"  {what}: out of memory at micro-batch {micro}; trying {micro // 2}", flush=True)
-            micro //= 2
+        _free(torch.device("cuda"))  # outside the except block: its traceback no longer holds the step's tensors
+        print(f"  {what}: out of memory at micro-batch {micro}; trying {micro // 2}", flush=True)
+        micro //= 2
 
 
 def summarize(result: dict, micro: int, seq_len: int, per_token: tuple[float, float], peak: float | None) -> dict:
@@ -303,7 +304,6 @@ def run() -> None:
     began = time.perf_counter()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
     properties = torch.cuda.get_device_properties(device)
     name = properties.name
     peak = peak_flops(name)
@@ -323,8 +323,8 @@ def run() -> None:
             loop = measure_loop(config, micro, SEQ_LEN, device)
             loop_summary = summarize(loop, micro, SEQ_LEN, per_token, peak)
         except torch.cuda.OutOfMemoryError:
-            _free(device)
             print(f"  loop baseline: out of memory at micro-batch {micro} (after the DeepSpeed run): skipped")
+        _free(device)
 
     def pct(value: float | None) -> str:
         return f"{100 * value:5.1f}%" if value is not None else "  n/a"

