@@ -34,8 +34,11 @@ pretraining is skipped: throughput does not depend on the weights).
   as a user's plain loop would use it. It runs once before and once after the job (the machine is
   shared and noisy); ratios are against the mean of the two. A third loop with 1 thread shows
   what perfect 2-way data parallelism would reach (2 x its rate).
-Ratios are given on mean step time (the steady-state tokens/s) and on the median step (robust to
-the stalls that other processes on a shared machine cause). Goal: job / loop >= 0.8. Final losses
+Ratios are given on mean step time (the steady-state tokens/s), on the median step (robust to the
+stalls that other processes on a shared machine cause) and on tokens per CPU-second (CPU time from
+/proc: the job's two worker processes, every thread, sampled as each record appears; the loop's
+``time.process_time``), which leaves out how much of the machine each side got; "cores" = CPU
+seconds / wall seconds shows that share. Goal: job / loop tokens/s >= 0.8. Final losses
 are printed: close (2 ranks x 16 sequences all-reduced vs one batch of 32: float rounding only).
 """
 
@@ -110,8 +113,8 @@ def stage(recipe, store, quiet):
 
 
 class JobWatcher:
-    """Polls the job's audit log and pid files: when records and workers appear, and the workers'
-    scheduling priority (nice)."""
+    """Polls the job's audit log and pid files: when records and workers appear, the workers'
+    scheduling priority (nice), and their CPU time (all threads) when each record appears."""
 
     def __init__(self, output_path: str):
         self.output_path = output_path
@@ -119,6 +122,8 @@ class JobWatcher:
         self.record_seen: dict[int, float] = {}  # record count -> first time seen
         self.pids_seen: float | None = None
         self.worker_nice: dict[int, int] = {}
+        self.pids: list[int] = []
+        self.cpu_at: dict[int, float] = {}  # record count -> the workers' summed CPU seconds then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -143,25 +148,43 @@ class JobWatcher:
         files = glob.glob(f"{self.output_path}/{PID_DIR}/rank-*.json")
         if len(files) < WORKERS:
             return
-        self.pids_seen = time.perf_counter()
+        seen = time.perf_counter()
+        nice, pids = {}, []
         for path in files:
             try:
                 entry = json.loads(Path(path).read_text())
-                self.worker_nice[entry["rank"]] = os.getpriority(os.PRIO_PROCESS, entry["pid"])
+                nice[entry["rank"]] = os.getpriority(os.PRIO_PROCESS, entry["pid"])
+                pids.append(entry["pid"])
             except (OSError, ValueError, KeyError):
+                return  # a file still being written: next poll
+        self.pids_seen, self.worker_nice, self.pids = seen, nice, pids
+
+    def _cpu(self) -> float:
+        total = 0
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
                 continue
+            total += int(fields[11]) + int(fields[12])  # utime + stime, clock ticks
+        return total / os.sysconf("SC_CLK_TCK")
 
     def _poll(self) -> None:
         last = 0
-        while not self._stop.is_set():
+        while True:
+            stopping = self._stop.is_set()  # one more pass after the stop, so no record is missed
             if self.pids_seen is None:
                 self._read_pids()
             count = self._count()
             if count > last:
                 now = time.perf_counter()
+                cpu = self._cpu()
                 for number in range(last + 1, count + 1):
                     self.record_seen[number] = now
+                    self.cpu_at[number] = cpu
                 last = count
+            if stopping:
+                return
             time.sleep(POLL_SECONDS)
 
     def __exit__(self, *exc) -> None:
@@ -193,6 +216,7 @@ def run_job(recipe, store, place_fp, expected, base) -> dict:
         "steady": sum(tokens[k] for k in after) / sum(seconds[k] for k in after),
         # steps WARMUP.. over the wall time from the record before them to the last record
         "wall_steady": sum(tokens[k] for k in after) / (last_seen - seen[WARMUP]),
+        "steady_wall_seconds": last_seen - seen[WARMUP],
         "workers_up": (watcher.pids_seen - called) if watcher.pids_seen else None,
         "first_step_start": first_seen - seconds[0] - called,
         "first_step": seconds[0],
@@ -201,6 +225,8 @@ def run_job(recipe, store, place_fp, expected, base) -> dict:
         "tail": returned - last_seen,
         "final_loss": records[-1]["loss"],
         "worker_nice": watcher.worker_nice,
+        # both workers' CPU seconds over the steps after the warm-up (audit writes, checkpoint included)
+        "cpu_steady": watcher.cpu_at[len(records)] - watcher.cpu_at[WARMUP] if watcher.pids else None,
         "lrs": [record["lr"] for record in records],
     }
 
@@ -229,9 +255,9 @@ def run_loop(recipe, store, place_fp, base, threads: int) -> dict:
         )
         schedule = LRSchedule.from_recipe(recipe)
         index = SampleIndex(store, place_fp)
-        seconds, losses, lrs = [], [], []
+        seconds, cpu, losses, lrs = [], [], [], []
         for step in range(index.steps):
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -244,6 +270,7 @@ def run_loop(recipe, store, place_fp, base, threads: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             seconds.append(time.perf_counter() - began)
+            cpu.append(time.process_time() - began_cpu)
             lrs.append(lr)
         tokens_per_step = recipe.sequences_per_step * recipe.data.seq_len
         after = seconds[WARMUP:]
@@ -253,6 +280,7 @@ def run_loop(recipe, store, place_fp, base, threads: int) -> dict:
             "seconds": seconds,
             "steady": tokens_per_step * len(after) / sum(after),
             "wall": sum(seconds),
+            "cpu_steady": sum(cpu[WARMUP:]),
             "final_loss": losses[-1],
             "lrs": lrs,
             "params": sum(parameter.numel() for parameter in model.parameters()),
@@ -376,29 +404,45 @@ def _run(home: Path, began: float) -> None:
     ratio = job["steady"] / loop_mean
     ratio_median = median_rate(job["seconds"]) / loop_median
 
-    def row(name: str, steady: float, seconds: list[float], wall: float, loss: float) -> None:
+    steady_tokens = tokens_per_step * (STEPS - WARMUP)
+
+    def per_cpu(side: dict) -> float | None:
+        """Steady-state tokens per CPU-second (what the side computes with the CPU it got)."""
+        return steady_tokens / side["cpu_steady"] if side.get("cpu_steady") else None
+
+    def row(name: str, side: dict, steady_wall: float) -> None:
+        seconds = side["seconds"]
         after = seconds[WARMUP:]
-        print(f"  {name:<46} {steady:>9,.0f} {median_rate(seconds):>9,.0f} {1e3 * sum(after) / len(after):>8.0f} "
-              f"{1e3 * float(np.median(after)):>7.0f} {1e3 * max(after):>7.0f} {1e3 * seconds[0]:>7.0f} {wall:>7.1f} {loss:>10.6f}")
+        cores = f"{side['cpu_steady'] / steady_wall:5.2f}" if side.get("cpu_steady") else "  n/a"
+        efficiency = f"{per_cpu(side):,.0f}" if per_cpu(side) else "n/a"
+        print(f"  {name:<46} {side['steady']:>9,.0f} {median_rate(seconds):>9,.0f} {1e3 * sum(after) / len(after):>8.0f} "
+              f"{1e3 * float(np.median(after)):>7.0f} {1e3 * max(after):>7.0f} {1e3 * seconds[0]:>7.0f} {cores:>6} "
+              f"{efficiency:>9} {side['wall']:>7.1f} {side['final_loss']:>10.6f}")
 
     print()
     print(f"train: the job vs a plain PyTorch loop, {os.cpu_count()} cores; tiny Llama {params / 1e6:.2f}M parameters "
           f"(hidden {TINY['hidden']}, intermediate {TINY['intermediate']}, {TINY['layers']} layers, {TINY['heads']} heads, "
           f"vocab {base.config['vocab_size']}), {STEPS} steps x {SEQUENCES} sequences x {SEQ_LEN} tokens = "
           f"{tokens_per_step:,} tokens/step, fp32")
-    print(f"  {'':<46} {'tokens/s':>9} {'(median)':>9} {'ms/step':>8} {'median':>7} {'max':>7} {'step 0':>7} {'wall s':>7} {'final loss':>10}")
-    row(f"job: ZeRO-{recipe.training.zero_stage}, {WORKERS} Ray Train workers x 1 CPU", job["steady"], job["seconds"], job["wall"], job["final_loss"])
+    print(f"  {'':<46} {'tokens/s':>9} {'(median)':>9} {'ms/step':>8} {'median':>7} {'max':>7} {'step 0':>7} {'cores':>6} "
+          f"{'tok/CPU-s':>9} {'wall s':>7} {'final loss':>10}")
+    row(f"job: ZeRO-{recipe.training.zero_stage}, {WORKERS} Ray Train workers x 1 CPU", job, job["steady_wall_seconds"])
     for number, loop in enumerate(loops, 1):
-        row(f"loop {number}: 1 process x {LOOP_THREADS} threads, {'before' if number == 1 else 'after'} the job",
-            loop["steady"], loop["seconds"], loop["wall"], loop["final_loss"])
-    row("reference loop: 1 process x 1 thread", single["steady"], single["seconds"], single["wall"], single["final_loss"])
+        row(f"loop {number}: 1 process x {LOOP_THREADS} threads, {'before' if number == 1 else 'after'} the job", loop,
+            sum(loop["seconds"][WARMUP:]))
+    row("reference loop: 1 process x 1 thread", single, sum(single["seconds"][WARMUP:]))
     print(f"  (steady state: steps {WARMUP}..{STEPS - 1}; tokens/s = their tokens / their seconds, (median) = tokens per step / "
-          f"median step; wall: the run_train call, the loops' summed steps; the same LR at every step on all sides: "
-          f"{'yes' if same_lr else 'NO'})")
+          f"median step; cores = CPU seconds / wall seconds over them (the job: both workers, all threads, between their "
+          f"records), tok/CPU-s = tokens per CPU-second; wall: the run_train call, the loops' summed steps; the same LR at "
+          f"every step on all sides: {'yes' if same_lr else 'NO'})")
     print(f"  ratio job / loop, steady tokens/s (loop: mean of 2 runs)   {ratio:5.2f}   goal >= {GOAL}: {'OK' if ratio >= GOAL else 'FAIL'}"
           f"   (vs loop 1 {job['steady'] / loops[0]['steady']:.2f}, vs loop 2 {job['steady'] / loops[1]['steady']:.2f})")
     print(f"  ratio job / loop, median step                              {ratio_median:5.2f}   goal >= {GOAL}: "
           f"{'OK' if ratio_median >= GOAL else 'FAIL'}   (robust to the stalls a shared machine causes)")
+    loop_cpu = [per_cpu(loop) for loop in loops]
+    if per_cpu(job) and all(loop_cpu):
+        print(f"  ratio job / loop, tokens per CPU-second                    {per_cpu(job) / (sum(loop_cpu) / len(loop_cpu)):5.2f}   "
+              f"(the CPU each side got does not enter: what is left of the ratio on a machine shared with others)")
     print(f"  ratio job wall-clock / loop                                {job['wall_steady'] / loop_mean:5.2f}   "
           f"({job['wall_steady']:,.0f} tokens/s between the job's records: audit writes, step-{CHECKPOINT_EVERY} checkpoint included)")
     print(f"  ratio job end-to-end / loop                                {tokens_per_step * STEPS / job['wall'] / loop_mean:5.2f}   "

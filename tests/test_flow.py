@@ -99,14 +99,9 @@ def test_flow_on_local_store_tracks_caches_and_forces(tmp_path, monkeypatch, mlf
     assert again["predict"]["reused"] and output.manifest()["created_unix"] == created
     assert client.get_run(again["mlflow_run_id"]).data.tags["trecflow.variant"] == "uniform"
 
-    forced, states = run_flow(force=["predict"])
-    # score and predict are siblings; placement reads the prediction
-    assert states == cached("predict_trec", "place_curriculum", "train_cpt")
-    assert not forced["predict"]["reused"] and output.manifest()["created_unix"] > created
-    assert forced["place"]["fingerprint"] == placed["fingerprint"]
-
-    _, states = run_flow(force=["place"])
+    forced, states = run_flow(force=["place"])  # placement and everything after it, nothing before
     assert states == cached("place_curriculum", "train_cpt")
+    assert forced["place"]["fingerprint"] == placed["fingerprint"] and not forced["train"]["reused"]
 
     # Output deleted behind Prefect's back: the cache is not trusted, the stage recomputes.
     output.invalidate()

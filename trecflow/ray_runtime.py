@@ -34,6 +34,8 @@ def ensure_ray() -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at nice 15; on a shared machine that starves the training workers.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
