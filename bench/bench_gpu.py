@@ -221,7 +221,7 @@ def measure_deepspeed(config, micro: int, seq_len: int, device, optimizer: str, 
         return {"seconds": seconds, "loss": loss, "parameters": parameters, "optimizer": inner, **_memory(device)}
     finally:
         engine.destroy() if hasattr(engine, "destroy") else None
-        del engine, model
+        engine = model = None  # drop the references before freeing GPU memory
         _free(device)
 
 
@@ -246,7 +246,7 @@ def measure_loop(config, micro: int, seq_len: int, device, warmup: int = WARMUP,
         seconds, loss = _timed_steps(step, _batches(config, micro, seq_len, device), device, warmup, steps)
         return {"seconds": seconds, "loss": loss, "optimizer": f"AdamW(fused={fused})", **_memory(device)}
     finally:
-        del optimizer, model
+        optimizer = model = None  # drop the references before freeing GPU memory
         _free(device)
 
 

@@ -127,7 +127,7 @@ def baselines(slots: int, steps: int, batch: int, folder: Path) -> dict[str, flo
     mapped = np.load(path, mmap_mode="r")
     rows = np.random.default_rng(SEED + 1).integers(0, steps, LOOKUPS)
     lookup = time_calls(lambda row: np.array(mapped[row]).astype(np.int64), [(int(row),) for row in rows])
-    del mapped
+    mapped = None  # close the map before removing the file
     path.unlink()
     return {"shuffle": shuffle, "save": save, "lookup": stats(lookup)}
 
