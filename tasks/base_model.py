@@ -69,10 +69,10 @@ def tiny_config(recipe: Recipe, tokenizer_info: dict[str, Any]) -> dict[str, Any
 
 def path_fingerprint(location: str, endpoint_url: str | None) -> str:
     """A base folder's fingerprint: its config.json and its files' names and sizes."""
-    from training.models import _filesystem
+    from training.models import location_filesystem
 
     location = expand_path(location).rstrip("/")
-    fs, root = _filesystem(location, endpoint_url)
+    fs, root = location_filesystem(location, endpoint_url)
     try:
         config = fs.cat_file(f"{root}/config.json").decode()
     except FileNotFoundError:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow.compute as pc
 
 from tasks.stage_task import stage_task
@@ -45,9 +44,10 @@ def require_tokenizer(recipe: Recipe) -> TokenizerSection:
 
 def _base_files(section: TokenizerSection, endpoint_url: str | None) -> tuple[bytes, int | None]:
     """``tokenizer.json`` of ``from_base`` and the model's ``vocab_size`` (None without config.json)."""
+    from training.models import location_filesystem
+
     location = expand_path(section.from_base).rstrip("/")
-    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if location.startswith("s3://") and endpoint_url else {}
-    fs, root = fsspec.core.url_to_fs(location, **options)
+    fs, root = location_filesystem(location, endpoint_url)
     try:
         data = fs.cat_file(f"{root}/{TOKENIZER_FILE}")
     except FileNotFoundError:

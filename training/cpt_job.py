@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from trecflow.store import Store
@@ -57,7 +57,6 @@ class JobSpec:
     model_config: dict[str, Any] | None = None  # a from-scratch model when there is no base
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     def recipe_object(self):
         from trecflow.recipe import parse_recipe
@@ -212,7 +211,6 @@ def train_worker(config: dict[str, Any]) -> None:
     from training.torch_schedule import set_step_lr
 
     spec = JobSpec(**config)
-    os.environ.update(spec.extra_env)
     recipe = spec.recipe_object()
     training = recipe.training
     context = ray.train.get_context()

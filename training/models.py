@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import fsspec
@@ -38,17 +37,8 @@ def tiny_llama_config(section: TinyModelSection, vocab_size: int, eos_id: int, s
     )
 
 
-def count_parameters(config) -> int:
-    """Parameters of a model built from ``config`` (built on the meta device: no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def _filesystem(location: str, endpoint_url: str | None):
+def location_filesystem(location: str, endpoint_url: str | None):
+    """(filesystem, path) of a local path or URL; ``endpoint_url`` applies to ``s3://``."""
     options = {"client_kwargs": {"endpoint_url": endpoint_url}} if location.startswith("s3://") and endpoint_url else {}
     return fsspec.core.url_to_fs(location, **options)
 
@@ -56,7 +46,7 @@ def _filesystem(location: str, endpoint_url: str | None):
 def fetch_checkpoint(location: str, endpoint_url: str | None = None) -> Path:
     """A local folder holding the checkpoint at ``location`` (downloaded once if remote)."""
     location = expand_path(location).rstrip("/")
-    fs, root = _filesystem(location, endpoint_url)
+    fs, root = location_filesystem(location, endpoint_url)
     if fs.protocol in ("file", "local") or (isinstance(fs.protocol, tuple) and "file" in fs.protocol):
         return Path(root)
     cache = home() / "cache" / "checkpoints" / hashlib.sha256(location.encode()).hexdigest()[:16]
@@ -71,21 +61,8 @@ def fetch_checkpoint(location: str, endpoint_url: str | None = None) -> Path:
 def model_vocab_size(location: str, endpoint_url: str | None = None) -> int | None:
     """``vocab_size`` from a checkpoint's config.json (None when it has none)."""
     location = expand_path(location).rstrip("/")
-    fs, root = _filesystem(location, endpoint_url)
+    fs, root = location_filesystem(location, endpoint_url)
     try:
         return json.loads(fs.cat_file(f"{root}/config.json")).get("vocab_size")
     except FileNotFoundError:
         return None
-
-
-def has_checkpoint(location: str, endpoint_url: str | None = None) -> bool:
-    location = expand_path(location).rstrip("/")
-    fs, root = _filesystem(location, endpoint_url)
-    return fs.exists(f"{root}/config.json")
-
-
-def local_rank_threads() -> None:
-    """One intra-op thread per worker process: workers share the machine's cores."""
-    import torch
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
