@@ -32,6 +32,7 @@ from training.sample_index import TIERS
 from training.trec import best_window
 
 HQ, MID, LQ = range(3)
+ORDER_CHUNK = 1 << 24
 
 
 class PlacementError(ValueError):
@@ -189,8 +190,10 @@ def ascending_order(scores: np.ndarray) -> np.ndarray:
     if scores.size >= 2**32:
         raise PlacementError(f"ascending supports fewer than 2^32 slots, got {scores.size:,}")
     bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
-    keys = bits.astype(np.uint64) << np.uint64(32)
-    keys |= np.arange(scores.size, dtype=np.uint64)
+    keys = bits.astype(np.uint64)
+    keys <<= np.uint64(32)
+    for first in range(0, keys.size, ORDER_CHUNK):  # the slot numbers, without a full-size temporary
+        keys[first : first + ORDER_CHUNK] |= np.arange(first, min(first + ORDER_CHUNK, keys.size), dtype=np.uint64)
     keys.sort()
     keys &= np.uint64(0xFFFFFFFF)
     return keys
