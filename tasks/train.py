@@ -114,7 +114,8 @@ def run_train(
         f"{stage}: {index.steps:,} steps on {training.workers} workers (micro-batch {recipe.micro_batch}, accumulation "
         f"{training.accumulation}, ZeRO-{training.zero_stage}, {training.precision}) from {base.uri or 'a new model'}"
     )
-    result = run_job(spec, progress)
+    with ProgressReporter(store, output.path, index.steps, progress):
+        result = run_job(spec, progress)
     if result.error is not None:
         raise result.error
 
@@ -151,6 +152,41 @@ def run_train(
         f"{report.reexecuted_steps} re-executed steps over {len(report.attempts)} attempt(s)"
     )
     return TrainResult(fp, output.uri, summary, reused=False)
+
+
+class ProgressReporter:
+    """While the job runs, reports its latest audit record every ``interval`` seconds."""
+
+    def __init__(self, store: Store, folder: str, steps: int, progress: Callable[[str], None], interval: float = 15.0):
+        import threading
+
+        self.store, self.folder, self.steps, self.progress, self.interval = store, folder, steps, progress, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from training.audit import latest_record
+
+        last = None
+        while not self._stop.wait(self.interval):
+            try:
+                record = latest_record(self.store, self.folder)
+            except (OSError, ValueError):  # a part being rewritten: try again next time
+                continue
+            if record and record != last:
+                last = record
+                self.progress(
+                    f"step {record['step'] + 1:,}/{self.steps:,} (attempt {record['attempt']}): loss {record['loss']:.4f}, "
+                    f"lr {record['lr']:.3g}, {record['tokens'] / max(record['seconds'], 1e-9):,.0f} tokens/s"
+                )
 
 
 def _task_fingerprint(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict, base: BaseModel, **_: Any) -> str:

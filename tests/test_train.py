@@ -62,6 +62,40 @@ def test_tiny_base_is_pretrained_on_the_base_split_and_saved_in_hf_format(traina
     assert records[0]["loss"] > records[-1]["loss"] + 0.5  # it learned something
 
 
+class Killer(threading.Thread):
+    """SIGKILLs rank 1's worker process once the audit log of ``folder`` reaches ``step``."""
+
+    def __init__(self, store: Store, folder: str, step: int):
+        super().__init__(daemon=True)
+        self.store, self.folder, self.step = store, folder, step
+        self.done = threading.Event()
+        self.info: dict[str, int] = {}
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not self.done.is_set():
+            try:
+                steps = [record["step"] for record in read_audit(self.store, self.folder)]
+                if steps and max(steps) >= self.step:
+                    pid = json.loads(self.store.fs.cat_file(f"{self.folder}/{PID_DIR}/rank-1.json"))["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    self.info.update(pid=pid, step=max(steps))
+                    self.done.set()
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(timeout)
+
+
+def start_over(store: Store, fingerprint: str) -> None:
+    """Remove a run's output and checkpoints, so the next call trains it from the base."""
+    store.output("train", fingerprint).invalidate()
+    store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
+
+
 def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_loss(trainable):
     store = trainable["store"]
     clean = train(trainable)
@@ -79,39 +113,41 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
 
     # the same run again from scratch, SIGKILLing one worker process once step 20 is recorded
     output = store.output("train", clean.fingerprint)
-    output.invalidate()
-    store.fs.rm(checkpoint_root(store, clean.fingerprint), recursive=True)
-    killed: dict[str, int] = {}
-
-    def kill_when_past_step_20() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            try:
-                steps = [record["step"] for record in read_audit(store, output.path)]
-                if steps and max(steps) >= 20:
-                    pid = json.loads(store.fs.cat_file(f"{output.path}/{PID_DIR}/rank-1.json"))["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.update(pid=pid, step=max(steps))
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_when_past_step_20, daemon=True)
-    killer.start()
+    start_over(store, clean.fingerprint)
+    killed = Killer(store, output.path, step=20)
     resumed = train(trainable)
-    killer.join(timeout=5)
-    assert killed, "the worker was never killed"
+    assert killed.wait(5), "the worker was never killed"
     audit = resumed.summary["audit"]
     assert audit["exactly_once"] and audit["attempts"] == [1, 2]
     assert audit["reexecuted_steps"] > 0  # steps after the last checkpoint ran twice, and the log shows it
     # it resumed from a checkpoint (every 8 steps) that Ray Train had registered before the kill
     resumed_from = resumed.summary["resumed_from_step"]
-    assert resumed_from % 8 == 0 and 0 < resumed_from <= killed["step"]
+    assert resumed_from % 8 == 0 and 0 < resumed_from <= killed.info["step"]
     assert resumed.summary["final_loss"] == pytest.approx(clean_loss, abs=1e-4)
     records = read_audit(store, output.path)
     first = [record for record in records if record["attempt"] == 1]
     assert 20 <= first[-1]["step"] < 47
     assert audit["reexecuted_steps"] == sum(1 for record in first if record["step"] >= resumed_from)
+
+
+def test_a_failed_run_resumes_from_the_store_when_the_task_is_retried(trainable):
+    """What a Prefect retry of train_cpt does: a new run_train after the job failed for good."""
+    store = trainable["store"]
+    expected = train(trainable)  # the finished run of the tests above (or made now)
+    data = trainable["recipe"].model_dump(mode="json")
+    data["training"]["max_failures"] = 0  # not fingerprinted: the same run
+    no_retries = parse_recipe(data)
+    start_over(store, expected.fingerprint)
+    output = store.output("train", expected.fingerprint)
+    killed = Killer(store, output.path, step=20)
+    with pytest.raises(Exception):  # no restarts allowed: the job fails, nothing is committed
+        run_train(no_retries, store, trainable["place"].fingerprint, trainable["expected"], trainable["base"], **QUIET)
+    assert killed.wait(5) and not output.exists()
+    retried = train(trainable)  # the retry: resumes from the latest checkpoint in the store
+    audit = retried.summary["audit"]
+    assert audit["exactly_once"] and audit["attempts"] == [1, 2]
+    assert 0 < retried.summary["resumed_from_step"] <= killed.info["step"]
+    assert retried.summary["final_loss"] == pytest.approx(expected.summary["final_loss"], abs=1e-4)
 
 
 def test_train_command_prints_the_documented_json(trainable):

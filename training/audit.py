@@ -65,6 +65,18 @@ class AuditWriter:
         self.store.fs.pipe_file(f"{self.folder}/part-{self._first:09d}.jsonl", ("\n".join(self._lines) + "\n").encode())
 
 
+def latest_record(store: Store, folder: str) -> dict[str, Any] | None:
+    """The newest record of the newest attempt (reads one part file: cheap at any length)."""
+    done = attempts(store, folder)
+    if not done:
+        return None
+    parts = sorted(path for path in store.fs.ls(f"{folder}/{AUDIT_DIR}/attempt-{done[-1]:03d}", detail=False) if path.endswith(".jsonl"))
+    if not parts:
+        return None
+    lines = store.fs.cat_file(parts[-1]).decode().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
 def read_audit(store: Store, folder: str) -> list[dict[str, Any]]:
     """Every record of every attempt, by attempt, then in the order written."""
     records: list[dict[str, Any]] = []
