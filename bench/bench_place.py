@@ -157,14 +157,12 @@ def check_plan(plan, request, catalog: int) -> dict[str, object]:
 
 def check_index(store, plan, steps: np.ndarray) -> dict[str, object]:
     """The written index holds every slot, and lookups return the plan's rows."""
-    import io
-
-    from training.sample_index import COMPOSITION_FILE, SampleIndex
+    from training.sample_index import COMPOSITION_FILE, SampleIndex, read_npy
 
     index = SampleIndex(store, "bench")
     output = index.output
     rows = sum(np.load(output.file_path(name), mmap_mode="r").shape[0] for name in index.meta["chunks"])
-    composition = np.load(io.BytesIO(output.read_bytes(COMPOSITION_FILE)))
+    composition = read_npy(output, COMPOSITION_FILE)
     by_step = plan.ids.reshape(plan.steps, plan.batch)
     same = all(np.array_equal(index.batch(int(step)), by_step[step]) for step in steps[:100])
     share = plan.batch // WORLD

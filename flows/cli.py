@@ -49,6 +49,12 @@ def load_or_exit(path: Path) -> Recipe:
         raise fail(str(error)) from None
 
 
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """Key/value rows as text, the values in one column."""
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
 def format_summary(summary: dict) -> str:
     start, end = summary["hq_window"]
     first, last = summary["hq_window_steps"]
@@ -62,8 +68,7 @@ def format_summary(summary: dict) -> str:
         ("predicted valley", f"{summary['valley_fraction']:.4f} of training (step {summary['valley_step']:,})"),
         (f"HQ window (w = {summary['hq_fraction']:g})", f"[{start:.4f}, {end:.4f}] (steps {first:,}..{last - 1:,})"),
     ]
-    width = max(len(key) for key, _ in lines)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
+    return aligned(lines)
 
 
 @app.command()
@@ -124,8 +129,7 @@ def format_plan(sized: dict) -> str:
         ("store", f"{store['total']:,.0f} GB: tokens {store['tokens']:,.0f}, sample index {store['sample_index']:.2f}, "
          f"checkpoints kept {store['checkpoints']:,.0f}, final model {store['final_model']:.1f}"),
     ]
-    width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    return aligned(rows)
 
 
 @app.command()
@@ -280,8 +284,7 @@ def format_place(summary: dict) -> str:
         for tier, entry in tiers.items()
     ]
     rows.append(("fingerprint", summary["fingerprint"]))
-    width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    return aligned(rows)
 
 
 @app.command()
@@ -319,8 +322,7 @@ def format_train(summary: dict) -> str:
         ("model", summary["model_uri"]),
         ("checkpoints", ", ".join(summary["checkpoints"]) or "-"),
     ]
-    width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    return aligned(rows)
 
 
 @app.command()

@@ -88,6 +88,12 @@ def prediction_metrics(summary: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A Prefect markdown artifact: a title and a quantity/value table."""
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"# {title}\n\n| quantity | value |\n|---|---|\n{table}\n"
+
+
 def prediction_markdown(recipe: Recipe, variant: str, result: PredictResult) -> str:
     summary = result.summary
     start, end = summary["hq_window"]
@@ -100,9 +106,8 @@ def prediction_markdown(recipe: Recipe, variant: str, result: PredictResult) -> 
         (f"HQ window (w = {summary['hq_fraction']:g})", f"[{start:.4f}, {end:.4f}]"),
         ("output", f"`{result.uri}` ({'reused' if result.reused else 'computed'})"),
     ]
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     warnings = "".join(f"\n> warning: {text}\n" for text in summary["warnings"])
-    return f"# TREC prediction: {recipe.name} / {variant}\n\n| quantity | value |\n|---|---|\n{table}\n{warnings}"
+    return markdown_table(f"TREC prediction: {recipe.name} / {variant}", rows) + warnings
 
 
 def artifact_key(*parts: str) -> str:
@@ -272,16 +277,15 @@ def placement_markdown(recipe: Recipe, variant: str, result: PlaceResult) -> str
         ("repeated / unplaced sequences", f"{summary['repeated_sequences']:,} / {summary['unplaced_sequences']:,}"),
         ("index", f"`{result.uri}` ({'reused' if result.reused else 'computed'})"),
     ]
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    return f"# Curriculum placement: {recipe.name} / {variant}\n\n| quantity | value |\n|---|---|\n{table}\n"
+    return markdown_table(f"Curriculum placement: {recipe.name} / {variant}", rows)
 
 
 def place_step(
-    recipe: Recipe, variant: str, store: Store, forced: set[str], packed: PackResult, predicted: PredictResult, tracker: Tracker, run_id: str
+    recipe: Recipe, variant: str, store: Store, forced: set[str], packed: PackResult, predicted: PredictResult,
+    inputs: dict[str, str], tracker: Tracker, run_id: str,
 ) -> PlaceResult:
-    """Stage 3c inside a flow: the placement task, then MLflow and a Prefect artifact."""
-    upstream = place_module.pack_inputs(store, packed.fingerprint)
-    inputs = place_module.index_inputs(recipe, variant, packed.fingerprint, upstream["score"], upstream["tokenizer"], predicted.fingerprint)
+    """Stage 3c inside a flow: the placement task (its index records ``inputs``), then MLflow and
+    a Prefect artifact."""
     result: PlaceResult = run_cached(
         place_curriculum, "place", place_fingerprint(inputs), store, forced, recipe,
         variant=variant, pack_fp=packed.fingerprint, predict_fp=predicted.fingerprint,
@@ -373,14 +377,15 @@ def run_stages(
     outcome["tokenizer"] = _stage_summary(tokenizer)
     packed = pack_step(recipe, store, forced, scored, tokenizer, tracker, run_id)
     outcome["pack"] = _stage_summary(packed)
-    placed = place_step(recipe, variant, store, forced, packed, predicted, tracker, run_id)
+    # the fingerprints the index records, and that training then expects of it
+    expected = place_module.index_inputs(recipe, variant, packed.fingerprint, scored.fingerprint, tokenizer.fingerprint, predicted.fingerprint)
+    placed = place_step(recipe, variant, store, forced, packed, predicted, expected, tracker, run_id)
     outcome["place"] = _stage_summary(placed)
     if until == "place":
         return outcome
     if recipe.base is None:
         logger.info("training needs a base section: the train stage is skipped")
         return outcome
-    expected = place_module.index_inputs(recipe, variant, packed.fingerprint, scored.fingerprint, tokenizer.fingerprint, predicted.fingerprint)
     outcome["train"] = _stage_summary(train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, run_id))
     return outcome
 

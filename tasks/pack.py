@@ -33,7 +33,7 @@ from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
 from trecflow.store import Store
-from training.sample_index import PACK_STAGE, SCORES_FILE, TIERS, TIERS_FILE, TOKEN_FILES
+from training.sample_index import PACK_STAGE, SCORES_FILE, TIERS, TIERS_FILE, TOKEN_FILES, npy_bytes, read_npy
 
 STAGE = PACK_STAGE
 STAGE_VERSION = 1
@@ -48,13 +48,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def pack_fingerprint(recipe: Recipe, score_fp: str, tokenizer_fp: str, split: str = "cpt") -> str:
     config = {"seq_len": recipe.data.seq_len, "group_mb": recipe.packing.group_mb, "split": split}
     return fingerprint(STAGE, STAGE_VERSION, config, {"score": score_fp, "tokenizer": tokenizer_fp})
-
-
-def current_fingerprint(recipe: Recipe, store: Store) -> str:
-    from tasks.score import current_fingerprint as score_fp
-    from tasks.tokenizer import current_fingerprint as tokenizer_fp
-
-    return pack_fingerprint(recipe, score_fp(recipe, store), tokenizer_fp(recipe, store))
 
 
 def group_shards(files: list[tuple[str, int]], group_bytes: int) -> list[list[str]]:
@@ -155,12 +148,6 @@ class PackResult:
     reused: bool
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def run_pack(
     recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print, split: str = "cpt"
 ) -> PackResult:
@@ -244,8 +231,8 @@ def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str,
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     output.write_bytes(TOKEN_FILES, buffer.getvalue())
-    output.write_bytes(SCORES_FILE, _npy_bytes(np.concatenate(scores) if scores else np.empty(0, np.float32)))
-    output.write_bytes(TIERS_FILE, _npy_bytes(np.concatenate(tier_codes) if tier_codes else np.empty(0, np.int8)))
+    output.write_bytes(SCORES_FILE, npy_bytes(np.concatenate(scores) if scores else np.empty(0, np.float32)))
+    output.write_bytes(TIERS_FILE, npy_bytes(np.concatenate(tier_codes) if tier_codes else np.empty(0, np.int8)))
     stats = {
         "split": split,
         "seq_len": recipe.data.seq_len,
@@ -263,8 +250,8 @@ def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str,
 def read_catalog(store: Store, fp: str) -> tuple[np.ndarray, np.ndarray]:
     """(tiers int8, scores float32) of every packed sequence, indexed by sequence id."""
     output = store.output(STAGE, fp)
-    tiers = np.load(io.BytesIO(output.read_bytes(TIERS_FILE)))
-    scores = np.load(io.BytesIO(output.read_bytes(SCORES_FILE)))
+    tiers = read_npy(output, TIERS_FILE)
+    scores = read_npy(output, SCORES_FILE)
     return tiers, scores
 
 

@@ -14,7 +14,6 @@ The same inputs and seed give byte-identical index files (no timestamps, fixed c
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +25,7 @@ from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
 from trecflow.store import Store
-from training.sample_index import COMPOSITION_FILE, INDEX_META, PACK_STAGE, PLACE_STAGE, chunk_name
+from training.sample_index import COMPOSITION_FILE, INDEX_META, PACK_STAGE, PLACE_STAGE, chunk_name, npy_bytes
 
 STAGE = PLACE_STAGE
 STAGE_VERSION = 1
@@ -94,12 +93,6 @@ class PlaceResult:
     reused: bool
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the index chunks, the composition and ``index.json``; return the metadata."""
     per_chunk = steps_per_chunk(plan.batch, plan.ids.dtype.itemsize)
@@ -107,11 +100,11 @@ def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> 
     chunks = []
     for first in range(0, plan.steps, per_chunk):
         name = chunk_name(first)
-        output.write_bytes(name, _npy(np.ascontiguousarray(by_step[first : first + per_chunk])))
+        output.write_bytes(name, npy_bytes(np.ascontiguousarray(by_step[first : first + per_chunk])))
         chunks.append(name)
         if len(chunks) % 8 == 0:
             progress(f"place: wrote {len(chunks)} of {-(-plan.steps // per_chunk)} index chunks")
-    output.write_bytes(COMPOSITION_FILE, _npy(plan.composition()))
+    output.write_bytes(COMPOSITION_FILE, npy_bytes(plan.composition()))
     meta = {
         "steps": plan.steps,
         "sequences_per_step": plan.batch,

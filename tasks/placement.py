@@ -24,6 +24,7 @@ per slot or step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -72,10 +73,14 @@ class Plan:
     window_steps: tuple[int, int] | None
     counts: dict[str, dict[str, int]]
 
-    def composition(self) -> np.ndarray:
-        """(steps x 3) int32: hq, mid and lq sequences of each step."""
+    @cached_property
+    def _composition(self) -> np.ndarray:
         per_step = self.tiers.reshape(self.steps, self.batch)
         return np.stack([(per_step == code).sum(axis=1, dtype=np.int32) for code in range(len(TIERS))], axis=1)
+
+    def composition(self) -> np.ndarray:
+        """(steps x 3) int32: hq, mid and lq sequences of each step (computed once)."""
+        return self._composition
 
     def hq_share_per_step(self) -> np.ndarray:
         return self.composition()[:, HQ] / self.batch

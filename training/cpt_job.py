@@ -206,7 +206,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from training.audit import AuditWriter
-    from training.sample_index import SampleIndex, batch_hash
+    from training.sample_index import SampleIndex, batch_hash, rank_share
     from training.schedules import LRSchedule
     from training.torch_schedule import set_step_lr
 
@@ -246,7 +246,9 @@ def train_worker(config: dict[str, Any]) -> None:
     for step in range(start, steps):
         began = time.perf_counter()
         set_step_lr(engine.optimizer, schedule, step)
-        tokens = torch.from_numpy(np.ascontiguousarray(index.tokens(step, rank, world))).to(device)
+        global_batch = index.batch(step)  # read once: this rank's share, and rank 0's audit hash
+        own = index.sequences.tokens(rank_share(global_batch, rank, world))
+        tokens = torch.from_numpy(np.ascontiguousarray(own)).to(device)
         losses = []
         for number in range(accumulation):
             batch = tokens[number * micro : (number + 1) * micro]
@@ -260,7 +262,7 @@ def train_worker(config: dict[str, Any]) -> None:
         last_loss = float(mean) / world
         seconds = time.perf_counter() - began
         if rank == 0:
-            writer.record(step, batch_hash(index.batch(step)), applied_lr, last_loss, tokens_per_step, seconds)
+            writer.record(step, batch_hash(global_batch), applied_lr, last_loss, tokens_per_step, seconds)
             hq_share = index.composition(step)["hq"] / recipe.sequences_per_step
             metrics.add(step, {"loss": last_loss, "lr": applied_lr, "tokens_per_second": tokens_per_step / seconds, "hq_share": hq_share})
         if (step + 1) % training.checkpoint_every == 0 or step + 1 == steps:

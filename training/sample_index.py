@@ -52,6 +52,18 @@ class IndexMismatchError(ValueError):
     """An index (or packed data) built from other inputs than the reader expects."""
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of a ``.npy`` file (for `StageOutput.write_bytes`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def read_npy(output: StageOutput, name: str) -> np.ndarray:
+    """A ``.npy`` file of a committed output, read whole (checksum verified)."""
+    return np.load(io.BytesIO(output.read_bytes(name)))
+
+
 def chunk_name(first_step: int) -> str:
     return f"index/steps-{first_step:09d}.npy"
 
@@ -60,6 +72,16 @@ def batch_hash(sequence_ids: np.ndarray) -> str:
     """The audit hash of a global batch: SHA-256 (16 hex digits) of its sorted ids as int64."""
     ordered = np.sort(np.asarray(sequence_ids, dtype=np.int64))
     return hashlib.sha256(ordered.tobytes()).hexdigest()[:16]
+
+
+def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous, equal share of a global batch of sequence ids."""
+    if world_size <= 0 or len(batch) % world_size:
+        raise ValueError(f"{len(batch)} sequences per step do not divide across {world_size} workers")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    share = len(batch) // world_size
+    return batch[rank * share : (rank + 1) * share]
 
 
 @dataclass
@@ -196,18 +218,13 @@ class SampleIndex:
 
     def rank_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
         """Data-parallel rank ``rank``'s contiguous share of step ``step``'s global batch."""
-        if world_size <= 0 or self.batch_size % world_size:
-            raise ValueError(f"{self.batch_size} sequences per step do not divide across {world_size} workers")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        share = self.batch_size // world_size
-        return self.batch(step)[rank * share : (rank + 1) * share]
+        return rank_share(self.batch(step), rank, world_size)
 
     def composition(self, step: int) -> dict[str, int]:
         """How many sequences of each tier step ``step`` trains on."""
         self._check_step(step)
         if self._composition is None:
-            self._composition = np.load(io.BytesIO(self.output.read_bytes(COMPOSITION_FILE)))
+            self._composition = read_npy(self.output, COMPOSITION_FILE)
         return dict(zip(TIERS, map(int, self._composition[step])))
 
     @property
