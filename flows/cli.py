@@ -406,9 +406,10 @@ def run(
         raise fail(str(error)) from None
     check_sources(recipe)
 
+    from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline
 
-    result = run_stage_flow(cpt_pipeline, recipe_path=str(recipe_path), variant=variant, force=force)
+    result = run_stage_flow(cpt_pipeline, run=PipelineRun(recipe_path=str(recipe_path), variant=variant, force=force or []))
     summary = result["predict"]
     typer.echo("")
     if "score" in result:

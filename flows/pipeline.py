@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.params import PipelineRun
 from tasks import place as place_module
 from tasks.base_model import build_base
 from tasks.pack import PackResult, pack_fingerprint, pack_sequences
@@ -391,13 +392,14 @@ def run_stages(
 
 
 @flow(name="cpt_pipeline")
-def cpt_pipeline(recipe_path: str, variant: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
-    """Run the pipeline for the recipe at ``recipe_path`` and one curriculum variant."""
+def cpt_pipeline(run: PipelineRun) -> dict[str, Any]:
+    """Run the pipeline for ``run.recipe_path`` and one curriculum variant."""
     logger = get_run_logger()
+    recipe_path = run.recipe_path
     recipe = load_recipe(recipe_path)
-    variant = variant or default_variant(recipe)
+    variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)  # unknown variant: RecipeError before any work
-    forced = forced_stages(force)
+    forced = forced_stages([stage.value for stage in run.force])
     store = Store(store_url(recipe), store_endpoint(recipe))
     logger.info("recipe %s, variant %s, store %s, forced stages: %s", recipe.name, variant, store.url, sorted(forced) or "none")
     outcome: dict[str, Any] = {"recipe": recipe.name, "variant": variant, "store": store.url}

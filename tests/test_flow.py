@@ -12,6 +12,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
+from flows.params import PipelineRun
 from flows.pipeline import cpt_pipeline, forced_stages
 from tasks.predict import CURVE_FILE
 from trecflow.store import Store
@@ -29,7 +30,7 @@ def cached(*recomputed: str) -> dict[str, str]:
 
 
 def run_flow(**parameters):
-    state = cpt_pipeline(recipe_path=RECIPE, return_state=True, **parameters)
+    state = cpt_pipeline(PipelineRun(recipe_path=RECIPE, **parameters), return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(

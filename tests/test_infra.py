@@ -812,7 +812,8 @@ def test_prefect_yaml_parameters_fit_the_flow_and_the_recipe():
     validate(parameters, schema, raise_on_error=True, preprocess=True)
     assert set(schema["required"]) <= set(parameters)
     with pytest.raises(Exception):
-        validate({**parameters, "force": "predict"}, schema, raise_on_error=True, preprocess=True)
+        validate({"run": {**parameters["run"], "force": ["predcit"]}}, schema, raise_on_error=True, preprocess=True)
+    parameters = parameters["run"]
     assert deployment["enforce_parameter_schema"] is True
     r = recipe()
     assert (ROOT / parameters["recipe_path"]).resolve() == RECIPE
