@@ -29,6 +29,7 @@ class PipelineRun(BaseModel):
     recipe_path: str = Field("configs/demo.yaml", description="recipe YAML, relative to the project root or absolute")
     variant: str | None = Field(None, description="curriculum variant (default: the recipe's first)")
     force: list[Stage] = Field(default_factory=list, description="recompute these stages and everything downstream")
+    mlflow_parent_run_id: str | None = Field(None, description="MLflow run to nest this run under (compare_curricula sets it)")
 
 
 class Comparison(BaseModel):

@@ -404,6 +404,8 @@ def cpt_pipeline(run: PipelineRun) -> dict[str, Any]:
     logger.info("recipe %s, variant %s, store %s, forced stages: %s", recipe.name, variant, store.url, sorted(forced) or "none")
     outcome: dict[str, Any] = {"recipe": recipe.name, "variant": variant, "store": store.url}
     tags = {"trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
+    if run.mlflow_parent_run_id:
+        tags["mlflow.parentRunId"] = run.mlflow_parent_run_id
     with tracked_run(store, recipe, f"{recipe.name}-{variant}", tags) as (tracker, run_id):
         outcome["mlflow_run_id"] = run_id
         outcome |= run_stages(recipe, variant, store, forced, tracker, run_id)
