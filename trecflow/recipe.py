@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,10 +88,18 @@ class ScheduleSection(_Section):
 
 
 class TrecSection(_Section):
-    """Exponents of the predictor TREC = 1 - c^p * t^m."""
+    """Exponents of the predictor TREC = 1 - c^p * t^m. ``m: calibrated`` takes m from the law
+    that ``trecflow calibrate`` fitted to measured runs (stored in the store)."""
 
     p: float = Field(0.5, gt=0.0)
-    m: float = Field(0.0, ge=0.0)
+    m: Union[float, Literal["calibrated"]] = Field(0.0, description="training-fraction exponent, or 'calibrated'")
+
+    @field_validator("m")
+    @classmethod
+    def _non_negative(cls, m):
+        if m != "calibrated" and m < 0:
+            raise ValueError(f"must be >= 0 or 'calibrated', got {m}")
+        return m
     tau_opt_coef: float = Field(
         1.0, gt=0.0, description="Power Lines: tau_opt = coef * TPP^-0.527 (coef inferred, not published)"
     )
@@ -309,11 +317,6 @@ class ScoringSection(_Section):
         return self
 
 
-# Sections owned by later stages. Each stage replaces its entry with a typed model; until then
-# the section is accepted as a mapping so recipes can carry it.
-_Reserved = dict[str, Any] | None
-
-
 class BpeSection(_Section):
     """A byte-level BPE trained with ``tokenizers`` on the ``base`` split."""
 
@@ -411,6 +414,39 @@ class PackingSection(_Section):
     workers: int = Field(2, gt=0, description="packing tasks run at once")
 
 
+class ReevaluationSection(_Section):
+    """Stage 5: the final model's loss on the batches each step trained on, on Ray actors.
+
+    Steps: every ``every``-th step (the last step always included), or ``random_steps`` steps
+    drawn with ``seed``; of each step, all sequences or a seeded subset of ``sequences_per_step``."""
+
+    every: int = Field(1, gt=0, description="evaluate every k-th step")
+    random_steps: int | None = Field(None, gt=0, description="instead of every: this many steps drawn at random")
+    sequences_per_step: int | None = Field(None, gt=0, description="a random subset of each step's sequences (default: all)")
+    seed: int = 0
+    actors: int = Field(2, gt=0, description="Ray actors, each holding the model once")
+    cpus_per_actor: int = Field(1, gt=0)
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs use_gpu")
+    micro_batch: int = Field(32, gt=0, description="sequences per forward pass")
+    steps_per_task: int | None = Field(None, gt=0, description="steps per unit of work (default: about 8 units per actor)")
+    max_retries: int = Field(2, ge=0, description="times a unit of work is retried after its actor fails")
+    smoothing: float = Field(0.03, gt=0.0, lt=1.0, description="centered moving average window, fraction of training")
+    reference: Literal["none", "base", "trained"] = Field(
+        "base", description="difficulty correction: none, the base model, or a model trained on the reference split"
+    )
+    beta: float = Field(1.0, ge=0.0, description="corrected = loss - beta * reference loss")
+    eval_tokens_per_source: int = Field(65536, gt=0, description="held-out tokens per eval-split source")
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> ReevaluationSection:
+        if self.random_steps is not None and self.every != 1:
+            raise ValueError("give every or random_steps, not both")
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision bf16 needs use_gpu: true (CPU re-evaluation runs in fp32)")
+        return self
+
+
 class Recipe(_Section):
     """A whole CPT job. Derived quantities (steps, tau, ...) are properties, never stored."""
 
@@ -429,7 +465,7 @@ class Recipe(_Section):
     packing: PackingSection = PackingSection()
     base: BaseSection | None = None
     training: TrainingSection = TrainingSection()
-    reevaluation: _Reserved = None
+    reevaluation: ReevaluationSection = ReevaluationSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -1,0 +1,110 @@
+"""Calibrating the predictor's training-fraction exponent from measured runs (pure numpy).
+
+Every measured run whose data mix is constant in time contributes (TPP, tau, schedule kind, m*),
+m* being the m that best fits its measured TREC. The law
+
+    m* = C * TPP^mu1 * tau^mu2
+
+is fitted by least squares in log space, per schedule family when that family has enough runs,
+and over all runs pooled otherwise. An exponent is fitted only when its variable takes at least
+two distinct values among the runs (else it is reported as not fitted and held at 0); a law needs
+at least `MIN_RUNS` runs. Runs with m* = 0 have no logarithm: they are counted and left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+MIN_RUNS = 5
+POOLED = "all"
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """One measured run's entry in the calibration table."""
+
+    key: str  # the re-evaluation fingerprint
+    recipe: str
+    variant: str
+    schedule: str
+    tpp: float
+    tau: float
+    m_star: float
+    r_p_fit: float
+    steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CalibrationError(ValueError):
+    """Not enough (or not varied enough) runs for the law asked for."""
+
+
+def _distinct(values: np.ndarray) -> int:
+    return int(np.unique(np.round(np.log(values), 9)).size)
+
+
+def fit_group(runs: list[CalibrationRun]) -> dict[str, Any]:
+    """The law for one group of runs (all with m* > 0); CalibrationError if it cannot be fitted."""
+    if len(runs) < MIN_RUNS:
+        raise CalibrationError(f"{len(runs)} runs with m* > 0; a law needs at least {MIN_RUNS}")
+    tpp = np.array([run.tpp for run in runs])
+    tau = np.array([run.tau for run in runs])
+    target = np.log([run.m_star for run in runs])
+    columns = [np.ones(len(runs))]
+    fitted = []
+    for name, values in (("mu1", tpp), ("mu2", tau)):
+        if _distinct(values) >= 2:
+            columns.append(np.log(values))
+            fitted.append(name)
+    design = np.stack(columns, axis=1)
+    solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+    residual = target - design @ solution
+    law = {"C": float(math.exp(solution[0])), "mu1": 0.0, "mu2": 0.0, "fitted": fitted, "runs": [run.key for run in runs]}
+    for name, value in zip(fitted, solution[1:]):
+        law[name] = float(value)
+    law["rms_log_error"] = float(np.sqrt(np.mean(residual**2)))
+    not_fitted = [f"{name} (one {var} value)" for name, var in (("mu1", "TPP"), ("mu2", "tau")) if name not in fitted]
+    law["note"] = "not fitted, held at 0: " + ", ".join(not_fitted) if not_fitted else ""
+    return law
+
+
+def fit_law(runs: list[CalibrationRun]) -> dict[str, Any]:
+    """Laws per schedule family (with enough runs) and pooled; raises CalibrationError when no
+    law can be fitted, saying why."""
+    usable = [run for run in runs if run.m_star > 0]
+    excluded = len(runs) - len(usable)
+    laws: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    families = sorted({run.schedule for run in usable})
+    for family in families:
+        group = [run for run in usable if run.schedule == family]
+        try:
+            laws[family] = fit_group(group)
+        except CalibrationError as error:
+            reasons[family] = str(error)
+    if len(families) != 1:  # with one family, the pooled law would be the family's law again
+        try:
+            laws[POOLED] = fit_group(usable)
+        except CalibrationError as error:
+            reasons[POOLED] = str(error)
+    if not laws:
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no runs recorded"
+        raise CalibrationError(f"cannot fit m* = C * TPP^mu1 * tau^mu2 from {len(runs)} run(s) ({excluded} with m* = 0): {detail}")
+    return {"laws": laws, "not_fitted": reasons, "runs": len(runs), "excluded_m_zero": excluded}
+
+
+def law_m(fitted: dict[str, Any], schedule: str, tpp: float, tau: float) -> tuple[float, str]:
+    """m for a recipe from a fitted law: its schedule family's law, else the pooled one.
+    Returns (m, the law's name); CalibrationError if neither exists."""
+    laws = fitted["laws"]
+    name = schedule if schedule in laws else POOLED if POOLED in laws else None
+    if name is None:
+        raise CalibrationError(f"the calibration has no law for schedule {schedule!r} and no pooled law (laws: {', '.join(laws)})")
+    law = laws[name]
+    return float(law["C"] * tpp ** law["mu1"] * tau ** law["mu2"]), name
