@@ -55,6 +55,20 @@ def aligned(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
+def calibrated(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``trec.m: calibrated`` resolved from the store's law (exit 2 if it cannot be)."""
+    if recipe.trec.m != "calibrated":
+        return recipe
+    from tasks.calibrate import resolve_m
+    from trecflow.settings import store_endpoint, store_url
+    from trecflow.store import Store
+
+    try:
+        return resolve_m(recipe, Store(store_url(recipe), store_endpoint(recipe)))
+    except RecipeError as error:
+        raise fail(str(error)) from None
+
+
 def format_summary(summary: dict) -> str:
     start, end = summary["hq_window"]
     first, last = summary["hq_window_steps"]
@@ -84,7 +98,7 @@ def predict(
     from training.trec import predict as predict_trec
     from training.trec import recipe_summary
 
-    recipe = load_or_exit(recipe_path)
+    recipe = calibrated(load_or_exit(recipe_path))
     fraction = recipe.curriculum.hq_fraction if hq_fraction is None else hq_fraction
     if not 0.0 < fraction < 1.0:
         raise fail(f"--hq-fraction: must be in (0, 1), got {fraction:g}")
@@ -252,11 +266,11 @@ def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
     """Everything ``place``/``train`` can check before any work: the recipe, its sections, the
     variant and its plan, the corpus sources. Returns the variant (default: the first declared)."""
     recipe = load_or_exit(recipe_path)
-    from flows.pipeline import STAGE_SECTIONS, default_variant, require_sections
+    from flows.pipeline import STAGE_PURPOSE, STAGE_SECTIONS, default_variant, require_sections
     from tasks.placement import PlacementError
 
     try:
-        require_sections(recipe, str(recipe_path), STAGE_SECTIONS[stage], "placement" if stage == "place" else "training")
+        require_sections(recipe, str(recipe_path), STAGE_SECTIONS[stage], STAGE_PURPOSE[stage])
         variant = variant or default_variant(recipe)
         check_placement(recipe, variant)
     except (RecipeError, PlacementError) as error:
@@ -346,6 +360,92 @@ def train(
         typer.echo(f"store output       {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
 
 
+REEVALUATE_KEYS = (
+    "trec_pearson", "trec_pearson_raw", "trec_pearson_corrected", "trec_pearson_m0", "trec_pearson_fit", "m", "m_fit", "curve",
+    "content_confounded", "trec_valley_measured", "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general",
+    "val_loss_by_source", "steps", "steps_evaluated", "sequences_per_step", "tokens_evaluated", "tokens_per_second", "retried_units",
+    "reference", "sampling_study", "hq_window", "raw", "corrected", "calibration_entry", "fingerprint", "uri", "reused",
+)
+
+
+def format_reevaluate(summary: dict) -> str:
+    fmt = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
+    reference = summary["reference"]
+    rows = [
+        ("steps evaluated", f"{summary['steps_evaluated']:,} of {summary['steps']:,} ({summary['sequences_per_step']} sequences each)"),
+        ("reference", "none" if reference is None else f"{reference['kind']} ({reference['from_cache']:,} of {reference['sequences']:,} losses cached)"),
+        ("r_p", f"{fmt(summary['trec_pearson'])} ({summary['curve']} curve, m = {summary['m']:g})"),
+        ("r_p raw", fmt(summary["trec_pearson_raw"])),
+        ("r_p with m = 0", fmt(summary["trec_pearson_m0"])),
+        ("r_p with the best m", f"{fmt(summary['trec_pearson_fit'])} (m_fit = {summary['m_fit']:g})"),
+        ("valley", f"measured {fmt(summary['trec_valley_measured'])}, predicted {fmt(summary['trec_valley_predicted'])}, "
+                   f"error {fmt(summary['trec_valley_error'])}"),
+        ("val_loss_hq", fmt(summary["val_loss_hq"])),
+        ("val_loss_general", fmt(summary["val_loss_general"])),
+    ]
+    rows += [(f"  val_loss {source}", fmt(loss)) for source, loss in summary["val_loss_by_source"].items()]
+    for name, entry in (summary.get("sampling_study") or {}).items():
+        rows.append((f"r_p {name.replace('_', ' ')}", ", ".join(f"{kind} {fmt(value)}" for kind, value in entry.items())))
+    rows.append(("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary["content_confounded"] else "no"))
+    if summary["retried_units"]:
+        rows.append(("retried units", f"{summary['retried_units']:,} (an actor died; their steps were evaluated again)"))
+    return aligned(rows)
+
+
+@app.command()
+def reevaluate(
+    recipe_path: RecipeArg,
+    variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="evaluate again even if cached")] = False,
+) -> None:
+    """Run stage 5: the measured TREC of a trained variant against the prediction (training and
+    the stages before it first, if not cached)."""
+    variant = checked_variant(recipe_path, variant, "reevaluate")
+    from flows.pipeline import reevaluate_stage
+
+    result = run_stage_flow(reevaluate_stage, recipe_path=str(recipe_path), variant=variant, force=force)
+    summary = result["reevaluate"]
+    if as_json:
+        typer.echo(json.dumps({key: summary.get(key) for key in REEVALUATE_KEYS} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
+    else:
+        typer.echo(format_reevaluate(summary))
+        typer.echo(f"store output         {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+
+
+@app.command()
+def calibrate(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="use this recipe's store (default: TRECFLOW_STORE or the home's)")] = None,
+) -> None:
+    """Fit m* = C * TPP^mu1 * tau^mu2 over every measured run in the store's calibration table and
+    save it; recipes with ``trec: {m: calibrated}`` then predict with it. Exit 1 when it cannot
+    be fitted (too few runs), saying why."""
+    from tasks.calibrate import run_calibrate
+    from training.calibration import CalibrationError
+    from trecflow.settings import store_endpoint, store_url
+    from trecflow.store import Store
+
+    recipe = load_or_exit(recipe_path) if recipe_path is not None else None
+    store = Store(store_url(recipe), store_endpoint(recipe))
+    try:
+        fitted = run_calibrate(store)
+    except CalibrationError as error:
+        if as_json:
+            typer.echo(json.dumps({"fitted": False, "reason": str(error)}))
+        raise fail(f"calibrate: {error}", code=1) from None
+    if as_json:
+        typer.echo(json.dumps({"fitted": True, **fitted}))
+        return
+    rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0 left out)")]
+    for name, law in fitted["laws"].items():
+        rows.append((f"law {name}", f"m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} "
+                                    f"({len(law['runs'])} runs, rms log error {law['rms_log_error']:.3g}) {law['note']}".rstrip()))
+    rows += [(f"not fitted {name}", why) for name, why in fitted["not_fitted"].items()]
+    rows.append(("saved", fitted["uri"]))
+    typer.echo(aligned(rows))
+
+
 @app.command()
 def base(
     kind: Annotated[str, typer.Argument(help="tiny (build and pretrain the recipe's base.tiny) or smollm2 (convert SmolLM2-135M)")],
@@ -424,6 +524,9 @@ def run(
     if "train" in result:
         typer.echo("")
         typer.echo(format_train(result["train"]))
+    if "reevaluate" in result:
+        typer.echo("")
+        typer.echo(format_reevaluate(result["reevaluate"]))
     typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 

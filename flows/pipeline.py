@@ -12,6 +12,7 @@ each stage's metrics and artifacts, and leaves Prefect markdown artifacts with e
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -30,7 +31,11 @@ from flows.params import PipelineRun
 from tasks import place as place_module
 from tasks.base_model import build_base
 from tasks.pack import PackResult, pack_fingerprint, pack_sequences
+from tasks.calibrate import resolve_m
 from tasks.place import PlaceResult, place_curriculum, place_fingerprint
+from tasks.reevaluate import PLOT_FILE as REEVALUATE_PLOT
+from tasks.reevaluate import ReevaluateResult, reevaluate_trec
+from tasks.reevaluate import current_fingerprint as reevaluation_fingerprint
 from tasks.predict import PLOT_FILE, SUMMARY_FILE, PredictResult, predict_fingerprint, predict_trec
 from tasks.score import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ScoreResult, score_corpus
 from tasks.score import current_fingerprint as score_fingerprint_now
@@ -349,6 +354,66 @@ def train_step(
         "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000],
     })
     tracker.log_metrics(run_id, train_metrics(summary))
+    return result, base
+
+
+def reevaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The stage's MLflow metrics (None values, e.g. no hq held-out text, are left out)."""
+    keys = ("trec_pearson", "trec_pearson_raw", "trec_pearson_m0", "trec_pearson_fit", "m_fit", "trec_valley_measured",
+            "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general", "steps_evaluated", "retried_units")
+    metrics = {key: summary[key] for key in keys if summary.get(key) is not None}
+    metrics["content_confounded"] = float(summary["content_confounded"])
+    if summary.get("tokens_per_second"):
+        metrics["reevaluate_tokens_per_second"] = summary["tokens_per_second"]
+    for source, loss in summary["val_loss_by_source"].items():
+        metrics[f"val_loss_{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"] = loss
+    return metrics
+
+
+def reevaluation_markdown(recipe: Recipe, variant: str, result, overlay: bytes) -> str:
+    summary = result.summary
+    fmt = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
+    rows = [
+        ("curve compared", f"{summary['curve']} (m = {summary['m']:g})"),
+        ("r_p", fmt(summary["trec_pearson"])),
+        ("r_p raw / m = 0 / best m", f"{fmt(summary['trec_pearson_raw'])} / {fmt(summary['trec_pearson_m0'])} / {fmt(summary['trec_pearson_fit'])} (m_fit {summary['m_fit']:g})"),
+        ("valley measured / predicted / error", f"{fmt(summary['trec_valley_measured'])} / {fmt(summary['trec_valley_predicted'])} / {fmt(summary['trec_valley_error'])}"),
+        ("val_loss_hq / val_loss_general", f"{fmt(summary['val_loss_hq'])} / {fmt(summary['val_loss_general'])}"),
+        ("steps evaluated", f"{summary['steps_evaluated']:,} of {summary['steps']:,}"),
+        ("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary["content_confounded"] else "no"),
+        ("output", result.uri),
+    ]
+    image = base64.b64encode(overlay).decode()
+    return markdown_table(f"Measured TREC: {recipe.name} / {variant}", rows) + f"\n\n![measured vs predicted TREC](data:image/png;base64,{image})\n"
+
+
+def reevaluate_step(
+    recipe: Recipe, variant: str, store: Store, forced: set[str], placed: PlaceResult, expected: dict[str, str],
+    trained: TrainResult, predicted: PredictResult, base: BaseModel, tracker: Tracker, run_id: str,
+) -> ReevaluateResult:
+    """Stage 5 inside a flow: the measured TREC of the trained run, to MLflow and Prefect."""
+    inputs = {"index_fp": placed.fingerprint, "expected_inputs": expected, "train_fp": trained.fingerprint,
+              "predict_fp": predicted.fingerprint, "base": base}
+    fp = reevaluation_fingerprint(recipe, store, **inputs)
+    result: ReevaluateResult = run_cached(reevaluate_trec, "reevaluate", fp, store, forced, recipe, variant=variant, **inputs)
+    summary = result.summary
+    get_run_logger().info(
+        "re-evaluation %s (%s): r_p %.3f (raw %.3f), valley %.3f vs %.3f predicted, val_loss_hq %s, val_loss_general %s%s",
+        result.fingerprint, "reused" if result.reused else "computed", summary["trec_pearson"], summary["trec_pearson_raw"],
+        summary["trec_valley_measured"], summary["trec_valley_predicted"], summary["val_loss_hq"], summary["val_loss_general"],
+        " (content-confounded)" if summary["content_confounded"] else "",
+    )
+    output = store.output("reevaluate", result.fingerprint)
+    overlay = output.read_bytes(REEVALUATE_PLOT)
+    tracker.set_tags(run_id, {"trecflow.reevaluate_fingerprint": result.fingerprint, "trecflow.content_confounded": str(summary["content_confounded"]).lower()})
+    tracker.log_metrics(run_id, reevaluation_metrics(summary))
+    tracker.log_artifact_bytes(run_id, REEVALUATE_PLOT, overlay, artifact_path="reevaluate")
+    tracker.log_artifact_bytes(run_id, "summary.json", output.read_bytes("summary.json"), artifact_path="reevaluate")
+    create_markdown_artifact(
+        key=artifact_key("trec-measured", recipe.name, variant),
+        markdown=reevaluation_markdown(recipe, variant, result, overlay),
+        description=f"Measured vs predicted TREC of {recipe.name} / {variant}",
+    )
     return result
 
 
@@ -358,7 +423,7 @@ def _stage_summary(result) -> dict[str, Any]:
 
 
 def run_stages(
-    recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str, until: str = "train"
+    recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str, until: str = "reevaluate"
 ) -> dict[str, Any]:
     """The stages in order, up to ``until`` (each one that the recipe has the sections for)."""
     logger = get_run_logger()
@@ -387,7 +452,12 @@ def run_stages(
     if recipe.base is None:
         logger.info("training needs a base section: the train stage is skipped")
         return outcome
-    outcome["train"] = _stage_summary(train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, run_id))
+    trained, base = train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, run_id)
+    outcome["train"] = _stage_summary(trained)
+    if until == "train":
+        return outcome
+    reevaluated = reevaluate_step(recipe, variant, store, forced, placed, expected, trained, predicted, base, tracker, run_id)
+    outcome["reevaluate"] = _stage_summary(reevaluated)
     return outcome
 
 
@@ -396,11 +466,10 @@ def cpt_pipeline(run: PipelineRun) -> dict[str, Any]:
     """Run the pipeline for ``run.recipe_path`` and one curriculum variant."""
     logger = get_run_logger()
     recipe_path = run.recipe_path
-    recipe = load_recipe(recipe_path)
+    recipe, store = load_run(recipe_path)
     variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)  # unknown variant: RecipeError before any work
     forced = forced_stages([stage.value for stage in run.force])
-    store = Store(store_url(recipe), store_endpoint(recipe))
     logger.info("recipe %s, variant %s, store %s, forced stages: %s", recipe.name, variant, store.url, sorted(forced) or "none")
     outcome: dict[str, Any] = {"recipe": recipe.name, "variant": variant, "store": store.url}
     tags = {"trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
@@ -419,20 +488,33 @@ def require_sections(recipe: Recipe, source: str, sections: tuple[str, ...], pur
             raise RecipeError(f"{source}: {section}: {purpose} needs {', '.join(sections)} sections")
 
 
-STAGE_SECTIONS = {"place": ("corpus", "tokenizer"), "train": ("corpus", "tokenizer", "base")}
+STAGE_SECTIONS = {"place": ("corpus", "tokenizer"), "train": ("corpus", "tokenizer", "base"), "reevaluate": ("corpus", "tokenizer", "base")}
+STAGE_PURPOSE = {"place": "placement", "train": "training", "reevaluate": "re-evaluation"}
+
+
+def load_run(recipe_path: str) -> tuple[Recipe, Store]:
+    """The recipe (with ``trec.m: calibrated`` resolved from the store's law) and its store."""
+    recipe = load_recipe(recipe_path)
+    store = Store(store_url(recipe), store_endpoint(recipe))
+    return resolve_m(recipe, store), store
 
 
 def _run_through(recipe_path: str, variant: str | None, stage: str, force: bool) -> dict[str, Any]:
     """The cached stages up to ``stage`` for one variant, forcing ``stage`` when asked."""
-    recipe = load_recipe(recipe_path)
+    recipe, store = load_run(recipe_path)
     variant = variant or default_variant(recipe)
     recipe.curriculum.variant(variant)
-    require_sections(recipe, recipe_path, STAGE_SECTIONS[stage], "placement" if stage == "place" else "training")
-    store = Store(store_url(recipe), store_endpoint(recipe))
+    require_sections(recipe, recipe_path, STAGE_SECTIONS[stage], STAGE_PURPOSE[stage])
     tags = {"trecflow.stage": stage, "trecflow.variant": variant, "trecflow.recipe_path": recipe_path}
     with tracked_run(store, recipe, f"{recipe.name}-{variant}-{stage}", tags) as (tracker, run_id):
         outcome = run_stages(recipe, variant, store, {stage} if force else set(), tracker, run_id, until=stage)
     return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, **outcome}
+
+
+@flow(name="reevaluate_stage")
+def reevaluate_stage(recipe_path: str, variant: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run stage 5 (the CLI's ``trecflow reevaluate``): its cached prerequisites, then re-evaluation."""
+    return _run_through(recipe_path, variant, "reevaluate", force)
 
 
 @flow(name="train_cpt_stage")

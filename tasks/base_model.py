@@ -56,6 +56,8 @@ def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:
         curriculum={"hq_fraction": hq_fraction, "on_shortage": "repeat", "seed": recipe.curriculum.seed, "variants": {}},
         training={**data["training"], "micro_batch": None, "accumulation": 1},
     )
+    if recipe.trec.m == "calibrated":  # the pretraining's own curve only feeds its uniform placement
+        data["trec"] = {**data["trec"], "m": 0.0}
     return parse_recipe(data, source=f"{recipe.name}: base.pretrain")
 
 

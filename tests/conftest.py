@@ -7,6 +7,8 @@
 - ``test_corpus``: the real-text corpus of configs/test.yaml (no download).
 - ``staged_test``: configs/test.yaml's stages 1-3 inputs (scores, tokenizer, packed sequences,
   prediction) in a local store, made once.
+- ``trainable`` / ``trained_test``: that store with the uniform index and the tiny base, and then
+  the uniform variant's CPT run (each made once).
 - ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
@@ -95,6 +97,31 @@ def staged_test(tmp_path_factory, test_corpus):
     packed = run_pack(recipe, store, scored.fingerprint, tokenizer.fingerprint, **QUIET)
     predicted = run_predict(recipe, store)
     return {"recipe": recipe, "store": store, "score": scored, "tokenizer": tokenizer, "pack": packed, "predict": predicted}
+
+
+@pytest.fixture(scope="session")
+def trainable(staged_test):
+    """The staged test store with the uniform index and the tiny base pretrained (once)."""
+    from tasks.base_model import run_base_tiny
+    from tasks.place import index_inputs, run_place
+
+    staged = staged_test
+    recipe, store = staged["recipe"], staged["store"]
+    placed = run_place(recipe, "uniform", store, staged["pack"].fingerprint, staged["predict"].fingerprint, **QUIET)
+    expected = index_inputs(
+        recipe, "uniform", staged["pack"].fingerprint, staged["score"].fingerprint, staged["tokenizer"].fingerprint, staged["predict"].fingerprint
+    )
+    base, pretrained = run_base_tiny(recipe, store, staged["score"].fingerprint, staged["tokenizer"].fingerprint, **QUIET)
+    return {**staged, "place": placed, "expected": expected, "base": base, "pretrained": pretrained}
+
+
+@pytest.fixture(scope="session")
+def trained_test(trainable):
+    """`trainable` with the uniform variant's CPT run trained (once; test_train reuses it)."""
+    from tasks.train import run_train
+
+    trained = run_train(trainable["recipe"], trainable["store"], trainable["place"].fingerprint, trainable["expected"], trainable["base"], **QUIET)
+    return {**trainable, "train": trained}
 
 
 @pytest.fixture(scope="session")

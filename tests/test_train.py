@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.base_model import run_base_tiny
-from tasks.place import index_inputs, run_place
 from tasks.train import BaseModel, run_train, train_fingerprint
 from trecflow.recipe import RecipeError, parse_recipe, read_yaml
 from trecflow.store import Store
@@ -27,19 +25,6 @@ from training.schedules import LRSchedule
 from .conftest import CONFIGS, QUIET
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trainable(staged_test):
-    """The staged test store with the uniform index and the tiny base pretrained (once)."""
-    staged = staged_test
-    recipe, store = staged["recipe"], staged["store"]
-    placed = run_place(recipe, "uniform", store, staged["pack"].fingerprint, staged["predict"].fingerprint, **QUIET)
-    expected = index_inputs(
-        recipe, "uniform", staged["pack"].fingerprint, staged["score"].fingerprint, staged["tokenizer"].fingerprint, staged["predict"].fingerprint
-    )
-    base, pretrained = run_base_tiny(recipe, store, staged["score"].fingerprint, staged["tokenizer"].fingerprint, **QUIET)
-    return {**staged, "place": placed, "expected": expected, "base": base, "pretrained": pretrained}
 
 
 def train(trainable, recipe=None, force: bool = False, **kwargs):

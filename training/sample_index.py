@@ -216,6 +216,19 @@ class SampleIndex:
         number, row = divmod(step, self.steps_per_chunk)
         return self._chunk(number).rows(np.array([row]))[0].astype(np.int64)
 
+    def batches(self, steps: np.ndarray) -> np.ndarray:
+        """The global batches of ``steps`` (any order) as a (len(steps), sequences) int64 array,
+        read with one request per chunk and run of consecutive steps."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if steps.size and (steps.min() < 0 or steps.max() >= self.steps):
+            raise IndexError(f"steps must be in 0..{self.steps - 1}")
+        out = np.empty((steps.size, self.batch_size), dtype=np.int64)
+        numbers = steps // self.steps_per_chunk
+        for number in np.unique(numbers):
+            where = np.flatnonzero(numbers == number)
+            out[where] = self._chunk(int(number)).rows(steps[where] - number * self.steps_per_chunk)
+        return out
+
     def rank_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
         """Data-parallel rank ``rank``'s contiguous share of step ``step``'s global batch."""
         return rank_share(self.batch(step), rank, world_size)

@@ -156,7 +156,10 @@ class TrecPrediction:
 
 
 def predict(recipe: Recipe) -> TrecPrediction:
-    """Predict the TREC of a validated recipe."""
+    """Predict the TREC of a validated recipe (``trec.m: calibrated`` resolved to a number first,
+    by `tasks.calibrate.resolve_m`)."""
+    if isinstance(recipe.trec.m, str):
+        raise ValueError("trec.m: 'calibrated' must be resolved from the calibration law before predicting")
     schedule = LRSchedule.from_recipe(recipe)
     lrs = schedule.lrs()
     weight_decay = recipe.optimizer.weight_decay

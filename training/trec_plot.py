@@ -86,3 +86,52 @@ def plot_placement(
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def plot_measured(
+    fractions: np.ndarray,
+    raw: np.ndarray,
+    raw_smoothed: np.ndarray,
+    corrected_smoothed: np.ndarray | None,
+    predicted_fractions: np.ndarray,
+    predicted: np.ndarray,
+    valleys: dict[str, float],
+    window: list[float] | None,
+    title: str = "",
+) -> bytes:
+    """PNG bytes: the measured TREC (per step and smoothed; difficulty-corrected when given) over
+    the prediction, each min-max normalized, with the valleys and the curriculum's HQ window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.trec_measure import minmax
+
+    figure, axis = plt.subplots(figsize=(9, 4.8))
+    index = _strided(fractions.size)
+    low, high = raw_smoothed.min(), raw_smoothed.max()
+    span = high - low if high > low else 1.0
+    axis.scatter(fractions[index], ((raw - low) / span)[index], s=4, color="tab:gray", alpha=0.35, label="measured, per step (raw)")
+    axis.plot(fractions[index], minmax(raw_smoothed)[index], color="tab:blue", linewidth=1.2, label="measured, smoothed (raw)")
+    if corrected_smoothed is not None:
+        axis.plot(fractions[index], minmax(corrected_smoothed)[index], color="tab:green", linewidth=1.6, label="measured, smoothed, corrected")
+    predicted_index = _strided(predicted_fractions.size)
+    axis.plot(predicted_fractions[predicted_index], minmax(predicted)[predicted_index], color="tab:red", linewidth=1.4, label="predicted")
+    styles = {"predicted": ("tab:red", "--"), "measured": ("tab:green" if corrected_smoothed is not None else "tab:blue", ":")}
+    for name, where in valleys.items():
+        color, style = styles.get(name, ("black", "-."))
+        axis.axvline(where, color=color, linestyle=style, linewidth=1.0, label=f"{name} valley {where:.3f}")
+    if window is not None:
+        axis.axvspan(*window, color="gold", alpha=0.25, label=f"HQ window [{window[0]:.3f}, {window[1]:.3f}]")
+    axis.set_ylim(-0.2, 1.2)
+    axis.set_xlabel("training fraction (s+1)/T")
+    axis.set_ylabel("min-max normalized loss")
+    axis.legend(loc="upper left", fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.suptitle(title or "measured vs predicted TREC")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

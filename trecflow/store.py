@@ -54,6 +54,15 @@ class Store:
         """Filesystem path (no protocol) of a location inside the store."""
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """Write a whole file under a temporary name and move it into place: readers see the
+        complete file or none (used for parts that outlive a failed attempt)."""
+        folder, name = path.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{name}.tmp"
+        self.fs.pipe_file(temporary, data)
+        self.fs.mv(temporary, path)
+
     def uri(self, *parts: str) -> str:
         """Full URL of a location inside the store."""
         return "/".join([self.url, *parts])

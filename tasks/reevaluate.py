@@ -1,0 +1,385 @@
+"""Stage 5, re-evaluate: the measured TREC of one trained run, compared with the prediction.
+
+The final model's loss on the batch every sampled step trained on (read through the sample index,
+so exactly the training batches), on a pool of Ray actors (`training.reevaluation`); the
+difficulty-corrected curve L(t) - beta * L_ref(B_t) with the configured reference model
+(`tasks.reference`, losses cached per sequence id); agreement with the prediction
+(`training.trec_measure`); held-out losses on the eval split (`tasks.evalset`); and, for runs whose
+tier mix is the same at every step, an entry in the calibration table (`tasks.calibrate`).
+
+A curriculum that moves data in time changes what each batch holds, and content moves per-batch
+loss far more than the TREC does: such runs are reported ``content_confounded`` and never
+calibrate.
+
+Output ``<store>/reevaluate/<fingerprint>/``: ``steps/part-*.parquet`` (streamed per unit of work;
+a retried attempt keeps the complete parts and evaluates only the rest), ``trec.parquet`` (one row
+per sampled step: loss, per-tier loss, reference loss, corrected, smoothed, predicted),
+``summary.json``, ``trec_overlay.png``, manifest last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.calibrate import record_run
+from tasks.evalset import EvalSet, build_evalset, evalset_fingerprint
+from tasks.predict import read_curve
+from tasks.reference import Reference, reference_fingerprint, reference_losses, resolve_reference
+from tasks.stage_task import stage_task
+from tasks.train import BaseModel
+from trecflow.fingerprint import fingerprint
+from trecflow.recipe import Recipe, ReevaluationSection, RecipeError
+from trecflow.store import Store
+from training.calibration import CalibrationRun
+from training.reevaluation import ActorPool, ModelSpec, Unit
+from training.sample_index import COMPOSITION_FILE, TIERS, TIERS_FILE, SampleIndex, read_npy
+from training.trec_measure import Agreement, agreement, smooth
+from training.trec_plot import plot_measured
+
+STAGE = "reevaluate"
+STAGE_VERSION = 1
+SUMMARY_FILE = "summary.json"
+CURVE_FILE = "trec.parquet"
+PLOT_FILE = "trec_overlay.png"
+# Settings that change how the work is spread, not the numbers: left out of the fingerprint.
+EXECUTION_ONLY = ("actors", "cpus_per_actor", "steps_per_task", "max_retries", "micro_batch")
+# Sparser samplings whose agreement is reported when every step was evaluated.
+SAMPLING_STUDY = (5, 10)
+
+
+def reevaluate_fingerprint(recipe: Recipe, train_fp: str, place_fp: str, predict_fp: str, reference_fp: str | None, evalset_fp: str) -> str:
+    config = recipe.section("reevaluation")["reevaluation"]
+    for key in EXECUTION_ONLY:
+        config.pop(key)
+    inputs = {"train": train_fp, "place": place_fp, "predict": predict_fp, "reference": reference_fp or "", "evalset": evalset_fp}
+    return fingerprint(STAGE, STAGE_VERSION, config, inputs)
+
+
+def sampled_steps(section: ReevaluationSection, total: int) -> np.ndarray:
+    """The steps to evaluate: every k-th (the last always), or a seeded random subset; sorted."""
+    if section.random_steps is not None:
+        count = min(section.random_steps, total)
+        return np.sort(np.random.default_rng(section.seed).choice(total, size=count, replace=False)).astype(np.int64)
+    steps = np.arange(0, total, section.every, dtype=np.int64)
+    return steps if steps[-1] == total - 1 else np.append(steps, total - 1)
+
+
+def step_sequences(index: SampleIndex, steps: np.ndarray, section: ReevaluationSection) -> np.ndarray:
+    """(steps x k) sequence ids: each step's training batch, or a seeded subset of k of it."""
+    batches = index.batches(steps)
+    k = section.sequences_per_step
+    if k is None or k >= index.batch_size:
+        return batches
+    rng = np.random.default_rng(section.seed)
+    keep = np.sort(np.argsort(rng.random(batches.shape), axis=1)[:, :k], axis=1)  # k distinct positions per step
+    return np.take_along_axis(batches, keep, axis=1)
+
+
+def constant_mix(composition: np.ndarray) -> bool:
+    """True when every step holds the same tier mix (up to one sequence of rounding per tier)."""
+    return bool(np.all(composition.max(axis=0) - composition.min(axis=0) <= 1))
+
+
+@dataclass(frozen=True)
+class ReevaluateResult:
+    fingerprint: str
+    uri: str
+    summary: dict[str, Any]
+    reused: bool
+
+
+def part_name(first: int, last: int) -> str:
+    return f"steps/part-{first:09d}-{last:09d}.parquet"
+
+
+def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len: int) -> pa.Table:
+    """Per-step aggregates of per-sequence losses: mean loss, tokens, per-tier mean and count."""
+    columns: dict[str, Any] = {
+        "step": pa.array(steps, pa.int64()),
+        "loss": losses.mean(axis=1),
+        "sequences": pa.array(np.full(len(steps), losses.shape[1]), pa.int64()),
+        "tokens": pa.array(np.full(len(steps), losses.shape[1] * (seq_len - 1)), pa.int64()),
+    }
+    for code, tier in enumerate(TIERS):
+        mask = tiers == code
+        count = mask.sum(axis=1)
+        with np.errstate(invalid="ignore"):
+            columns[f"loss_{tier}"] = np.where(count > 0, (losses * mask).sum(axis=1) / np.maximum(count, 1), np.nan)
+        columns[f"sequences_{tier}"] = pa.array(count, pa.int64())
+    return pa.table(columns)
+
+
+def held_out_losses(evalset: EvalSet, losses: np.ndarray) -> dict[str, Any]:
+    """val_loss_hq (hq-tier documents), val_loss_general (all others) and the loss per source."""
+    tiers = np.asarray(evalset.tiers)
+    sources = np.asarray(evalset.sources)
+    hq = tiers == "hq"
+    result: dict[str, Any] = {
+        "val_loss_hq": float(losses[hq].mean()) if hq.any() else None,
+        "val_loss_general": float(losses[~hq].mean()) if (~hq).any() else None,
+        "val_loss_by_source": {str(source): float(losses[sources == source].mean()) for source in np.unique(sources)},
+        "val_sequences": {"hq": int(hq.sum()), "general": int((~hq).sum())},
+    }
+    return result
+
+
+def run_reevaluate(
+    recipe: Recipe,
+    store: Store,
+    *,
+    index_fp: str,
+    expected_inputs: dict[str, str],
+    train_fp: str,
+    predict_fp: str,
+    base: BaseModel,
+    variant: str,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> ReevaluateResult:
+    """Measure (or reuse) the TREC of the run ``train_fp`` trained on the index ``index_fp``."""
+    section = recipe.reevaluation
+    index = SampleIndex(store, index_fp, expected=expected_inputs)
+    trained = store.output("train", train_fp)
+    trained_on = trained.manifest()["inputs"].get("place")
+    if trained_on != index_fp:
+        raise RecipeError(f"{trained.uri}: the model was trained on the index {trained_on!r}, not on {index_fp!r}")
+    model_uri = json.loads(trained.read_bytes("summary.json"))["model_uri"]
+    score_fp, tokenizer_fp, pack_fp = expected_inputs["score"], expected_inputs["tokenizer"], expected_inputs["pack"]
+    reference = resolve_reference(recipe, store, base, score_fp, tokenizer_fp, progress=progress)
+    evalset = build_evalset(recipe, store, score_fp, tokenizer_fp, progress=progress)
+    fp = reevaluate_fingerprint(recipe, train_fp, index_fp, predict_fp, reference.fingerprint if reference else None, evalset.fingerprint)
+    output = store.output(STAGE, fp)
+    if output.exists() and not force:
+        return ReevaluateResult(fp, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), reused=True)
+    if force:
+        output.invalidate()  # else parts of an earlier attempt with this fingerprint are reused
+
+    seq_len = recipe.data.seq_len
+    steps = sampled_steps(section, index.steps)
+    ids = step_sequences(index, steps, section)
+    tier_of = read_npy(store.output("pack", pack_fp), TIERS_FILE)
+    pool_settings = {
+        "size": section.actors,
+        "max_retries": section.max_retries,
+        "cpus_per_actor": section.cpus_per_actor,
+        "model": {"precision": section.precision, "use_gpu": section.use_gpu, "micro_batch": section.micro_batch, "threads": section.cpus_per_actor},
+    }
+    reference_counts: dict[str, int] = {}
+    reference_step_loss = None
+    if reference is not None:
+        ref_ids, ref_losses, reference_counts = reference_losses(store, reference, pack_fp, ids, pool_settings, seq_len, progress)
+        reference_step_loss = ref_losses[np.searchsorted(ref_ids, ids)].mean(axis=1)
+
+    per_unit = section.steps_per_task or max(1, -(-steps.size // (section.actors * 8)))
+    done = {path.rsplit("/", 1)[1] for path in store.fs.glob(f"{output.path}/steps/part-*.parquet")}
+    units = []
+    for start in range(0, steps.size, per_unit):
+        stop = min(start + per_unit, steps.size)
+        name = part_name(int(steps[start]), int(steps[stop - 1]))
+        if name.rsplit("/", 1)[1] not in done:
+            units.append(Unit((start, stop, name), ids[start:stop], (stop - start) * ids.shape[1] * seq_len))
+    progress(
+        f"reevaluate: {steps.size:,} of {index.steps:,} steps x {ids.shape[1]} sequences on {section.actors} actors "
+        f"({len(units)} units to run, {len(done)} kept from an earlier attempt); reference: {reference.kind if reference else 'none'}"
+    )
+
+    def write_unit(unit: Unit, losses: np.ndarray) -> None:
+        start, stop, name = unit.key
+        buffer = io.BytesIO()
+        pq.write_table(step_rows(steps[start:stop], losses, tier_of[ids[start:stop]], seq_len), buffer)
+        store.put_atomic(output.file_path(name), buffer.getvalue())
+
+    held_out: dict[str, np.ndarray] = {}
+    started = time.monotonic()
+    spec = ModelSpec(model_uri, store.endpoint_url, **pool_settings["model"])
+    with ActorPool(section.actors, spec, store.url, store.endpoint_url, pack_fp, section.max_retries, section.cpus_per_actor) as pool:
+        pool.run(units, write_unit, progress=progress, label="reevaluate")
+        seconds = time.monotonic() - started
+        chunk = max(1, -(-len(evalset.tokens) // section.actors))
+        eval_units = [Unit(start, evalset.tokens[start : start + chunk], 0) for start in range(0, len(evalset.tokens), chunk)]
+        pool.run(eval_units, lambda unit, losses: held_out.__setitem__(unit.key, losses), by_id=False, label="held-out")
+        retried = pool.retried
+
+    table = read_parts(store, output.path)
+    if not np.array_equal(table["step"].to_numpy(), steps):
+        raise RuntimeError(f"{output.uri}: the parts hold {table.num_rows} steps, not the {steps.size} sampled ones")
+    validation = held_out_losses(evalset, np.concatenate([held_out[key] for key in sorted(held_out)]))
+    curve = read_curve(store, predict_fp)
+    prediction = json.loads(store.output("predict", predict_fp).read_bytes("summary.json"))
+    composition = read_npy(index.output, COMPOSITION_FILE)
+    placement = json.loads(index.output.read_bytes("summary.json"))
+    measured = Measured.compute(table, reference_step_loss, curve, prediction, section, index.steps)
+
+    evaluated_tokens = int(table["tokens"].to_numpy().sum())
+    summary: dict[str, Any] = {
+        **measured.summary(),
+        "content_confounded": not constant_mix(composition),
+        **{key: validation[key] for key in ("val_loss_hq", "val_loss_general", "val_loss_by_source", "val_sequences")},
+        "variant": variant,
+        "steps": index.steps,
+        "steps_evaluated": int(steps.size),
+        "sequences_per_step": int(ids.shape[1]),
+        "tokens_evaluated": evaluated_tokens,
+        "tokens_per_second": sum(unit.tokens for unit in units) / seconds if units and seconds > 0 else None,
+        "retried_units": retried + reference_counts.get("retried_units", 0),
+        "reference": {"kind": reference.kind, "fingerprint": reference.fingerprint, "uri": reference.uri, **reference_counts} if reference else None,
+        "sampling": {"every": section.every, "random_steps": section.random_steps, "sequences_per_step": section.sequences_per_step},
+        "model_uri": model_uri,
+        "hq_window": placement.get("window"),
+        "fingerprint": fp,
+    }
+    summary["calibration_entry"] = None
+    if not summary["content_confounded"]:
+        entry = CalibrationRun(fp, recipe.name, variant, recipe.schedule.kind, prediction["tpp"], prediction["tau"],
+                               summary["m_fit"], summary["trec_pearson_fit"], index.steps)
+        summary["calibration_entry"] = record_run(store, entry)
+
+    buffer = io.BytesIO()
+    pq.write_table(measured.table(table, curve), buffer)
+    output.write_bytes(CURVE_FILE, buffer.getvalue())
+    output.write_bytes(PLOT_FILE, measured.plot(curve, summary, f"{recipe.name} / {variant}: measured vs predicted TREC"))
+    for path in store.fs.glob(f"{output.path}/steps/part-*.parquet"):
+        output.record_file("steps/" + path.rsplit("/", 1)[1])
+    output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    output.commit(
+        inputs={"train": train_fp, "place": index_fp, "predict": predict_fp, "reference": reference.fingerprint if reference else "", "evalset": evalset.fingerprint},
+        counts={"steps_evaluated": int(steps.size), "tokens_evaluated": evaluated_tokens, "retried_units": summary["retried_units"]},
+    )
+    progress(
+        f"reevaluate: r_p {summary['trec_pearson']:.3f} (raw {summary['trec_pearson_raw']:.3f}, m = 0 {summary['trec_pearson_m0']:.3f}, "
+        f"best m {summary['m_fit']:g}: {summary['trec_pearson_fit']:.3f}); valley {summary['trec_valley_measured']:.3f} vs predicted "
+        f"{summary['trec_valley_predicted']:.3f}; val_loss_hq {validation['val_loss_hq']}, val_loss_general {validation['val_loss_general']}"
+        + ("; content-confounded (tier mix changes over training): not used for calibration" if summary["content_confounded"] else "")
+    )
+    return ReevaluateResult(fp, output.uri, summary, reused=False)
+
+
+def read_parts(store: Store, folder: str) -> pa.Table:
+    """Every complete part of a re-evaluation, sorted by step."""
+    tables = []
+    for path in sorted(store.fs.glob(f"{folder}/steps/part-*.parquet")):
+        with store.fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables)
+    return table.sort_by("step")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The measured curves of one run and their agreement with the prediction."""
+
+    steps: np.ndarray
+    raw: np.ndarray
+    raw_smoothed: np.ndarray
+    corrected: np.ndarray | None
+    corrected_smoothed: np.ndarray | None
+    reference: np.ndarray | None
+    raw_agreement: Agreement
+    corrected_agreement: Agreement | None
+    study: dict[str, Any]
+
+    @classmethod
+    def compute(cls, table: pa.Table, reference: np.ndarray | None, curve: pa.Table, prediction: dict, section: ReevaluationSection, total: int) -> Measured:
+        steps = table["step"].to_numpy()
+        raw = table["loss"].to_numpy()
+        coefficients = curve["c"].to_numpy()
+        p, m = float(prediction["p"]), float(prediction["m"])
+        raw_smoothed = smooth(steps, raw, total, section.smoothing)
+        corrected = corrected_smoothed = corrected_agreement = None
+        if reference is not None:
+            corrected = raw - section.beta * reference
+            corrected_smoothed = smooth(steps, corrected, total, section.smoothing)
+            corrected_agreement = agreement(steps, corrected_smoothed, coefficients, p, m)
+        study: dict[str, Any] = {}
+        if section.every == 1 and section.random_steps is None:
+            for k in SAMPLING_STUDY:
+                keep = (steps % k == 0) | (steps == total - 1)
+                entry = {"raw": agreement(steps[keep], smooth(steps[keep], raw[keep], total, section.smoothing), coefficients, p, m).r_p}
+                if corrected is not None:
+                    entry["corrected"] = agreement(steps[keep], smooth(steps[keep], corrected[keep], total, section.smoothing), coefficients, p, m).r_p
+                study[f"every_{k}"] = entry
+        return cls(steps, raw, raw_smoothed, corrected, corrected_smoothed, reference,
+                   agreement(steps, raw_smoothed, coefficients, p, m), corrected_agreement, study)
+
+    @property
+    def primary(self) -> Agreement:
+        """The corrected curve's agreement when a reference is configured, else the raw one."""
+        return self.corrected_agreement or self.raw_agreement
+
+    def summary(self) -> dict[str, Any]:
+        primary = self.primary
+        out = {
+            **primary.as_dict(),
+            "trec_pearson_raw": self.raw_agreement.r_p,
+            "trec_pearson_corrected": self.corrected_agreement.r_p if self.corrected_agreement else None,
+            "trec_valley_predicted": primary.valley_predicted,
+            "m": primary.m,
+            "curve": "corrected" if self.corrected_agreement else "raw",
+            "raw": self.raw_agreement.as_dict(),
+            "corrected": self.corrected_agreement.as_dict() if self.corrected_agreement else None,
+            "sampling_study": self.study or None,
+        }
+        return out
+
+    def table(self, parts: pa.Table, curve: pa.Table) -> pa.Table:
+        total = curve.num_rows
+        predicted = curve["trec_pred"].to_numpy()[self.steps]
+        extra = {"fraction": (self.steps + 1) / total, "loss_smoothed": self.raw_smoothed, "trec_pred": predicted}
+        if self.corrected is not None:
+            extra |= {"reference_loss": self.reference, "corrected": self.corrected, "corrected_smoothed": self.corrected_smoothed}
+        for name, values in extra.items():
+            parts = parts.append_column(name, pa.array(values, pa.float64()))
+        return parts
+
+    def plot(self, curve: pa.Table, summary: dict[str, Any], title: str) -> bytes:
+        total = curve.num_rows
+        primary = self.primary
+        return plot_measured(
+            (self.steps + 1) / total, self.raw, self.raw_smoothed, self.corrected_smoothed,
+            curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy(),
+            {"measured": primary.valley_measured, "predicted": primary.valley_predicted}, summary.get("hq_window"),
+            title + f"  (r_p {primary.r_p:.3f}, m {primary.m:g})",
+        )
+
+
+def current_fingerprint(recipe: Recipe, store: Store, *, index_fp: str, expected_inputs: dict[str, str], train_fp: str,
+                        predict_fp: str, base: BaseModel, **_: Any) -> str:
+    """The stage fingerprint from the inputs' fingerprints alone: no reference model is trained
+    and no eval set built to compute it (the Prefect cache key, and the flow's cache check)."""
+    score_fp, tokenizer_fp = expected_inputs["score"], expected_inputs["tokenizer"]
+    reference_fp = reference_fingerprint(recipe, base, score_fp, tokenizer_fp)
+    return reevaluate_fingerprint(recipe, train_fp, index_fp, predict_fp, reference_fp, evalset_fingerprint(recipe, score_fp, tokenizer_fp))
+
+
+@stage_task("reevaluate_trec", STAGE, current_fingerprint, retry_delay_seconds=5)
+def reevaluate_trec(
+    recipe: Recipe,
+    store_url: str,
+    endpoint_url: str | None = None,
+    force: bool = False,
+    *,
+    index_fp: str,
+    expected_inputs: dict[str, str],
+    train_fp: str,
+    predict_fp: str,
+    base: BaseModel,
+    variant: str,
+) -> ReevaluateResult:
+    """Prefect task around `run_reevaluate`. A retry keeps the units already written."""
+    from prefect import get_run_logger
+    from prefect.runtime import task_run
+
+    force = force and task_run.run_count <= 1
+    return run_reevaluate(recipe, Store(store_url, endpoint_url), index_fp=index_fp, expected_inputs=expected_inputs, train_fp=train_fp,
+                          predict_fp=predict_fp, base=base, variant=variant, force=force, progress=get_run_logger().info)
+
+
+__all__ = ["Reference", "ReevaluateResult", "reevaluate_trec", "run_reevaluate"]
