@@ -26,7 +26,7 @@ def test_shipped_configs_load():
     assert cpt.tokens_unused == 900_000_000_000 - 214_576 * 4_194_304
     assert cpt.sequences_per_step == 1024
     demo = load_recipe(CONFIGS / "demo.yaml")
-    assert demo.steps == 400 and demo.name == "demo"
+    assert demo.steps == 300 and demo.name == "demo"
     test = load_recipe(CONFIGS / "test.yaml")
     assert 24 <= test.steps <= 100  # "a few dozen steps" keeps the shared session fixture cheap
 
