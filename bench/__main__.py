@@ -3,13 +3,14 @@ CUDA device and runs only when named)."""
 
 import sys
 
-from bench import bench_gpu, bench_place, bench_predict, bench_score, bench_train
+from bench import bench_gpu, bench_place, bench_predict, bench_reevaluate, bench_score, bench_train
 
 BENCHMARKS = {
     "predict": bench_predict.run,
     "score": bench_score.run,
     "place": bench_place.run,
     "train": bench_train.run,
+    "reevaluate": bench_reevaluate.run,
     "gpu": bench_gpu.run,
 }
 ONLY_WHEN_NAMED = ("gpu",)

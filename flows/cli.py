@@ -530,6 +530,63 @@ def run(
     typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 
+COMPARE_KEYS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window")
+
+
+def format_comparison(result: dict) -> str:
+    """The comparison table, then each variant's stage times."""
+    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    header = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "valley", "HQ window", "confounded")
+    lines = [header]
+    for row in result["variants"]:
+        window = "spread (none)" if row["hq_window"] is None else f"[{row['hq_window'][0]:.3f}, {row['hq_window'][1]:.3f}]"
+        confounded = "-" if row["content_confounded"] is None else ("yes" if row["content_confounded"] else "no")
+        lines.append((row["variant"], fmt(row["val_loss_hq"]), fmt(row["val_loss_general"]), fmt(row["trec_pearson"]),
+                      fmt(row["trec_valley_measured"]), window, confounded))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    text.append("")
+    text.append("stage times (s): " + "; ".join(
+        f"{variant}: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in outcome.get("seconds", {}).items())
+        for variant, outcome in result["outcomes"].items()))
+    return "\n".join(text)
+
+
+@app.command()
+def compare(
+    recipe_path: RecipeArg,
+    variants: Annotated[Optional[str], typer.Option(help="comma-separated variants (default: all of the recipe's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Compare curriculum variants: the whole pipeline for each (cached stages shared), then one
+    MLflow comparison run and table."""
+    recipe = load_or_exit(recipe_path)
+    from flows.compare import compared_variants
+    from flows.params import Comparison
+    from flows.pipeline import STAGE_SECTIONS, require_sections
+    from tasks.placement import PlacementError
+
+    comparison = Comparison(recipe_path=str(recipe_path), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
+    try:
+        require_sections(recipe, str(recipe_path), STAGE_SECTIONS["reevaluate"], "a comparison")
+        for variant in compared_variants(comparison, recipe.curriculum):
+            check_placement(recipe, variant)
+    except (RecipeError, PlacementError) as error:
+        raise fail(str(error)) from None
+    check_sources(recipe)
+    from flows.compare import compare_curricula
+
+    result = run_stage_flow(compare_curricula, comparison=comparison)
+    if as_json:
+        rows = [{key: row[key] for key in COMPARE_KEYS} for row in result["variants"]]
+        typer.echo(json.dumps({"recipe": result["recipe"], "variants": rows, "mlflow_run_id": result["mlflow_run_id"]}))
+        return
+    typer.echo("")
+    typer.echo(format_comparison(result))
+    typer.echo(f"\nmlflow comparison run {result['mlflow_run_id']} (experiment {result['recipe']})")
+    typer.echo("open the UIs: trecflow ui   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,13 +1,25 @@
 """The ``compare_curricula`` flow: `cpt_pipeline` for several variants of one recipe, then one
 MLflow comparison run with the variants' runs nested under it.
 
-Variants share the cached stages (scoring, prediction, tokenizer, packing, the base model), so only
-placement, training and re-evaluation run per variant. On one machine the variants run one after
-another.
+Variants share every cached stage (scoring, prediction, tokenizer, packing, the base model, the
+held-out set and the reference losses), so only placement, training and re-evaluation run per
+variant. On one machine the variants run one after another; with ``RAY_ADDRESS`` set (a cluster)
+they run concurrently, each a subflow in its own thread whose Ray work lands on the cluster.
+
+The comparison run holds ``comparison.json`` / ``comparison.csv`` (variant, ``val_loss_hq``,
+``val_loss_general``, ``trec_pearson``, measured valley, HQ window, ...) and ``comparison.png``
+(held-out losses per variant; the HQ windows over the predicted TREC); the flow run gets the same
+table as a Prefect table artifact.
 """
 
 from __future__ import annotations
 
+import contextvars
+import csv
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from trecflow.settings import ensure_home
@@ -15,37 +27,97 @@ from trecflow.settings import ensure_home
 ensure_home()  # before the ephemeral Prefect server opens its database there
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_table_artifact
 
 from flows.params import Comparison, PipelineRun
-from flows.pipeline import cpt_pipeline, tracked_run
-from trecflow.recipe import RecipeError, load_recipe
-from trecflow.settings import store_endpoint, store_url
-from trecflow.store import Store
+from flows.pipeline import artifact_key, cpt_pipeline, load_run, tracked_run
+from tasks.predict import read_curve
+from trecflow.recipe import CurriculumSection, RecipeError
+from training.trec_plot import plot_comparison
+
+# The comparison table's columns, in order.
+COLUMNS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window",
+           "content_confounded", "final_loss", "mlflow_run_id")
 
 
-def compared_variants(comparison: Comparison, declared: list[str]) -> list[str]:
-    """The variants to run: the requested ones (each declared, no repeats) or all declared."""
-    names = comparison.variants or declared
-    unknown = [name for name in names if name not in declared]
-    if unknown:
-        raise RecipeError(f"variants: unknown {', '.join(map(repr, unknown))} (declared: {', '.join(declared)})")
+# Compared when the request names none and the recipe declares none.
+DEFAULT_VARIANTS = ("uniform", "end", "trec_valley")
+
+
+def compared_variants(comparison: Comparison, curriculum: CurriculumSection) -> list[str]:
+    """The variants to run: the requested ones, else the declared ones, else `DEFAULT_VARIANTS`.
+    An unknown or repeated name is a RecipeError."""
+    names = list(comparison.variants or curriculum.variants or DEFAULT_VARIANTS)
+    for name in names:
+        curriculum.variant(name)
     if len(set(names)) != len(names):
         raise RecipeError(f"variants: repeated names in {names}")
-    return list(names)
+    return names
+
+
+def comparison_row(variant: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """One variant's row; a variant whose recipe stops before re-evaluation has None there."""
+    measured = outcome.get("reevaluate", {})
+    return {
+        "variant": variant,
+        "val_loss_hq": measured.get("val_loss_hq"),
+        "val_loss_general": measured.get("val_loss_general"),
+        "trec_pearson": measured.get("trec_pearson"),
+        "trec_valley_measured": measured.get("trec_valley_measured"),
+        "hq_window": outcome.get("place", {}).get("window"),
+        "content_confounded": measured.get("content_confounded"),
+        "final_loss": outcome.get("train", {}).get("final_loss"),
+        "mlflow_run_id": outcome["mlflow_run_id"],
+    }
+
+
+def comparison_csv(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "hq_window": "" if row["hq_window"] is None else f"{row['hq_window'][0]:.4f}-{row['hq_window'][1]:.4f}"})
+    return buffer.getvalue().encode()
+
+
+def run_variants(comparison: Comparison, variants: list[str], parent_id: str, concurrent: bool) -> dict[str, Any]:
+    """`cpt_pipeline` for each variant (subflows), in order or concurrently."""
+    logger = get_run_logger()
+    runs = {variant: PipelineRun(recipe_path=comparison.recipe_path, variant=variant, mlflow_parent_run_id=parent_id) for variant in variants}
+    if not concurrent or len(variants) == 1:
+        outcomes = {}
+        for number, (variant, run) in enumerate(runs.items(), start=1):
+            logger.info("variant %s (%d of %d)", variant, number, len(variants))
+            outcomes[variant] = cpt_pipeline(run)
+        return outcomes
+    logger.info("variants %s, concurrently (Ray cluster at %s)", ", ".join(variants), os.environ.get("RAY_ADDRESS"))
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        futures = {variant: pool.submit(contextvars.copy_context().run, cpt_pipeline, run) for variant, run in runs.items()}
+        return {variant: future.result() for variant, future in futures.items()}
 
 
 @flow(name="compare_curricula")
 def compare_curricula(comparison: Comparison) -> dict[str, Any]:
-    """Run ``cpt_pipeline`` for each variant under one MLflow comparison run."""
-    logger = get_run_logger()
-    recipe = load_recipe(comparison.recipe_path)
-    variants = compared_variants(comparison, list(recipe.curriculum.variants))
-    store = Store(store_url(recipe), store_endpoint(recipe))
+    """Run ``cpt_pipeline`` for each variant under one MLflow comparison run; write the table."""
+    recipe, store = load_run(comparison.recipe_path)
+    variants = compared_variants(comparison, recipe.curriculum)
+    concurrent = comparison.concurrent if comparison.concurrent is not None else bool(os.environ.get("RAY_ADDRESS"))
     tags = {"trecflow.kind": "compare", "trecflow.recipe_path": comparison.recipe_path, "trecflow.variants": ",".join(variants)}
-    outcomes: dict[str, Any] = {}
     with tracked_run(store, recipe, f"compare-{recipe.name}", tags) as (tracker, parent_id):
-        for variant in variants:
-            logger.info("variant %s (%d of %d)", variant, len(outcomes) + 1, len(variants))
-            run = PipelineRun(recipe_path=comparison.recipe_path, variant=variant, mlflow_parent_run_id=parent_id)
-            outcomes[variant] = cpt_pipeline(run)
-    return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": parent_id, "variants": outcomes}
+        outcomes = run_variants(comparison, variants, parent_id, concurrent)
+        rows = [comparison_row(variant, outcomes[variant]) for variant in variants]
+        tracker.log_artifact_bytes(parent_id, "comparison.json", json.dumps(rows, indent=2).encode())
+        tracker.log_artifact_bytes(parent_id, "comparison.csv", comparison_csv(rows))
+        for row in rows:
+            tracker.log_metrics(parent_id, {f"{row['variant']}.{key}": row[key] for key in ("val_loss_hq", "val_loss_general", "trec_pearson")
+                                            if row[key] is not None})
+        predict_fp = next(iter(outcomes.values()))["predict"]["fingerprint"]
+        curve = read_curve(store, predict_fp)
+        plot = plot_comparison(curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy(), rows, f"{recipe.name}: curriculum variants")
+        tracker.log_artifact_bytes(parent_id, "comparison.png", plot)
+        create_table_artifact(
+            key=artifact_key("curriculum-comparison", recipe.name),
+            table=[{key: row[key] for key in COLUMNS} for row in rows],
+            description=f"curriculum variants of {recipe.name}: held-out losses, TREC agreement, HQ windows (MLflow run {parent_id})",
+        )
+    return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": parent_id, "variants": rows, "outcomes": outcomes}

@@ -29,6 +29,7 @@ class PipelineRun(BaseModel):
     recipe_path: str = Field("configs/demo.yaml", description="recipe YAML, relative to the project root or absolute")
     variant: str | None = Field(None, description="curriculum variant (default: the recipe's first)")
     force: list[Stage] = Field(default_factory=list, description="recompute these stages and everything downstream")
+    retries: int = Field(2, ge=0, description="retries of each stage task after a failure (bad input is never retried)")
     mlflow_parent_run_id: str | None = Field(None, description="MLflow run to nest this run under (compare_curricula sets it)")
 
 
@@ -37,3 +38,4 @@ class Comparison(BaseModel):
 
     recipe_path: str = Field("configs/demo.yaml", description="recipe YAML, relative to the project root or absolute")
     variants: list[str] = Field(default_factory=list, description="variants to compare (default: all of the recipe's)")
+    concurrent: bool | None = Field(None, description="run the variants at once (default: only on a Ray cluster, RAY_ADDRESS set)")

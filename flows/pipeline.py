@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import json
+import os
 import re
+import time
 from typing import Any, Iterator
 
 from trecflow.settings import ensure_home
@@ -24,7 +27,7 @@ from trecflow.settings import ensure_home
 ensure_home()  # before the ephemeral Prefect server opens its database there
 
 from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.params import PipelineRun
@@ -154,22 +157,53 @@ def score_markdown(recipe: Recipe, result: ScoreResult) -> str:
     )
 
 
+# The retries of every stage task in the current flow run (PipelineRun.retries); None: the task's own.
+STAGE_RETRIES: contextvars.ContextVar[int | None] = contextvars.ContextVar("STAGE_RETRIES", default=None)
+
+
 def run_cached(stage_task, stage: str, fp: str, store: Store, forced: set[str], recipe: Recipe, **inputs):
     """Run a stage task, trusting Prefect's cache only while the output is complete in the store."""
     force = stage in forced
     refresh = force or not store.output(stage, fp).exists()
-    result = stage_task.with_options(refresh_cache=refresh)(recipe, store.url, store.endpoint_url, force=force, **inputs)
+    options: dict[str, Any] = {"refresh_cache": refresh}
+    if STAGE_RETRIES.get() is not None:
+        options["retries"] = STAGE_RETRIES.get()
+    result = stage_task.with_options(**options)(recipe, store.url, store.endpoint_url, force=force, **inputs)
     # A cached task returns the result of the run that computed it; report this run's view.
     return dataclasses.replace(result, reused=not refresh)
 
 
+def mlflow_run_url(tracker: Tracker, run_id: str) -> str:
+    """Where the MLflow UI shows a run (``TRECFLOW_MLFLOW_UI_URL``, default the local `trecflow ui`)."""
+    base = os.environ.get("TRECFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    experiment = tracker.client.get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
 @contextlib.contextmanager
 def tracked_run(store: Store, recipe: Recipe, run_name: str, tags: dict[str, str]) -> Iterator[tuple[Tracker, str]]:
-    """An MLflow run that ends FINISHED, or FAILED if the block raises."""
+    """An MLflow run tagged with the Prefect flow run, linked from it by a Prefect link artifact;
+    it ends FINISHED, or FAILED if the block raises."""
     tracker = Tracker(store)
     run_id = tracker.start_run(recipe, run_name=run_name, tags={**tags, "prefect.flow_run_id": str(flow_run.id)})
+    create_link_artifact(key=artifact_key("mlflow-run", run_name), link=mlflow_run_url(tracker, run_id), link_text=f"MLflow run {run_name}",
+                         description=f"the MLflow run of this flow run ({run_id})")
     try:
         yield tracker, run_id
+    except BaseException:
+        tracker.end_run(run_id, status="FAILED")
+        raise
+    tracker.end_run(run_id)
+
+
+@contextlib.contextmanager
+def stage_run(tracker: Tracker, recipe: Recipe, parent_id: str, stage: str) -> Iterator[str]:
+    """A child MLflow run of ``parent_id`` for one stage (tagged with the stage and the Prefect
+    flow run); it ends FINISHED, or FAILED if the block raises."""
+    tags = {"mlflow.parentRunId": parent_id, "trecflow.stage": stage, "prefect.flow_run_id": str(flow_run.id)}
+    run_id = tracker.start_run(recipe, run_name=stage, tags=tags, with_params=False)
+    try:
+        yield run_id
     except BaseException:
         tracker.end_run(run_id, status="FAILED")
         raise
@@ -425,39 +459,57 @@ def _stage_summary(result) -> dict[str, Any]:
 def run_stages(
     recipe: Recipe, variant: str, store: Store, forced: set[str], tracker: Tracker, run_id: str, until: str = "reevaluate"
 ) -> dict[str, Any]:
-    """The stages in order, up to ``until`` (each one that the recipe has the sections for)."""
+    """The stages in order, up to ``until`` (each one that the recipe has the sections for); each
+    stage logs to its own MLflow run nested under ``run_id``."""
     logger = get_run_logger()
-    outcome: dict[str, Any] = {}
+    outcome: dict[str, Any] = {"seconds": {}}
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[str]:
+        began = time.perf_counter()
+        with stage_run(tracker, recipe, run_id, name) as child:
+            yield child
+        outcome["seconds"][name] = round(time.perf_counter() - began, 2)
+
     scored = None
     if recipe.corpus is not None:
-        scored = score_step(recipe, store, forced, tracker, run_id)
+        with stage("score") as child:
+            scored = score_step(recipe, store, forced, tracker, child)
         outcome["score"] = _stage_summary(scored)
     else:
         logger.info("no corpus section: the score stage is skipped")
-    predicted = predict_step(recipe, variant, store, forced, tracker, run_id)
+    with stage("predict") as child:
+        predicted = predict_step(recipe, variant, store, forced, tracker, child)
     outcome["predict"] = _stage_summary(predicted)
     if scored is None or recipe.tokenizer is None:
         logger.info("placement needs corpus and tokenizer sections: the tokenizer, pack and place stages are skipped")
         return outcome
-    tokenizer = tokenizer_step(recipe, store, forced, scored, tracker, run_id)
+    with stage("tokenizer") as child:
+        tokenizer = tokenizer_step(recipe, store, forced, scored, tracker, child)
     outcome["tokenizer"] = _stage_summary(tokenizer)
-    packed = pack_step(recipe, store, forced, scored, tokenizer, tracker, run_id)
+    with stage("pack") as child:
+        packed = pack_step(recipe, store, forced, scored, tokenizer, tracker, child)
     outcome["pack"] = _stage_summary(packed)
     # the fingerprints the index records, and that training then expects of it
     expected = place_module.index_inputs(recipe, variant, packed.fingerprint, scored.fingerprint, tokenizer.fingerprint, predicted.fingerprint)
-    placed = place_step(recipe, variant, store, forced, packed, predicted, expected, tracker, run_id)
+    with stage("place") as child:
+        placed = place_step(recipe, variant, store, forced, packed, predicted, expected, tracker, child)
     outcome["place"] = _stage_summary(placed)
     if until == "place":
         return outcome
     if recipe.base is None:
         logger.info("training needs a base section: the train stage is skipped")
         return outcome
-    trained, base = train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, run_id)
+    with stage("train") as child:
+        trained, base = train_step(recipe, store, forced, scored, tokenizer, placed, expected, tracker, child)
     outcome["train"] = _stage_summary(trained)
     if until == "train":
         return outcome
-    reevaluated = reevaluate_step(recipe, variant, store, forced, placed, expected, trained, predicted, base, tracker, run_id)
+    with stage("reevaluate") as child:
+        reevaluated = reevaluate_step(recipe, variant, store, forced, placed, expected, trained, predicted, base, tracker, child)
     outcome["reevaluate"] = _stage_summary(reevaluated)
+    # the headline numbers on the variant's own run too, where MLflow compares runs
+    tracker.log_metrics(run_id, reevaluation_metrics(reevaluated.summary) | {"final_loss": trained.summary["final_loss"]})
     return outcome
 
 
@@ -470,6 +522,7 @@ def cpt_pipeline(run: PipelineRun) -> dict[str, Any]:
     variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)  # unknown variant: RecipeError before any work
     forced = forced_stages([stage.value for stage in run.force])
+    STAGE_RETRIES.set(run.retries)
     logger.info("recipe %s, variant %s, store %s, forced stages: %s", recipe.name, variant, store.url, sorted(forced) or "none")
     outcome: dict[str, Any] = {"recipe": recipe.name, "variant": variant, "store": store.url}
     tags = {"trecflow.variant": variant, "trecflow.recipe_path": recipe_path}

@@ -83,9 +83,28 @@ def step_sequences(index: SampleIndex, steps: np.ndarray, section: ReevaluationS
     return np.take_along_axis(batches, keep, axis=1)
 
 
+# The tier mix of a run counts as constant in time when no block of MIX_BLOCK_FRACTION of training
+# has a tier share further than MIX_TOLERANCE (+ 4 binomial standard errors) from the run's share.
+MIX_BLOCK_FRACTION = 0.05
+MIX_TOLERANCE = 0.02
+
+
 def constant_mix(composition: np.ndarray) -> bool:
-    """True when every step holds the same tier mix (up to one sequence of rounding per tier)."""
-    return bool(np.all(composition.max(axis=0) - composition.min(axis=0) <= 1))
+    """True when the expected tier mix is the same at every step: a uniform random mix passes
+    (its blocks differ by sampling noise only), a curriculum that moves a tier in time does not."""
+    composition = np.asarray(composition, dtype=np.float64)
+    steps = composition.shape[0]
+    blocks = max(1, min(steps, round(1 / MIX_BLOCK_FRACTION)))
+    edges = np.linspace(0, steps, blocks + 1).round().astype(int)
+    overall = composition.sum(axis=0) / composition.sum()
+    for start, end in zip(edges[:-1], edges[1:]):
+        block = composition[start:end].sum(axis=0)
+        size = block.sum()
+        share = block / size
+        noise = 4 * np.sqrt(overall * (1 - overall) / size)
+        if np.any(np.abs(share - overall) > MIX_TOLERANCE + noise):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

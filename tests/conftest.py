@@ -9,12 +9,15 @@
   prediction) in a local store, made once.
 - ``trainable`` / ``trained_test``: that store with the uniform index and the tiny base, and then
   the uniform variant's CPT run (each made once).
+- ``compared_test``: a `compare_curricula` run of configs/test.yaml on the S3 store, reused by the
+  flow's cache and force tests and the UI test.
 - ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -122,6 +125,57 @@ def trained_test(trainable):
 
     trained = run_train(trainable["recipe"], trainable["store"], trainable["place"].fingerprint, trainable["expected"], trainable["base"], **QUIET)
     return {**trainable, "train": trained}
+
+
+COMPARE_VARIANTS = ["uniform", "trec_valley"]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def compared_test(prefect_harness, test_corpus, s3_endpoint):
+    """`compare_curricula` on configs/test.yaml (variants `COMPARE_VARIANTS`) once per session,
+    through Prefect's harness, with the store on moto's S3 server and MLflow on the session's
+    SQLite database. ``env`` points a flow run (or `trecflow ui`'s worker) at the same store."""
+    import uuid
+
+    from flows.compare import compare_curricula
+    from flows.params import Comparison
+
+    env = {
+        "TRECFLOW_STORE": f"s3://{BUCKET}/compare-{uuid.uuid4().hex[:8]}",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+    }
+    recipe_path = str(CONFIGS / "test.yaml")
+    with environment(env):
+        state = compare_curricula(Comparison(recipe_path=recipe_path, variants=COMPARE_VARIANTS), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    return {
+        "home": Path(_SESSION_HOME),
+        "env": env,
+        "recipe_path": recipe_path,
+        "recipe_name": "test",
+        "variants": list(COMPARE_VARIANTS),
+        "compare_run_id": result["mlflow_run_id"],
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "result": result,
+        "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+    }
 
 
 @pytest.fixture(scope="session")

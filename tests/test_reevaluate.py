@@ -130,7 +130,12 @@ def test_sampling_every_kth_step_and_a_subset_of_each_batch(trained_test):
 
 def test_a_curriculum_that_moves_data_in_time_is_content_confounded(trained_test):
     staged = trained_test
-    assert constant_mix(np.array([[2, 3, 3], [3, 3, 2], [2, 4, 2]]))
+    rng = np.random.default_rng(0)
+    mixed = rng.multinomial(32, [0.1, 0.2, 0.7], size=300)  # a uniform random mix: noise, no trend
+    assert constant_mix(mixed)
+    moved = mixed.copy()
+    moved[270:] = [32, 0, 0]  # all hq in the last 10%
+    assert not constant_mix(moved)
     ended = run_place(staged["recipe"], "end", staged["store"], staged["pack"].fingerprint, staged["predict"].fingerprint, **QUIET)
     composition = np.load(io.BytesIO(staged["store"].output("place", ended.fingerprint).read_bytes("composition.npy")))
     assert not constant_mix(composition)

@@ -135,3 +135,48 @@ def plot_measured(
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dict], title: str = "") -> bytes:
+    """PNG bytes: held-out losses per variant (hq and general) beside the predicted TREC with each
+    variant's HQ window and measured valley."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.4]})
+    names = [row["variant"] for row in rows]
+    x = np.arange(len(rows))
+    for offset, key, color in ((-0.2, "val_loss_hq", "tab:green"), (0.2, "val_loss_general", "tab:gray")):
+        values = [np.nan if row[key] is None else row[key] for row in rows]
+        bars.bar(x + offset, values, width=0.4, color=color, label=key)
+        for xi, value in zip(x + offset, values):
+            if np.isfinite(value):
+                bars.annotate(f"{value:.3f}", (xi, value), ha="center", va="bottom", fontsize=7)
+    finite = [row[key] for row in rows for key in ("val_loss_hq", "val_loss_general") if row[key] is not None]
+    if finite:
+        bars.set_ylim(min(finite) * 0.97, max(finite) * 1.02)
+    bars.set_xticks(x, names)
+    bars.set_ylabel("held-out loss (nats/token)")
+    bars.legend(fontsize=8)
+    bars.grid(axis="y", alpha=0.3)
+    index = _strided(fractions.size)
+    curve.plot(fractions[index], predicted[index], color="tab:red", linewidth=1.3, label="predicted TREC")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, row in enumerate(rows):
+        color = colors[number % len(colors)]
+        if row.get("hq_window"):
+            curve.axvspan(*row["hq_window"], color=color, alpha=0.18, label=f"{row['variant']}: HQ window")
+        if row.get("trec_valley_measured") is not None:
+            curve.axvline(row["trec_valley_measured"], color=color, linestyle=":", linewidth=1.2, label=f"{row['variant']}: measured valley")
+    curve.set_xlabel("training fraction (s+1)/T")
+    curve.set_ylabel("predicted TREC")
+    curve.legend(fontsize=7, loc="best")
+    curve.grid(alpha=0.3)
+    figure.suptitle(title or "curriculum variants")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

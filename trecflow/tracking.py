@@ -61,10 +61,12 @@ class Tracker:
             )
         return experiment.experiment_id
 
-    def start_run(self, recipe: Recipe, run_name: str, tags: dict[str, str]) -> str:
-        """A new run in the recipe's experiment, with the recipe as parameters; returns its id."""
+    def start_run(self, recipe: Recipe, run_name: str, tags: dict[str, str], with_params: bool = True) -> str:
+        """A new run in the recipe's experiment (with the recipe as parameters unless
+        ``with_params`` is False); returns its id."""
         run = self.client.create_run(self.experiment_id(recipe.name), run_name=run_name, tags=tags)
-        self.log_params(run.info.run_id, flatten(recipe.model_dump(mode="json")))
+        if with_params:
+            self.log_params(run.info.run_id, flatten(recipe.model_dump(mode="json")))
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
