@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
-                                            FlowRunFilterParentTaskRunId, TaskRunFilter)
+                                            FlowRunFilterParentTaskRunId)
 
 from flows.compare import compare_curricula
 from flows.params import Comparison, PipelineRun
@@ -76,33 +76,34 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
     assert uniform["reevaluate"]["steps_evaluated"] == 48 and uniform["reevaluate"]["content_confounded"] is False
     assert result["outcomes"]["trec_valley"]["reevaluate"]["content_confounded"] is True
 
-    # MLflow: compare run -> variant runs -> stage runs, each tagged with its Prefect flow run
-    client = mlflow.MlflowClient(compared_test["tracking_uri"])
-    parent = client.get_run(compared_test["compare_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["trecflow.kind"] == "compare"
-    assert parent.info.artifact_uri.startswith(f"{store.url}/mlflow/test")  # artifacts in the S3 store
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "comparison.csv", "comparison.png"}
-    rows = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison.json")).read())
-    assert [row["variant"] for row in rows] == ["uniform", "trec_valley"]
-    for row in rows:
-        measured = result["outcomes"][row["variant"]]["reevaluate"]
-        assert row["val_loss_hq"] == measured["val_loss_hq"] and row["trec_pearson"] == measured["trec_pearson"]
-    assert rows[0]["hq_window"] is None and rows[1]["hq_window"] == result["outcomes"]["trec_valley"]["place"]["window"]
-    variant_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {run.data.tags["trecflow.variant"] for run in variant_runs} == {"uniform", "trec_valley"}
-    for run in variant_runs:
-        variant = run.data.tags["trecflow.variant"]
-        assert run.data.tags["prefect.flow_run_id"] == str(runs[variant])
-        assert run.data.metrics["val_loss_hq"] == pytest.approx(result["outcomes"][variant]["reevaluate"]["val_loss_hq"])
-        stages = {child.data.tags["trecflow.stage"]: child for child in
-                  client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
-        assert set(stages) == {"score", "predict", "tokenizer", "pack", "place", "train", "reevaluate"}
-        assert all(child.data.tags["prefect.flow_run_id"] == str(runs[variant]) for child in stages.values())
-        train = stages["train"]
-        assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == list(range(48))
-        assert {"trec_pearson", "trec_valley_measured", "trec_valley_error", "val_loss_hq", "val_loss_general"} <= set(stages["reevaluate"].data.metrics)
-        assert {a.path for a in client.list_artifacts(stages["reevaluate"].info.run_id, "reevaluate")} == {"reevaluate/trec_overlay.png", "reevaluate/summary.json"}
-        assert stages["predict"].data.metrics["tau"] == pytest.approx(result["outcomes"][variant]["predict"]["tau"])
+    with environment(compared_test["env"]):  # MLflow reads the artifacts from the S3 store
+        # MLflow: compare run -> variant runs -> stage runs, each tagged with its Prefect flow run
+        client = mlflow.MlflowClient(compared_test["tracking_uri"])
+        parent = client.get_run(compared_test["compare_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.tags["trecflow.kind"] == "compare"
+        assert parent.info.artifact_uri.startswith(f"{store.url}/mlflow/test")  # artifacts in the S3 store
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "comparison.csv", "comparison.png"}
+        rows = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison.json")).read())
+        assert [row["variant"] for row in rows] == ["uniform", "trec_valley"]
+        for row in rows:
+            measured = result["outcomes"][row["variant"]]["reevaluate"]
+            assert row["val_loss_hq"] == measured["val_loss_hq"] and row["trec_pearson"] == measured["trec_pearson"]
+        assert rows[0]["hq_window"] is None and rows[1]["hq_window"] == result["outcomes"]["trec_valley"]["place"]["window"]
+        variant_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {run.data.tags["trecflow.variant"] for run in variant_runs} == {"uniform", "trec_valley"}
+        for run in variant_runs:
+            variant = run.data.tags["trecflow.variant"]
+            assert run.data.tags["prefect.flow_run_id"] == str(runs[variant])
+            assert run.data.metrics["val_loss_hq"] == pytest.approx(result["outcomes"][variant]["reevaluate"]["val_loss_hq"])
+            stages = {child.data.tags["trecflow.stage"]: child for child in
+                      client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+            assert set(stages) == {"score", "predict", "tokenizer", "pack", "place", "train", "reevaluate"}
+            assert all(child.data.tags["prefect.flow_run_id"] == str(runs[variant]) for child in stages.values())
+            train = stages["train"]
+            assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == list(range(48))
+            assert {"trec_pearson", "trec_valley_measured", "trec_valley_error", "val_loss_hq", "val_loss_general"} <= set(stages["reevaluate"].data.metrics)
+            assert {a.path for a in client.list_artifacts(stages["reevaluate"].info.run_id, "reevaluate")} == {"reevaluate/trec_overlay.png", "reevaluate/summary.json"}
+            assert stages["predict"].data.metrics["tau"] == pytest.approx(result["outcomes"][variant]["predict"]["tau"])
 
     with get_client(sync_client=True) as prefect:
         table = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curriculum-comparison-test"])))
