@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: venv demo test test-fast bench lock clean
 
@@ -19,10 +21,16 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: $(STAMP)
 	$(BIN)/trecflow corpus demo
-	$(BIN)/trecflow run configs/demo.yaml
+	$(BIN)/trecflow compare configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q --durations=10
+
+# The browser test (tests/test_ui.py) drives Debian's chromium with Playwright (the `test` extra);
+# Playwright never downloads a browser here. Installed once; `apt-get update` only if that fails.
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+	  || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

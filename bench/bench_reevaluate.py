@@ -17,9 +17,6 @@ Ratios against the train loop; goal: re-evaluation >= 2.5x training (forward-onl
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,21 +80,8 @@ def _forward_loop_rate(model_uri: str, index, threads: int) -> float:
 def run() -> None:
     from bench import bench_train
 
-    home = tempfile.mkdtemp(prefix="trecflow-bench-reevaluate-")
-    saved = {key: os.environ.get(key) for key in ("TRECFLOW_HOME", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
-    os.environ["TRECFLOW_HOME"] = home
-    os.environ["PREFECT_HOME"] = os.path.join(home, "prefect")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        _run(Path(home), bench_train)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with bench_train.isolated_home("trecflow-bench-reevaluate-") as home:
+        _run(home, bench_train)
 
 
 def _run(home: Path, bench_train) -> None:

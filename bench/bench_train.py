@@ -44,6 +44,7 @@ are printed: close (2 ranks x 16 sequences all-reduced vs one batch of 32: float
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -52,6 +53,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 60
@@ -296,19 +298,21 @@ def load_average() -> str:
         return "n/a"
 
 
-def run() -> None:
-    began = time.perf_counter()
-    home = tempfile.mkdtemp(prefix="trecflow-bench-train-")
+@contextlib.contextmanager
+def isolated_home(prefix: str) -> Iterator[Path]:
+    """A temporary TRECFLOW_HOME (with Prefect's home and MLflow's database in it) for one
+    benchmark; removed afterwards, the environment restored, and Ray shut down if it started here."""
+    import ray
+
+    home = tempfile.mkdtemp(prefix=prefix)
     saved = {key: os.environ.get(key) for key in ("TRECFLOW_HOME", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
     os.environ["TRECFLOW_HOME"] = home  # before anything reads it (the recipe's corpus paths, Prefect's home)
     os.environ["PREFECT_HOME"] = os.path.join(home, "prefect")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
     ray_was_up = ray.is_initialized()
     try:
-        _run(Path(home), began)
+        yield Path(home)
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()
@@ -318,6 +322,12 @@ def run() -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def run() -> None:
+    began = time.perf_counter()
+    with isolated_home("trecflow-bench-train-") as home:
+        _run(home, began)
 
 
 def _probe_worker(config: dict) -> None:

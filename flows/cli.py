@@ -587,6 +587,22 @@ def compare(
     typer.echo("open the UIs: trecflow ui   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
 
 
+@app.command()
+def ui(
+    prefect_port: Annotated[int, typer.Option(help="port of the Prefect server and UI")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="port of the MLflow UI")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to listen on (loopback by default)")] = "127.0.0.1",
+) -> None:
+    """Start the Prefect UI (server, a worker for the local pool, the deployments of prefect.yaml)
+    and the MLflow UI; print their URLs; Ctrl-C stops them all."""
+    from flows.ui import UIError, serve_ui
+
+    try:
+        serve_ui(prefect_port=prefect_port, mlflow_port=mlflow_port, host=host, on_ready=typer.echo, progress=typer.echo)
+    except UIError as error:
+        raise fail(str(error), code=1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -97,7 +97,7 @@ def run_variants(comparison: Comparison, variants: list[str], parent_id: str, co
 
 
 @flow(name="compare_curricula")
-def compare_curricula(comparison: Comparison) -> dict[str, Any]:
+def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     """Run ``cpt_pipeline`` for each variant under one MLflow comparison run; write the table."""
     recipe, store = load_run(comparison.recipe_path)
     variants = compared_variants(comparison, recipe.curriculum)

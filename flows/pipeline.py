@@ -514,7 +514,7 @@ def run_stages(
 
 
 @flow(name="cpt_pipeline")
-def cpt_pipeline(run: PipelineRun) -> dict[str, Any]:
+def cpt_pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:
     """Run the pipeline for ``run.recipe_path`` and one curriculum variant."""
     logger = get_run_logger()
     recipe_path = run.recipe_path

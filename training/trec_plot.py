@@ -20,6 +20,17 @@ def _strided(steps: int) -> np.ndarray:
     return np.unique(index)
 
 
+def _png(figure) -> bytes:
+    """The figure as PNG bytes (laid out tight, 100 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str = "") -> bytes:
     """PNG bytes of the three-panel prediction plot."""
     import matplotlib
@@ -48,11 +59,7 @@ def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str =
     axes[0].legend(loc="best", fontsize=8)
     axes[-1].set_xlabel("training fraction (s+1)/T")
     figure.suptitle(title or f"TREC prediction: {prediction.steps} steps, tau={prediction.tau:.3g}")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def plot_placement(
@@ -81,11 +88,7 @@ def plot_placement(
     share_axis.legend(handles=handles, loc="upper left", fontsize=8)
     share_axis.grid(alpha=0.3)
     figure.suptitle(title or "curriculum placement")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def plot_measured(
@@ -130,11 +133,7 @@ def plot_measured(
     axis.legend(loc="upper left", fontsize=7)
     axis.grid(alpha=0.3)
     figure.suptitle(title or "measured vs predicted TREC")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dict], title: str = "") -> bytes:
@@ -175,8 +174,4 @@ def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dic
     curve.legend(fontsize=7, loc="best")
     curve.grid(alpha=0.3)
     figure.suptitle(title or "curriculum variants")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
