@@ -146,19 +146,23 @@ def environment(values: dict[str, str]):
 
 
 @pytest.fixture(scope="session")
-def compared_test(prefect_harness, test_corpus, s3_endpoint):
+def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
     """`compare_curricula` on configs/test.yaml (variants `COMPARE_VARIANTS`) once per session,
-    through Prefect's harness, with the store on moto's S3 server and MLflow on the session's
-    SQLite database. ``env`` points a flow run (or `trecflow ui`'s worker) at the same store."""
+    through Prefect's harness, with the store on moto's S3 server and MLflow on its own SQLite
+    database. ``env`` points a flow run (or `trecflow ui`'s worker) at the same store and database."""
     import uuid
 
     from flows.compare import compare_curricula
     from flows.params import Comparison
 
+    # its own MLflow database: the experiment `test` it creates keeps its artifacts in this S3
+    # store, and the session's database serves tests whose stores are local folders
+    tracking = f"sqlite:///{tmp_path_factory.mktemp('compare-mlflow') / 'mlflow.db'}"
     env = {
         "TRECFLOW_STORE": f"s3://{BUCKET}/compare-{uuid.uuid4().hex[:8]}",
         "AWS_ENDPOINT_URL": s3_endpoint,
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_TRACKING_URI": tracking,
     }
     recipe_path = str(CONFIGS / "test.yaml")
     with environment(env):
@@ -174,7 +178,7 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint):
         "compare_run_id": result["mlflow_run_id"],
         "flow_run_id": str(state.state_details.flow_run_id),
         "result": result,
-        "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+        "tracking_uri": tracking,
     }
 
 
