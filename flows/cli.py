@@ -369,27 +369,9 @@ REEVALUATE_KEYS = (
 
 
 def format_reevaluate(summary: dict) -> str:
-    fmt = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
-    reference = summary["reference"]
-    rows = [
-        ("steps evaluated", f"{summary['steps_evaluated']:,} of {summary['steps']:,} ({summary['sequences_per_step']} sequences each)"),
-        ("reference", "none" if reference is None else f"{reference['kind']} ({reference['from_cache']:,} of {reference['sequences']:,} losses cached)"),
-        ("r_p", f"{fmt(summary['trec_pearson'])} ({summary['curve']} curve, m = {summary['m']:g})"),
-        ("r_p raw", fmt(summary["trec_pearson_raw"])),
-        ("r_p with m = 0", fmt(summary["trec_pearson_m0"])),
-        ("r_p with the best m", f"{fmt(summary['trec_pearson_fit'])} (m_fit = {summary['m_fit']:g})"),
-        ("valley", f"measured {fmt(summary['trec_valley_measured'])}, predicted {fmt(summary['trec_valley_predicted'])}, "
-                   f"error {fmt(summary['trec_valley_error'])}"),
-        ("val_loss_hq", fmt(summary["val_loss_hq"])),
-        ("val_loss_general", fmt(summary["val_loss_general"])),
-    ]
-    rows += [(f"  val_loss {source}", fmt(loss)) for source, loss in summary["val_loss_by_source"].items()]
-    for name, entry in (summary.get("sampling_study") or {}).items():
-        rows.append((f"r_p {name.replace('_', ' ')}", ", ".join(f"{kind} {fmt(value)}" for kind, value in entry.items())))
-    rows.append(("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary["content_confounded"] else "no"))
-    if summary["retried_units"]:
-        rows.append(("retried units", f"{summary['retried_units']:,} (an actor died; their steps were evaluated again)"))
-    return aligned(rows)
+    from flows.report import reevaluation_rows
+
+    return aligned(reevaluation_rows(summary))
 
 
 @app.command()
@@ -535,14 +517,14 @@ COMPARE_KEYS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "t
 
 def format_comparison(result: dict) -> str:
     """The comparison table, then each variant's stage times."""
-    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    from flows.report import number, window_text
+
     header = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "valley", "HQ window", "confounded")
     lines = [header]
     for row in result["variants"]:
-        window = "spread (none)" if row["hq_window"] is None else f"[{row['hq_window'][0]:.3f}, {row['hq_window'][1]:.3f}]"
         confounded = "-" if row["content_confounded"] is None else ("yes" if row["content_confounded"] else "no")
-        lines.append((row["variant"], fmt(row["val_loss_hq"]), fmt(row["val_loss_general"]), fmt(row["trec_pearson"]),
-                      fmt(row["trec_valley_measured"]), window, confounded))
+        lines.append((row["variant"], *(number(row[key], "-") for key in ("val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured")),
+                      window_text(row["hq_window"]), confounded))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     text.append("")

@@ -31,6 +31,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.params import PipelineRun
+from flows.report import reevaluation_rows
 from tasks import place as place_module
 from tasks.base_model import build_base
 from tasks.pack import PackResult, pack_fingerprint, pack_sequences
@@ -185,15 +186,10 @@ def tracked_run(store: Store, recipe: Recipe, run_name: str, tags: dict[str, str
     """An MLflow run tagged with the Prefect flow run, linked from it by a Prefect link artifact;
     it ends FINISHED, or FAILED if the block raises."""
     tracker = Tracker(store)
-    run_id = tracker.start_run(recipe, run_name=run_name, tags={**tags, "prefect.flow_run_id": str(flow_run.id)})
-    create_link_artifact(key=artifact_key("mlflow-run", run_name), link=mlflow_run_url(tracker, run_id), link_text=f"MLflow run {run_name}",
-                         description=f"the MLflow run of this flow run ({run_id})")
-    try:
+    with tracker.run(recipe, run_name, tags={**tags, "prefect.flow_run_id": str(flow_run.id)}) as run_id:
+        create_link_artifact(key=artifact_key("mlflow-run", run_name), link=mlflow_run_url(tracker, run_id), link_text=f"MLflow run {run_name}",
+                             description=f"the MLflow run of this flow run ({run_id})")
         yield tracker, run_id
-    except BaseException:
-        tracker.end_run(run_id, status="FAILED")
-        raise
-    tracker.end_run(run_id)
 
 
 @contextlib.contextmanager
@@ -201,13 +197,8 @@ def stage_run(tracker: Tracker, recipe: Recipe, parent_id: str, stage: str) -> I
     """A child MLflow run of ``parent_id`` for one stage (tagged with the stage and the Prefect
     flow run); it ends FINISHED, or FAILED if the block raises."""
     tags = {"mlflow.parentRunId": parent_id, "trecflow.stage": stage, "prefect.flow_run_id": str(flow_run.id)}
-    run_id = tracker.start_run(recipe, run_name=stage, tags=tags, with_params=False)
-    try:
+    with tracker.run(recipe, stage, tags=tags, with_params=False) as run_id:
         yield run_id
-    except BaseException:
-        tracker.end_run(run_id, status="FAILED")
-        raise
-    tracker.end_run(run_id)
 
 
 def score_step(recipe: Recipe, store: Store, forced: set[str], tracker: Tracker, run_id: str) -> ScoreResult:
@@ -405,18 +396,7 @@ def reevaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def reevaluation_markdown(recipe: Recipe, variant: str, result, overlay: bytes) -> str:
-    summary = result.summary
-    fmt = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
-    rows = [
-        ("curve compared", f"{summary['curve']} (m = {summary['m']:g})"),
-        ("r_p", fmt(summary["trec_pearson"])),
-        ("r_p raw / m = 0 / best m", f"{fmt(summary['trec_pearson_raw'])} / {fmt(summary['trec_pearson_m0'])} / {fmt(summary['trec_pearson_fit'])} (m_fit {summary['m_fit']:g})"),
-        ("valley measured / predicted / error", f"{fmt(summary['trec_valley_measured'])} / {fmt(summary['trec_valley_predicted'])} / {fmt(summary['trec_valley_error'])}"),
-        ("val_loss_hq / val_loss_general", f"{fmt(summary['val_loss_hq'])} / {fmt(summary['val_loss_general'])}"),
-        ("steps evaluated", f"{summary['steps_evaluated']:,} of {summary['steps']:,}"),
-        ("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary["content_confounded"] else "no"),
-        ("output", result.uri),
-    ]
+    rows = reevaluation_rows(result.summary) + [("output", f"`{result.uri}`")]
     image = base64.b64encode(overlay).decode()
     return markdown_table(f"Measured TREC: {recipe.name} / {variant}", rows) + f"\n\n![measured vs predicted TREC](data:image/png;base64,{image})\n"
 

@@ -7,10 +7,11 @@ MLflow is imported on first use so that light commands never pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from trecflow.recipe import Recipe
 from trecflow.settings import tracking_uri
@@ -92,3 +93,14 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, recipe: Recipe, run_name: str, tags: dict[str, str], with_params: bool = True) -> Iterator[str]:
+        """`start_run` for the block: the run ends FINISHED, or FAILED if the block raises."""
+        run_id = self.start_run(recipe, run_name=run_name, tags=tags, with_params=with_params)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, status="FAILED")
+            raise
+        self.end_run(run_id)
