@@ -119,10 +119,14 @@ def test_a_second_compare_is_all_cache_hits_and_a_forced_placement_reruns_only_w
     uniform = compared_test["result"]["outcomes"]["uniform"]
     created = store.output("train", uniform["train"]["fingerprint"]).manifest()["created_unix"]
     with environment(compared_test["env"]):
-        state = compare_curricula(Comparison(recipe_path=compared_test["recipe_path"], variants=compared_test["variants"]), return_state=True)
+        # concurrently, as on a cluster: each variant's subflow in its own thread, still nested and cached
+        comparison = Comparison(recipe_path=compared_test["recipe_path"], variants=compared_test["variants"], concurrent=True)
+        state = compare_curricula(comparison, return_state=True)
         assert state.is_completed(), state
         again = state.result()
-        for variant, flow_run_id in variant_flow_runs(state.state_details.flow_run_id).items():
+        nested = variant_flow_runs(state.state_details.flow_run_id)
+        assert sorted(nested) == sorted(compared_test["variants"])
+        for variant, flow_run_id in nested.items():
             assert task_states(flow_run_id) == cached(), variant
         assert [row["val_loss_hq"] for row in again["variants"]] == [row["val_loss_hq"] for row in compared_test["result"]["variants"]]
         assert store.output("train", uniform["train"]["fingerprint"]).manifest()["created_unix"] == created

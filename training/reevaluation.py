@@ -24,6 +24,7 @@ import numpy as np
 # Test hook: when set to a path that does not exist yet, the first actor to evaluate creates it
 # and exits mid-unit, as a crashed or preempted worker would (tests/test_reevaluate.py).
 FAULT_ENV = "TRECFLOW_FAULT_REEVAL_EXIT_ONCE"
+RESTART_PROBE_SECONDS = 0.5  # between probes of an actor Ray is restarting
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class ActorPool:
         attempts: dict[int, int] = {}
         in_flight: dict[Any, tuple[int, Unit, int]] = {}  # ref -> (actor, unit, position)
         probes: dict[Any, int] = {}  # ref of a pid() call -> actor being waited for after a failure
+        restarting: dict[int, float] = {}  # actor -> when to probe it again (Ray is still restarting it)
         free = list(range(len(self.actors)))
         alive = set(free)
         done = tokens = 0
@@ -168,16 +170,25 @@ class ActorPool:
                 position, unit = pending.pop(0)
                 actor = free.pop(0)
                 in_flight[self.actors[actor].losses.remote(unit.work, by_id)] = (actor, unit, position)
-            ready, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=interval)
+            now = time.monotonic()
+            for actor, when in list(restarting.items()):
+                if when <= now:
+                    del restarting[actor]
+                    probes[self.actors[actor].pid.remote()] = actor
+            timeout = min([interval, *(when - now for when in restarting.values())])
+            if in_flight or probes:
+                ready, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=max(timeout, 0.0))
+            else:  # every usable actor is restarting: wait for the next probe's time
+                time.sleep(max(timeout, 0.0))
+                ready = []
             for ref in ready:
                 if ref in probes:
                     actor = probes.pop(ref)
                     try:
                         ray.get(ref)
                         free.append(actor)
-                    except ActorUnavailableError:  # still restarting: ask again shortly
-                        time.sleep(0.5)
-                        probes[self.actors[actor].pid.remote()] = actor
+                    except ActorUnavailableError:  # still restarting: ask again shortly, without blocking the others
+                        restarting[actor] = time.monotonic() + RESTART_PROBE_SECONDS
                     except RayActorError:  # out of restarts
                         alive.discard(actor)
                     continue
