@@ -13,7 +13,9 @@ and starts over. No gradient accumulation, no activation checkpointing.
   bf16 (bf16 weights and gradients, fp32 master weights and Adam moments in the ZeRO optimizer),
   gradient clipping 1.0 and AdamW (betas 0.9/0.95, weight decay 0.1, constant LR 3e-4): torch's
   AdamW (``torch_adam``, foreach), or DeepSpeed's FusedAdam with
-  ``TRECFLOW_BENCH_GPU_OPTIMIZER=fused`` (falls back to torch's when it cannot be built). The
+  ``TRECFLOW_BENCH_GPU_OPTIMIZER=fused`` (JIT-built with ninja and nvcc for this GPU's
+  ``major.minor`` when ``TORCH_CUDA_ARCH_LIST`` holds entries such as ``9.0a`` that DeepSpeed's
+  builder cannot parse; falls back to torch's, on a fresh model, when it cannot be built). The
   process initializes torch.distributed itself (``MASTER_ADDR``/``MASTER_PORT``/``RANK``/
   ``WORLD_SIZE``/``LOCAL_RANK`` defaulted for one process, NCCL) through
   ``deepspeed.init_distributed``.
@@ -31,11 +33,28 @@ attention scores and values, causal masking not discounted). Peak: dense bf16 te
 name (H100/H200/H800/GH200 989e12, A100/A800 312e12, L40S 362e12, A10G/A10 125e12, L4 121e12),
 or ``TRECFLOW_BENCH_PEAK_FLOPS``; unknown GPUs print no MFU. Memory:
 ``torch.cuda.max_memory_allocated`` over the measured run (and reserved).
+
+Re-evaluation (stage 5, forward only), after both training sides, same run: the same model shape
+(randomly initialized, seed 1234) is saved once in fp32 with ``save_pretrained`` to a temporary
+folder and loaded through the real code path, ``training.reevaluation.load_eval_model(ModelSpec(
+uri=folder, precision="bf16", use_gpu=True))`` (load time printed); then
+``training.reevaluation.sequence_losses(model, tokens, micro)`` on int32 numpy token arrays of
+micro x 2048 random ids (a fresh array each call), `WARMUP` calls unmeasured, then `STEPS` timed
+calls (each returns the losses on the host, so it is synchronous). Micro-batches: 16 and 32 on a
+GPU with 70 GiB or more, 8 and 16 with 35 GiB or more, else 4
+(``TRECFLOW_BENCH_GPU_REEVAL_MICRO``, comma-separated, overrides); one that runs out of memory is
+reported and skipped. tokens/s = micro x 2048 / mean call time; MFU with forward FLOPs 2 N per token
+(and 2 N + 4 L d s with attention); ratio = re-evaluation tokens/s / DeepSpeed training tokens/s
+of this run. bf16 check: the per-sequence losses of 8 fresh sequences from the bf16 load and from
+an fp32 load (``precision="fp32"``) of the same folder: both means, max and mean |difference|.
+``TRECFLOW_BENCH_GPU_REEVAL=0`` skips this part.
+
 Without CUDA it prints one line and returns (exit status 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -98,6 +117,12 @@ def flops_per_token(parameters: int, config, seq_len: int) -> tuple[float, float
     """(6 N, 6 N + 12 L d s): training FLOPs per token without and with attention."""
     dense = 6.0 * parameters
     return dense, dense + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def forward_flops_per_token(parameters: int, config, seq_len: int) -> tuple[float, float]:
+    """(2 N, 2 N + 4 L d s): forward-only FLOPs per token without and with attention."""
+    dense = 2.0 * parameters
+    return dense, dense + 4.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def deepspeed_config(micro: int, optimizer: str) -> dict:
@@ -194,19 +219,49 @@ def _timed_steps(step, batches, device, warmup: int, steps: int) -> tuple[list[f
     return seconds, loss
 
 
+@contextlib.contextmanager
+def _jit_arch_list(device, needed: bool):
+    """``TORCH_CUDA_ARCH_LIST`` as this GPU's ``major.minor`` while DeepSpeed JIT-builds an op, when
+    the environment's list has an entry its builder cannot parse (it reads ``int.int[+PTX]``; CUDA
+    images set e.g. ``9.0a``, which fails with "invalid literal for int() ... '0a'")."""
+    import re
+
+    import torch
+
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    entries = (current or "").replace(" ", ";").split(";")
+    if not needed or current is None or all(re.fullmatch(r"\d+\.\d+(\+PTX)?", entry) for entry in entries if entry):
+        yield
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    try:
+        yield
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = current
+
+
 def measure_deepspeed(config, micro: int, seq_len: int, device, optimizer: str, warmup: int = WARMUP, steps: int = STEPS) -> dict:
     import deepspeed
     import torch
 
     model = _build_model(config, device)
     parameters = sum(p.numel() for p in model.parameters())
+    failed = None
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(micro, optimizer))
+        with _jit_arch_list(device, optimizer == "fused"):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   config=deepspeed_config(micro, optimizer))
     except Exception as error:  # FusedAdam that cannot be built here
         if optimizer == "torch" or isinstance(error, torch.cuda.OutOfMemoryError):
             raise
-        print(f"  FusedAdam unavailable ({type(error).__name__}: {str(error).splitlines()[0][:120]}); using torch's AdamW")
+        failed = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    if failed is not None:  # outside the except block: its traceback no longer holds the failed engine
+        print(f"  FusedAdam unavailable ({failed}); using torch's AdamW")
         optimizer = "torch"
+        model = None
+        _free(device)
+        model = _build_model(config, device)  # a fresh model: the failed engine left its forward hooks on the old one
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(micro, optimizer))
     inner = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
 
@@ -248,6 +303,68 @@ def measure_loop(config, micro: int, seq_len: int, device, warmup: int = WARMUP,
     finally:
         optimizer = model = None  # drop the references before freeing GPU memory
         _free(device)
+
+
+def reevaluation_micro_batches(total_bytes: int) -> list[int]:
+    if "TRECFLOW_BENCH_GPU_REEVAL_MICRO" in os.environ:
+        return [int(value) for value in os.environ["TRECFLOW_BENCH_GPU_REEVAL_MICRO"].split(",") if value.strip()]
+    gib = total_bytes / 2**30
+    return [16, 32] if gib >= 70 else [8, 16] if gib >= 35 else [4]
+
+
+def save_random_model(config, device, folder: str) -> None:
+    """The benchmark's model, randomly initialized (seed `SEED`), saved in fp32 as a HF folder."""
+    model = _build_model(config, device)
+    model.save_pretrained(folder)
+    model = None
+    _free(device)
+
+
+def measure_reevaluation(folder: str, micros: list[int], seq_len: int, device, warmup: int = WARMUP, steps: int = STEPS,
+                         check_rows: int = 8) -> dict:
+    """Stage 5's forward-only loss through `training.reevaluation`: bf16 throughput per micro-batch,
+    then bf16 against fp32 per-sequence losses of the same weights on one batch."""
+    import numpy as np
+    import torch
+
+    from training.reevaluation import ModelSpec, load_eval_model, sequence_losses
+
+    _sync(device)
+    began = time.perf_counter()
+    model = load_eval_model(ModelSpec(uri=folder, precision="bf16", use_gpu=True))
+    _sync(device)
+    load_seconds = time.perf_counter() - began
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    rng = np.random.default_rng(SEED)
+
+    def batches(micro: int):
+        while True:
+            yield rng.integers(0, VOCAB, (micro, seq_len), dtype=np.int32)
+
+    runs = []
+    for micro in micros:
+        out_of_memory = False
+        try:
+            seconds, loss = _timed_steps(lambda batch, m=micro: float(sequence_losses(model, batch, m).mean()), batches(micro),
+                                         device, warmup, steps)
+            runs.append({"micro": micro, "seconds": seconds, "loss": loss, **_memory(device)})
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the except block: its traceback no longer holds the call's tensors
+            runs.append({"micro": micro, "out_of_memory": True})
+        _free(device)
+
+    check = np.random.default_rng(SEED + 1).integers(0, VOCAB, (check_rows, seq_len), dtype=np.int32)
+    bf16 = sequence_losses(model, check, check_rows)
+    model = None
+    _free(device)
+    model = load_eval_model(ModelSpec(uri=folder, precision="fp32", use_gpu=True))
+    fp32 = sequence_losses(model, check, check_rows)
+    model = None
+    _free(device)
+    difference = np.abs(bf16 - fp32)
+    return {"load_seconds": load_seconds, "dtype": dtype, "runs": runs, "check_rows": check_rows, "mean_bf16": float(bf16.mean()),
+            "mean_fp32": float(fp32.mean()), "max_abs_diff": float(difference.max()), "mean_abs_diff": float(difference.mean())}
 
 
 def _memory(device) -> dict:
@@ -308,6 +425,15 @@ def run() -> None:
     name = properties.name
     peak = peak_flops(name)
     init_distributed("nccl")
+    import torch.distributed as dist
+
+    import deepspeed
+    import transformers
+
+    print(f"versions: torch {torch.__version__} (CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}), "
+          f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}; torch.distributed "
+          f"{dist.get_backend()} backend, world {dist.get_world_size()}, rank {dist.get_rank()}", flush=True)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained/from_pretrained progress bars
     config = llama_config()
     optimizer = "fused" if os.environ.get("TRECFLOW_BENCH_GPU_OPTIMIZER", "torch") == "fused" else "torch"
     micro = default_micro_batch(properties.total_memory)
@@ -325,6 +451,14 @@ def run() -> None:
         except torch.cuda.OutOfMemoryError:
             print(f"  loop baseline: out of memory at micro-batch {micro} (after the DeepSpeed run): skipped")
         _free(device)
+    reeval = None
+    if os.environ.get("TRECFLOW_BENCH_GPU_REEVAL", "1") != "0":
+        import tempfile
+
+        print("re-evaluation: saving the model, then load_eval_model + sequence_losses ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="trecflow-bench-gpu-") as folder:
+            save_random_model(config, device, folder)
+            reeval = measure_reevaluation(folder, reevaluation_micro_batches(properties.total_memory), SEQ_LEN, device)
 
     def pct(value: float | None) -> str:
         return f"{100 * value:5.1f}%" if value is not None else "  n/a"
@@ -345,9 +479,27 @@ def run() -> None:
           f"{per_token[1] / 1e9:.2f} G with attention; random tokens: loss ~ ln {VOCAB} = {math.log(VOCAB):.2f})")
     if loop_summary is not None:
         print(f"  ratio DeepSpeed / loop tokens/s   {ds_summary['tokens_per_second'] / loop_summary['tokens_per_second']:.2f}")
+    if reeval is not None:
+        forward = forward_flops_per_token(ds["parameters"], config, SEQ_LEN)
+        print()
+        print(f"re-evaluation (stage 5, forward only): training.reevaluation.load_eval_model(precision=bf16, use_gpu) + "
+              f"sequence_losses, seq {SEQ_LEN}; weights {reeval['dtype']}, loaded in {reeval['load_seconds']:.1f} s (fp32 folder)")
+        print(f"  {'micro-batch':<12} {'tokens/s':>12} {'call ms':>8} {'median':>7} {'p90':>7} {'MFU 2N':>7} {'+attn':>7} "
+              f"{'peak alloc':>10} {'reserved':>9} {'loss':>7} {'/ DeepSpeed train':>18}")
+        for run_ in reeval["runs"]:
+            if run_.get("out_of_memory"):
+                print(f"  {run_['micro']:<12} out of memory: skipped")
+                continue
+            summary = summarize(run_, run_["micro"], SEQ_LEN, forward, peak)
+            print(f"  {run_['micro']:<12} {summary['tokens_per_second']:>12,.0f} {1e3 * summary['mean']:>8.1f} "
+                  f"{1e3 * summary['median']:>7.1f} {1e3 * summary['p90']:>7.1f} {pct(summary['mfu']):>7} "
+                  f"{pct(summary['mfu_attention']):>7} {run_['peak_allocated'] / 2**30:>8.1f} G {run_['peak_reserved'] / 2**30:>7.1f} G "
+                  f"{run_['loss']:>7.3f} {summary['tokens_per_second'] / ds_summary['tokens_per_second']:>17.2f}x")
+        print(f"  (calls {WARMUP + 1}..{WARMUP + STEPS} per micro-batch; forward FLOPs per token {forward[0] / 1e9:.2f} G (2N), "
+              f"{forward[1] / 1e9:.2f} G with attention; ratio against the DeepSpeed ZeRO-2 bf16 training tokens/s above)")
+        print(f"  bf16 vs fp32 per-sequence loss, same weights, {reeval['check_rows']} sequences: mean bf16 {reeval['mean_bf16']:.4f}, "
+              f"mean fp32 {reeval['mean_fp32']:.4f}, max |diff| {reeval['max_abs_diff']:.2e}, mean |diff| {reeval['mean_abs_diff']:.2e}")
     print(f"  total benchmark time {time.perf_counter() - began:.0f} s")
-
-    import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
