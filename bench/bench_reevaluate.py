@@ -2,7 +2,7 @@
 against the plain-loop *training* throughput of stage 4's benchmark, same model, batch and run.
 
 Recipe, stages 1-3, the index and the from-scratch tiny Llama are those of `bench.bench_train`
-(demo shape: 32 sequences of 128 tokens per step, hidden 128, 4 layers; `bench_train.STEPS`
+(the tiny-scale study's shape: 32 sequences of 128 tokens per step, hidden 128, 4 layers; `bench_train.STEPS`
 steps). The model is saved once as a Hugging Face folder, which the actors load.
 
 - train loop: `bench_train.run_loop` with 2 threads (the whole machine), run before and after the

@@ -2,8 +2,8 @@
 CPU workers, gloo) against a plain single-process PyTorch loop on the same model, batch and steps,
 and the job's start-up time.
 
-Recipe: configs/test.yaml enlarged in memory to the demo's shape: sequences of 128 tokens, a
-global batch of 32 sequences (4,096 tokens per step), `STEPS` steps, the demo's tiny Llama (hidden
+Recipe: configs/test.yaml enlarged in memory to the tiny-scale study's shape: sequences of 128
+tokens, a global batch of 32 sequences (4,096 tokens per step), `STEPS` steps, the demo's tiny Llama (hidden
 128, intermediate 512, 4 layers, 4 heads; 1.3M parameters with the test recipe's 1,024-token BPE),
 fp32, ZeRO-1, a checkpoint every `CHECKPOINT_EVERY` steps (one mid-run, one final), weight decay
 0.1. Stages 1-3 (score, tokenizer, pack, predict, the ``uniform`` index) run into a store in a
