@@ -120,9 +120,10 @@ def flops_per_token(parameters: int, config, seq_len: int) -> tuple[float, float
 
 
 def forward_flops_per_token(parameters: int, config, seq_len: int) -> tuple[float, float]:
-    """(2 N, 2 N + 4 L d s): forward-only FLOPs per token without and with attention."""
-    dense = 2.0 * parameters
-    return dense, dense + 4.0 * config.num_hidden_layers * config.hidden_size * seq_len
+    """(2 N, 2 N + 4 L d s): forward-only FLOPs per token without and with attention, a third of
+    training's (the backward pass costs twice the forward)."""
+    dense, with_attention = flops_per_token(parameters, config, seq_len)
+    return dense / 3, with_attention / 3
 
 
 def deepspeed_config(micro: int, optimizer: str) -> dict:
