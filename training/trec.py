@@ -1,6 +1,6 @@
 """TREC prediction: AdamW's implicit EMA coefficients and the predicted re-evaluation curve.
 
-Pure numpy; 10^6 steps take milliseconds. Formulas (../shared/reference/trec-math.md):
+Pure numpy; 10^6 steps take milliseconds. Formulas (docs/trec-math.md):
 
     alpha_t = eta_t * lambda
     c_t     = alpha_t * prod_{s>t} (1 - alpha_s)          computed as exp of a reversed cumsum of
