@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from trecflow.recipe import Recipe, RecipeError, load_recipe
+from trecflow.report import aligned
 
 app = typer.Typer(
     add_completion=False,
@@ -49,12 +50,6 @@ def load_or_exit(path: Path) -> Recipe:
         raise fail(str(error)) from None
 
 
-def aligned(rows: list[tuple[str, str]]) -> str:
-    """Key/value rows as text, the values in one column."""
-    width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
-
-
 def calibrated(recipe: Recipe) -> Recipe:
     """``recipe`` with ``trec.m: calibrated`` resolved from the store's law (exit 2 if it cannot be)."""
     if recipe.trec.m != "calibrated":
@@ -69,20 +64,11 @@ def calibrated(recipe: Recipe) -> Recipe:
         raise fail(str(error)) from None
 
 
-def format_summary(summary: dict) -> str:
-    start, end = summary["hq_window"]
-    first, last = summary["hq_window_steps"]
-    lines = [
-        ("recipe", summary["recipe"]),
-        ("steps", f"{summary['steps']:,} ({summary['warmup_steps']:,} warmup; {summary['tokens_unused']:,} tokens unused)"),
-        ("tau", f"{summary['tau']:.4g}"),
-        ("tokens per parameter", f"{summary['tpp']:.4g}"),
-        ("Power-Lines tau_opt", f"{summary['tau_opt']:.4g} (tau/tau_opt = {summary['tau_ratio']:.2f}; weight decay for it: {summary['weight_decay_opt']:.4g})"),
-        ("predictor", f"TREC = 1 - c^{summary['p']:g} * t^{summary['m']:g}"),
-        ("predicted valley", f"{summary['valley_fraction']:.4f} of training (step {summary['valley_step']:,})"),
-        (f"HQ window (w = {summary['hq_fraction']:g})", f"[{start:.4f}, {end:.4f}] (steps {first:,}..{last - 1:,})"),
-    ]
-    return aligned(lines)
+def stage_text(stage: str, summary: dict) -> str:
+    """A stage's summary as aligned text: the stage's own rows (the Prefect artifacts show the same)."""
+    from tasks.graph import GRAPH
+
+    return aligned(GRAPH[stage].rows(summary))
 
 
 @app.command()
@@ -113,7 +99,12 @@ def predict(
             plot.write_bytes(plot_prediction(prediction, fraction, title=f"{recipe.name}: predicted TREC"))
         except OSError as error:
             raise fail(f"--plot: cannot write {plot} ({error.strerror})") from None
-    typer.echo(json.dumps(summary) if as_json else format_summary(summary))
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        from tasks.predict import PREDICT
+
+        typer.echo(aligned([row for row in PREDICT.rows(summary) if row[0] != "warning"]))
 
 
 def format_plan(sized: dict) -> str:
@@ -211,26 +202,6 @@ def check_sources(recipe: Recipe) -> None:
         raise fail(str(error)) from None
 
 
-def format_score(stats: dict) -> str:
-    """The per-source x tier table of a scoring run."""
-    width = max(len("source"), *map(len, stats["sources"]))
-    lines = [f"{'source':<{width}}  {'documents':>9}  {'hq':>6}  {'mid':>6}  {'lq':>6}  {'mean score':>10}"]
-    for source, entry in stats["sources"].items():
-        tiers = stats["tiers"][source]
-        lines.append(
-            f"{source:<{width}}  {entry['documents']:>9,}  {tiers['hq']:>6.3f}  {tiers['mid']:>6.3f}  {tiers['lq']:>6.3f}  {entry['mean_score']:>10.3f}"
-        )
-    accuracy = stats.get("classifier_accuracy")
-    lines.append("")
-    lines.append(f"documents scored     {stats['documents']:,} (tiers {stats['tier_totals']})")
-    lines.append(f"dropped              {stats['dropped']}")
-    lines.append(f"classifier training  {stats['classifier_training']:,} documents reserved")
-    if accuracy is not None:
-        lines.append(f"classifier accuracy  {accuracy:.4f} on {stats['classifier_holdout_documents']:,} held-out documents")
-    lines.append(f"tier thresholds      hq >= {stats['thresholds']['hq']:.4f}, lq < {stats['thresholds']['lq']:.4f}")
-    return "\n".join(lines)
-
-
 @app.command()
 def score(
     recipe_path: RecipeArg,
@@ -242,16 +213,27 @@ def score(
     if recipe.corpus is None:
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
     check_sources(recipe)
-    from flows.pipeline import score_stage
-
-    result = run_stage_flow(score_stage, recipe_path=str(recipe_path), force=force)
+    result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "score", force=force))
     stats = result["score"]
     if as_json:
         keys = ("documents", "dropped", "classifier_accuracy", "tiers", "tier_totals", "thresholds", "classifier_training")
         typer.echo(json.dumps({key: stats.get(key) for key in keys} | {"uri": stats["uri"], "reused": stats["reused"]}))
     else:
-        typer.echo(format_score(stats))
+        typer.echo(stage_text("score", stats))
         typer.echo(f"\nstore output         {stats['uri']} ({'reused' if stats['reused'] else 'computed'})")
+
+
+def stage_flow():
+    """The flow that runs one stage (imported on first use: it imports Prefect)."""
+    from flows.pipeline import stage_flow as flow
+
+    return flow
+
+
+def stage_run(recipe_path: Path, stage: str, variant: str | None = None, force: bool = False):
+    from flows.params import StageRun
+
+    return StageRun(recipe_path=str(recipe_path), stage=stage, variant=variant, force=force)
 
 
 def check_placement(recipe: Recipe, variant: str) -> None:
@@ -266,39 +248,21 @@ def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
     """Everything ``place``/``train`` can check before any work: the recipe, its sections, the
     variant and its plan, the corpus sources. Returns the variant (default: the first declared)."""
     recipe = load_or_exit(recipe_path)
-    from flows.pipeline import STAGE_PURPOSE, STAGE_SECTIONS, default_variant, require_sections
+    from flows.pipeline import default_variant
+    from tasks.graph import GRAPH
     from tasks.placement import PlacementError
+    from trecflow.stage import Target
 
     try:
-        require_sections(recipe, str(recipe_path), STAGE_SECTIONS[stage], STAGE_PURPOSE[stage])
         variant = variant or default_variant(recipe)
+        missing = GRAPH[stage].missing(Target(recipe, variant))
+        if missing:
+            raise RecipeError(f"{recipe_path}: {missing[0]}: the {stage} stage needs {', '.join(GRAPH[stage].sections)} sections")
         check_placement(recipe, variant)
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
     return variant
-
-
-def format_place(summary: dict) -> str:
-    """The placement of one variant as aligned text."""
-    window = summary["window"]
-    tiers = summary["tiers"]
-    rows = [
-        ("variant", f"{summary['variant']} ({summary['strategy']}, seed {summary['seed']})"),
-        ("index", f"{summary['steps']:,} steps x {summary['sequences_per_step']:,} sequences = {summary['sequences']:,}"),
-        ("hq share", f"{summary['hq_fraction']:.4f} ({summary['hq_tokens']:,} tokens)"),
-        ("window", "none (the strategy has none)" if window is None else
-         f"[{window[0]:.4f}, {window[1]:.4f}] (steps {summary['window_steps'][0]:,}..{summary['window_steps'][1] - 1:,})"),
-        ("hq inside the window", "n/a" if summary["hq_in_window"] is None else f"{summary['hq_in_window']:.4f}"),
-        ("repeated sequences", f"{summary['repeated_sequences']:,}"),
-        ("unplaced sequences", f"{summary['unplaced_sequences']:,}"),
-    ]
-    rows += [
-        (f"  {tier}", f"{entry['slots']:,} placed of {entry['supply']:,} packed; {entry['repeated']:,} repeated, {entry['unplaced']:,} unplaced")
-        for tier, entry in tiers.items()
-    ]
-    rows.append(("fingerprint", summary["fingerprint"]))
-    return aligned(rows)
 
 
 @app.command()
@@ -311,32 +275,15 @@ def place(
     """Run stage 3 alone: tokenizer, packing and the sample index of one variant (and the cached
     stages it needs)."""
     variant = checked_variant(recipe_path, variant, "place")
-    from flows.pipeline import place_stage
-
-    result = run_stage_flow(place_stage, recipe_path=str(recipe_path), variant=variant, force=force)
+    result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "place", variant, force))
     summary = result["place"]
     if as_json:
         keys = ("variant", "strategy", "seed", "steps", "sequences", "hq_fraction", "hq_tokens", "window", "window_steps",
                 "hq_in_window", "repeated_sequences", "unplaced_sequences", "tiers", "fingerprint", "uri", "reused")
         typer.echo(json.dumps({key: summary[key] for key in keys} | {"mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(format_place(summary))
+        typer.echo(stage_text("place", summary))
         typer.echo(f"store output          {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
-
-
-def format_train(summary: dict) -> str:
-    audit = summary["audit"]
-    rows = [
-        ("steps", f"{summary['steps']:,} on {summary['workers']} workers"),
-        ("final loss", f"{summary['final_loss']:.4f}"),
-        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
-        ("resumed from step", "-" if summary["resumed_from_step"] is None else f"{summary['resumed_from_step']:,}"),
-        ("audit", f"{audit['records']:,} records over {len(audit['attempts'])} attempt(s); {audit['reexecuted_steps']:,} re-executed steps; "
-                  f"every planned batch exactly once: {audit['exactly_once']}"),
-        ("model", summary["model_uri"]),
-        ("checkpoints", ", ".join(summary["checkpoints"]) or "-"),
-    ]
-    return aligned(rows)
 
 
 @app.command()
@@ -348,15 +295,13 @@ def train(
 ) -> None:
     """Run stage 4: the DeepSpeed job on Ray Train for one variant (placement first if needed)."""
     variant = checked_variant(recipe_path, variant, "train")
-    from flows.pipeline import train_stage
-
-    result = run_stage_flow(train_stage, recipe_path=str(recipe_path), variant=variant, force=force)
+    result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "train", variant, force))
     summary = result["train"]
     if as_json:
         keys = ("steps", "final_loss", "tokens_per_second", "resumed_from_step", "model_uri", "audit", "checkpoints", "workers", "fingerprint", "uri", "reused")
         typer.echo(json.dumps({key: summary[key] for key in keys} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(format_train(summary))
+        typer.echo(stage_text("train", summary))
         typer.echo(f"store output       {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
 
 
@@ -366,12 +311,6 @@ REEVALUATE_KEYS = (
     "val_loss_by_source", "steps", "steps_evaluated", "sequences_per_step", "tokens_evaluated", "tokens_per_second", "retried_units",
     "reference", "sampling_study", "hq_window", "raw", "corrected", "calibration_entry", "fingerprint", "uri", "reused",
 )
-
-
-def format_reevaluate(summary: dict) -> str:
-    from flows.report import reevaluation_rows
-
-    return aligned(reevaluation_rows(summary))
 
 
 @app.command()
@@ -384,14 +323,12 @@ def reevaluate(
     """Run stage 5: the measured TREC of a trained variant against the prediction (training and
     the stages before it first, if not cached)."""
     variant = checked_variant(recipe_path, variant, "reevaluate")
-    from flows.pipeline import reevaluate_stage
-
-    result = run_stage_flow(reevaluate_stage, recipe_path=str(recipe_path), variant=variant, force=force)
+    result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "reevaluate", variant, force))
     summary = result["reevaluate"]
     if as_json:
         typer.echo(json.dumps({key: summary.get(key) for key in REEVALUATE_KEYS} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(format_reevaluate(summary))
+        typer.echo(stage_text("reevaluate", summary))
         typer.echo(f"store output         {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
 
 
@@ -451,11 +388,9 @@ def base(
     if recipe.base is None or recipe.base.tiny is None:
         raise fail(f"{recipe_path}: base: building a tiny base needs base.tiny and base.pretrain sections")
     check_sources(recipe)
-    from flows.pipeline import base_stage
-
-    result = run_stage_flow(base_stage, recipe_path=str(recipe_path), force=force)
+    result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "base", force=force))
     summary = result["base"]
-    typer.echo(json.dumps(summary) if as_json else format_train(summary))
+    typer.echo(json.dumps(summary) if as_json else stage_text("base", summary))
 
 
 @app.command()
@@ -472,6 +407,7 @@ def run(
     force: Annotated[
         Optional[list[str]], typer.Option(help="recompute this stage and everything downstream (repeatable)")
     ] = None,
+    until: Annotated[Optional[str], typer.Option(help="run only the stages this stage needs, and it")] = None,
 ) -> None:
     """Run the cpt_pipeline flow for a recipe (embedded Prefect, MLflow and store by default)."""
     recipe = load_or_exit(recipe_path)
@@ -482,6 +418,8 @@ def run(
 
         recipe.curriculum.variant(variant or default_variant(recipe))
         forced_stages(force)
+        if until is not None:
+            forced_stages([until])  # an unknown stage: one line, exit 2
         if recipe.corpus is not None and recipe.tokenizer is not None:
             check_placement(recipe, variant or default_variant(recipe))
     except (RecipeError, PlacementError) as error:
@@ -491,25 +429,16 @@ def run(
     from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline
 
-    result = run_stage_flow(cpt_pipeline, run=PipelineRun(recipe_path=str(recipe_path), variant=variant, force=force or []))
-    summary = result["predict"]
-    typer.echo("")
-    if "score" in result:
-        typer.echo(format_score(result["score"]))
-        typer.echo(f"score output         {result['score']['uri']} ({'reused' if result['score']['reused'] else 'computed'})\n")
-    typer.echo(format_summary(summary))
-    typer.echo(f"\nstore output   {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
-    if "place" in result:
-        typer.echo("")
-        typer.echo(format_place(result["place"]))
-        typer.echo(f"store output          {result['place']['uri']} ({'reused' if result['place']['reused'] else 'computed'})")
-    if "train" in result:
-        typer.echo("")
-        typer.echo(format_train(result["train"]))
-    if "reevaluate" in result:
-        typer.echo("")
-        typer.echo(format_reevaluate(result["reevaluate"]))
-    typer.echo(f"mlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
+    result = run_stage_flow(cpt_pipeline, run=PipelineRun(recipe_path=str(recipe_path), variant=variant, force=force or [], until=until))
+    from tasks.graph import GRAPH
+
+    for name in GRAPH.names:
+        if name in result and GRAPH[name].rows(result[name]):
+            typer.echo("")
+            typer.echo(stage_text(name, result[name]))
+            if result[name]["uri"]:
+                typer.echo(f"store output  {result[name]['uri']} ({'reused' if result[name]['reused'] else 'computed'})")
+    typer.echo(f"\nmlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 
 COMPARE_KEYS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window")
@@ -517,7 +446,7 @@ COMPARE_KEYS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "t
 
 def format_comparison(result: dict) -> str:
     """The comparison table, then each variant's stage times."""
-    from flows.report import number, window_text
+    from trecflow.report import number, window_text
 
     header = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "valley", "HQ window", "confounded")
     lines = [header]
@@ -545,12 +474,15 @@ def compare(
     recipe = load_or_exit(recipe_path)
     from flows.compare import compared_variants
     from flows.params import Comparison
-    from flows.pipeline import STAGE_SECTIONS, require_sections
+    from tasks.graph import GRAPH
     from tasks.placement import PlacementError
+    from trecflow.stage import Target
 
     comparison = Comparison(recipe_path=str(recipe_path), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
     try:
-        require_sections(recipe, str(recipe_path), STAGE_SECTIONS["reevaluate"], "a comparison")
+        missing = GRAPH["reevaluate"].missing(Target(recipe))
+        if missing:
+            raise RecipeError(f"{recipe_path}: {missing[0]}: a comparison needs {', '.join(GRAPH['reevaluate'].sections)} sections")
         for variant in compared_variants(comparison, recipe.curriculum):
             check_placement(recipe, variant)
     except (RecipeError, PlacementError) as error:

@@ -30,7 +30,8 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact
 
 from flows.params import Comparison, PipelineRun
-from flows.pipeline import artifact_key, cpt_pipeline, load_run, tracked_run
+from flows.pipeline import cpt_pipeline, load_run, tracked_run
+from flows.reporters import artifact_key
 from tasks.predict import read_curve
 from trecflow.recipe import CurriculumSection, RecipeError
 from training.trec_plot import plot_comparison

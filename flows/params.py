@@ -1,7 +1,8 @@
 """The typed parameters of the flows: what the Prefect UI shows as a form and validates.
 
 A deployment's parameters are one of these models, so a stage name or a missing recipe path is
-refused by Prefect's schema check before a flow run starts.
+refused by Prefect's schema check before a flow run starts. The stage choices come from the graph
+(`tasks.graph.STAGE_NAMES`).
 """
 
 from __future__ import annotations
@@ -10,17 +11,10 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from tasks.graph import STAGE_NAMES
 
-class Stage(str, Enum):
-    """The pipeline's stages, in order (see ``flows.pipeline.STAGE_INPUTS``)."""
-
-    score = "score"
-    predict = "predict"
-    tokenizer = "tokenizer"
-    pack = "pack"
-    place = "place"
-    train = "train"
-    reevaluate = "reevaluate"
+Stage = Enum("Stage", {name: name for name in STAGE_NAMES}, type=str, module=__name__)
+Stage.__doc__ = "The pipeline's stages, in the graph's order (`tasks.graph.STAGES`)."
 
 
 class PipelineRun(BaseModel):
@@ -29,8 +23,19 @@ class PipelineRun(BaseModel):
     recipe_path: str = Field("configs/demo.yaml", description="recipe YAML, relative to the project root or absolute")
     variant: str | None = Field(None, description="curriculum variant (default: the recipe's first)")
     force: list[Stage] = Field(default_factory=list, description="recompute these stages and everything downstream")
+    until: Stage | None = Field(None, description="run only the stages this one needs, and it (default: every stage)")
     retries: int = Field(2, ge=0, description="retries of each stage task after a failure (bad input is never retried)")
     mlflow_parent_run_id: str | None = Field(None, description="MLflow run to nest this run under (compare_curricula sets it)")
+
+
+class StageRun(BaseModel):
+    """One stage and the cached stages it needs (``trecflow score|place|train|reevaluate|base``)."""
+
+    recipe_path: str = Field(description="recipe YAML")
+    stage: Stage = Field(description="the stage to run")
+    variant: str | None = Field(None, description="curriculum variant, for variant-scoped stages (default: the recipe's first)")
+    force: bool = Field(False, description="recompute the stage even if its output exists")
+    retries: int = Field(2, ge=0, description="retries of each stage task after a failure")
 
 
 class Comparison(BaseModel):

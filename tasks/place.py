@@ -15,22 +15,20 @@ The same inputs and seed give byte-identical index files (no timestamps, fixed c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from tasks.placement import Plan, PlanRequest, check_request, make_plan
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
-from trecflow.store import Store
+from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.sample_index import COMPOSITION_FILE, INDEX_META, PACK_STAGE, PLACE_STAGE, chunk_name, npy_bytes
 
 STAGE = PLACE_STAGE
-STAGE_VERSION = 1
+STAGE_VERSION = 1  # the summary.json it writes is unchanged, so is the fingerprint
 CHUNK_BYTES = 64 * 1024**2  # index chunk files of at most this size (whole steps)
-SUMMARY_FILE = "summary.json"
 PLOT_FILE = "placement.png"
 
 
@@ -76,21 +74,8 @@ def place_fingerprint(inputs: dict[str, str]) -> str:
     return fingerprint(STAGE, STAGE_VERSION, {}, inputs)
 
 
-def pack_inputs(store: Store, pack_fp: str) -> dict[str, str]:
-    """The score and tokenizer fingerprints a committed pack output was built from."""
-    return store.output(PACK_STAGE, pack_fp).manifest()["inputs"]
-
-
 def steps_per_chunk(batch: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (batch * itemsize))
-
-
-@dataclass(frozen=True)
-class PlaceResult:
-    fingerprint: str
-    uri: str
-    summary: dict[str, Any]
-    reused: bool
 
 
 def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -117,24 +102,100 @@ def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> 
     return meta
 
 
+class PlaceStage(Stage):
+    """Stage 3c: the global sample index of one curriculum variant (for every optimizer step,
+    which packed sequences it trains on). Its manifest records `index_inputs`, which training and
+    re-evaluation check the index against."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("score", "tokenizer", "pack", "predict")
+    scope = VARIANT_SCOPE
+    sections = ("corpus", "tokenizer")
+    title = "Curriculum placement"
+    task_name = "place_curriculum"
+    figure = PLOT_FILE
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return place_fingerprint(self.manifest_inputs(target, upstream, ""))
+
+    def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
+        return index_inputs(target.recipe, target.variant, upstream["pack"].fingerprint, upstream["score"].fingerprint,
+                            upstream["tokenizer"].fingerprint, upstream["predict"].fingerprint)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return place(target.recipe, target.variant, context.store, upstream["pack"].fingerprint, upstream["predict"].fingerprint,
+                     output, context.progress)
+
+    def view(self, target: Target, summary: dict[str, Any]) -> dict[str, Any]:
+        return {**summary, "variant": target.variant}
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"steps": summary["steps"], "sequences": summary["sequences"], "repeated": summary["repeated_sequences"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        window = summary["window"]
+        rows = [
+            ("variant", f"{summary['variant']} ({summary['strategy']}, seed {summary['seed']})"),
+            ("index", f"{summary['steps']:,} steps x {summary['sequences_per_step']:,} sequences = {summary['sequences']:,}"),
+            ("hq share", f"{summary['hq_fraction']:.4f} ({summary['hq_tokens']:,} tokens)"),
+            ("window", "none (the strategy has none)" if window is None else
+             f"[{window[0]:.4f}, {window[1]:.4f}] (steps {summary['window_steps'][0]:,}..{summary['window_steps'][1] - 1:,})"),
+            ("hq inside the window", "n/a" if summary["hq_in_window"] is None else f"{summary['hq_in_window']:.4f}"),
+            ("repeated sequences", f"{summary['repeated_sequences']:,}"),
+            ("unplaced sequences", f"{summary['unplaced_sequences']:,}"),
+        ]
+        rows += [
+            (f"  {tier}", f"{entry['slots']:,} placed of {entry['supply']:,} packed; {entry['repeated']:,} repeated, {entry['unplaced']:,} unplaced")
+            for tier, entry in summary["tiers"].items()
+        ]
+        return rows
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        metrics = {
+            "hq_fraction_placed": summary["hq_fraction"],
+            "hq_tokens": summary["hq_tokens"],
+            "repeated_sequences": summary["repeated_sequences"],
+            "unplaced_sequences": summary["unplaced_sequences"],
+        }
+        if summary["window"] is not None:
+            metrics |= {"placement_window_start": summary["window"][0], "placement_window_end": summary["window"][1]}
+        if summary["hq_in_window"] is not None:
+            metrics["hq_in_window"] = summary["hq_in_window"]
+        return metrics
+
+    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+        return [PLOT_FILE, SUMMARY_FILE, INDEX_META]
+
+    def log_line(self, result: StageResult) -> str:
+        summary = result.summary
+        return f"{summary['strategy']}: hq share {summary['hq_fraction']:.4f}, window {summary['window']}, hq in window {summary['hq_in_window']}"
+
+
+PLACE = PlaceStage()
+
+
 def run_place(
     recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: str, force: bool = False, progress: Callable[[str], None] = print
-) -> PlaceResult:
-    """Build (or reuse) the sample index of ``variant`` from committed pack and predict outputs."""
+) -> StageResult:
+    """The sample index of ``variant`` alone, from the committed pack and predict outputs."""
+    from trecflow.runner import run_stage, stored
+
+    check_request(plan_request(recipe, variant))  # a window too small for w: an error before reading anything
+    packed = stored(store, PACK_STAGE, pack_fp)
+    upstream = {"score": stored(store, "score", packed.inputs["score"]), "tokenizer": stored(store, "tokenizer", packed.inputs["tokenizer"]),
+                "pack": packed, "predict": stored(store, "predict", predict_fp)}
+    return run_stage(PLACE, Target(recipe, variant), store, upstream, force=force, progress=progress)
+
+
+def place(recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: str, output: StageOutput, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Plan the variant's index from the packed catalog and the predicted curve; write it."""
     from tasks.pack import read_catalog
     from tasks.predict import read_curve
     from training.trec_plot import plot_placement
 
     request = plan_request(recipe, variant)
-    check_request(request)  # a window too small for w: an error before reading anything
-    upstream = pack_inputs(store, pack_fp)
-    inputs = index_inputs(recipe, variant, pack_fp, upstream["score"], upstream["tokenizer"], predict_fp)
-    fp = place_fingerprint(inputs)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        return PlaceResult(fp, output.uri, {**json.loads(output.read_bytes(SUMMARY_FILE)), "variant": variant}, reused=True)
-    output.invalidate()
-
+    check_request(request)
     tiers, scores = read_catalog(store, pack_fp)
     curve = read_curve(store, predict_fp)
     trec = curve["trec_pred"].to_numpy()
@@ -145,39 +206,18 @@ def run_place(
         "strategy": request.strategy,
         "seed": request.seed,
         "hq_tokens": plan.hq_slots * recipe.data.seq_len,
-        "fingerprint": fp,
+        "fingerprint": output.fingerprint,
     }
-    try:
-        write_index(plan, output, progress)
-        output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-        output.write_bytes(
-            PLOT_FILE,
-            plot_placement(
-                curve["fraction"].to_numpy(), trec, plan.hq_share_per_step(), summary["window"], summary["hq_fraction"],
-                title=f"{recipe.name} / {variant}: {request.strategy} placement",
-            ),
-        )
-        output.commit(inputs=inputs, counts={"steps": plan.steps, "sequences": plan.ids.size, "repeated": plan.repeated_sequences})
-    except BaseException:
-        output.invalidate()
-        raise
+    write_index(plan, output, progress)
+    output.write_bytes(
+        PLOT_FILE,
+        plot_placement(
+            curve["fraction"].to_numpy(), trec, plan.hq_share_per_step(), summary["window"], summary["hq_fraction"],
+            title=f"{recipe.name} / {variant}: {request.strategy} placement",
+        ),
+    )
     progress(
         f"place: hq share {summary['hq_fraction']:.4f}, window {summary['window']}, hq in window {summary['hq_in_window']}, "
         f"repeated {summary['repeated_sequences']:,}, unplaced {summary['unplaced_sequences']:,}"
     )
-    return PlaceResult(fp, output.uri, {**summary, "variant": variant}, reused=False)
-
-
-def _task_fingerprint(recipe: Recipe, store: Store, variant: str, pack_fp: str, predict_fp: str) -> str:
-    upstream = pack_inputs(store, pack_fp)
-    return place_fingerprint(index_inputs(recipe, variant, pack_fp, upstream["score"], upstream["tokenizer"], predict_fp))
-
-
-@stage_task("place_curriculum", STAGE, _task_fingerprint, retry_delay_seconds=5)
-def place_curriculum(
-    recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False, *, variant: str, pack_fp: str, predict_fp: str
-) -> PlaceResult:
-    """Prefect task around `run_place`; its cache key is the stage fingerprint (and the store)."""
-    from prefect import get_run_logger
-
-    return run_place(recipe, variant, Store(store_url, endpoint_url), pack_fp, predict_fp, force=force, progress=get_run_logger().info)
+    return summary

@@ -14,24 +14,21 @@ folder and an unchanged one is reused.
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
-from trecflow.store import Store
+from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.trec import TrecPrediction, predict, recipe_summary
 from training.trec_plot import plot_prediction
 
 STAGE = "predict"
 STAGE_VERSION = 1
 CURVE_FILE = "trec.parquet"
-SUMMARY_FILE = "summary.json"
 PLOT_FILE = "trec.png"
 
 
@@ -55,39 +52,62 @@ def curve_table(prediction: TrecPrediction) -> pa.Table:
     )
 
 
-@dataclass(frozen=True)
-class PredictResult:
-    """What the stage hands downstream: where the output is and its summary."""
+class PredictStage(Stage):
+    """Stage 2: the predicted TREC of the recipe (pure numpy, milliseconds)."""
 
-    fingerprint: str
-    uri: str
-    summary: dict[str, Any]
-    reused: bool
+    name = STAGE
+    version = STAGE_VERSION
+    title = "TREC prediction"
+    task_name = "predict_trec"
+    figure = PLOT_FILE
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return predict_fingerprint(target.recipe)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        recipe = target.recipe
+        prediction = predict(recipe)
+        hq_fraction = recipe.curriculum.hq_fraction
+        buffer = io.BytesIO()
+        pq.write_table(curve_table(prediction), buffer, compression="zstd")
+        output.write_bytes(CURVE_FILE, buffer.getvalue())
+        output.write_bytes(PLOT_FILE, plot_prediction(prediction, hq_fraction, title=f"{recipe.name}: predicted TREC"))
+        return recipe_summary(recipe, prediction, hq_fraction)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"steps": summary["steps"], "tokens_unused": summary["tokens_unused"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        start, end = summary["hq_window"]
+        first, last = summary["hq_window_steps"]
+        rows = [
+            ("recipe", summary["recipe"]),
+            ("steps", f"{summary['steps']:,} ({summary['warmup_steps']:,} warmup; {summary['tokens_unused']:,} tokens unused)"),
+            ("tau", f"{summary['tau']:.4g}"),
+            ("tokens per parameter", f"{summary['tpp']:.4g}"),
+            ("Power-Lines tau_opt", f"{summary['tau_opt']:.4g} (tau/tau_opt = {summary['tau_ratio']:.2f}; weight decay for it: {summary['weight_decay_opt']:.4g})"),
+            ("predictor", f"TREC = 1 - c^{summary['p']:g} * t^{summary['m']:g}"),
+            ("predicted valley", f"{summary['valley_fraction']:.4f} of training (step {summary['valley_step']:,})"),
+            (f"HQ window (w = {summary['hq_fraction']:g})", f"[{start:.4f}, {end:.4f}] (steps {first:,}..{last - 1:,})"),
+        ]
+        return rows + [("warning", text) for text in summary["warnings"]]
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        start, end = summary["hq_window"]
+        return {
+            "steps": summary["steps"], "tau": summary["tau"], "tpp": summary["tpp"], "tau_opt": summary["tau_opt"],
+            "weight_decay_opt": summary["weight_decay_opt"], "trec_valley_predicted": summary["valley_fraction"],
+            "trec_valley_step_predicted": summary["valley_step"], "hq_window_start": start, "hq_window_end": end,
+        }
+
+    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+        return [PLOT_FILE, SUMMARY_FILE]
+
+    def log_line(self, result: StageResult) -> str:
+        return f"valley {result.summary['valley_fraction']:.4f}, HQ window {result.summary['hq_window']}"
 
 
-def run_predict(recipe: Recipe, store: Store, force: bool = False) -> PredictResult:
-    """Write the prediction of ``recipe`` to ``store`` unless a complete output exists.
-
-    ``force`` removes the manifest first and recomputes. A folder without a manifest (an earlier
-    attempt that died) is cleared before writing.
-    """
-    fp = predict_fingerprint(recipe)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        summary = json.loads(output.read_bytes(SUMMARY_FILE))
-        return PredictResult(fp, output.uri, summary, reused=True)
-    output.invalidate()
-
-    prediction = predict(recipe)
-    hq_fraction = recipe.curriculum.hq_fraction
-    summary = recipe_summary(recipe, prediction, hq_fraction)
-    buffer = io.BytesIO()
-    pq.write_table(curve_table(prediction), buffer, compression="zstd")
-    output.write_bytes(CURVE_FILE, buffer.getvalue())
-    output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    output.write_bytes(PLOT_FILE, plot_prediction(prediction, hq_fraction, title=f"{recipe.name}: predicted TREC"))
-    output.commit(counts={"steps": prediction.steps, "tokens_unused": recipe.tokens_unused})
-    return PredictResult(fp, output.uri, summary, reused=False)
+PREDICT = PredictStage()
 
 
 def read_curve(store: Store, fp: str) -> pa.Table:
@@ -95,7 +115,8 @@ def read_curve(store: Store, fp: str) -> pa.Table:
     return pq.read_table(io.BytesIO(store.output(STAGE, fp).read_bytes(CURVE_FILE)))
 
 
-@stage_task("predict_trec", STAGE, lambda recipe, store: predict_fingerprint(recipe), retry_delay_seconds=5)
-def predict_trec(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> PredictResult:
-    """Prefect task around `run_predict`; its cache key is the stage fingerprint (and the store)."""
-    return run_predict(recipe, Store(store_url, endpoint_url), force=force)
+def run_predict(recipe: Recipe, store: Store, force: bool = False) -> StageResult:
+    """The prediction of ``recipe`` alone (the runner: reuse, or compute under a lease)."""
+    from trecflow.runner import run_stage
+
+    return run_stage(PREDICT, Target(recipe), store, force=force, progress=None)

@@ -21,32 +21,33 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.calibrate import record_run
-from tasks.evalset import EvalSet, build_evalset, evalset_fingerprint
+from tasks.evalset import EvalSet, load_evalset
 from tasks.predict import read_curve
-from tasks.reference import Reference, reference_fingerprint, reference_losses, resolve_reference
-from tasks.stage_task import stage_task
+from tasks.reference import REFERENCE, Reference, reference_losses, reference_of
 from tasks.train import BaseModel
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, ReevaluationSection, RecipeError
-from trecflow.store import Store
+from trecflow.report import reevaluation_rows
+from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Target
+from trecflow.store import StageOutput, Store
 from training.calibration import CalibrationRun
 from training.reevaluation import ActorPool, ModelSpec, Unit
-from training.sample_index import COMPOSITION_FILE, TIERS, TIERS_FILE, SampleIndex, read_npy
+from training.sample_index import COMPOSITION_FILE, PLACE_STAGE, TIERS, TIERS_FILE, SampleIndex, read_npy
 from training.trec_measure import Agreement, agreement, smooth
 from training.trec_plot import plot_measured
 
 STAGE = "reevaluate"
-STAGE_VERSION = 1
-SUMMARY_FILE = "summary.json"
+STAGE_VERSION = 2  # 2: the reference and held-out set are stages of their own (inputs hashed as before)
 CURVE_FILE = "trec.parquet"
 PLOT_FILE = "trec_overlay.png"
 # Settings that change how the work is spread, not the numbers: left out of the fingerprint.
@@ -107,14 +108,6 @@ def constant_mix(composition: np.ndarray) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class ReevaluateResult:
-    fingerprint: str
-    uri: str
-    summary: dict[str, Any]
-    reused: bool
-
-
 def part_name(first: int, last: int) -> str:
     return f"steps/part-{first:09d}-{last:09d}.parquet"
 
@@ -150,6 +143,76 @@ def held_out_losses(evalset: EvalSet, losses: np.ndarray) -> dict[str, Any]:
     return result
 
 
+class ReevaluateStage(Stage):
+    """Stage 5: the final weights' loss on the batches of (a sample of) the training steps, on Ray
+    actors, corrected by the reference model's loss on the same sequences; compared with the
+    prediction; plus the held-out losses. Resumable: parts of an earlier attempt are kept."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("pack", "predict", "place", "train", "reference", "evalset")
+    scope = VARIANT_SCOPE
+    sections = ("corpus", "tokenizer", "base")
+    title = "Measured TREC"
+    task_name = "reevaluate_trec"
+    figure = PLOT_FILE
+    resumable = True
+
+    def required_inputs(self, target: Target) -> tuple[str, ...]:
+        return tuple(name for name in self.inputs if name != "reference" or target.recipe.reevaluation.reference != "none")
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        reference = upstream.get("reference")
+        return reevaluate_fingerprint(target.recipe, upstream["train"].fingerprint, upstream["place"].fingerprint, upstream["predict"].fingerprint,
+                                      reference.fingerprint if reference else None, upstream["evalset"].fingerprint)
+
+    def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
+        reference = upstream.get("reference")
+        return {"train": upstream["train"].fingerprint, "place": upstream["place"].fingerprint, "predict": upstream["predict"].fingerprint,
+                "reference": reference.fingerprint if reference else "", "evalset": upstream["evalset"].fingerprint}
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        reference = upstream.get("reference")
+        return reevaluate(target.recipe, target.variant, context.store, upstream["place"], upstream["train"], upstream["predict"],
+                          reference_of(reference) if reference else None, load_evalset(context.store, upstream["evalset"]), output, context.progress)
+
+    def view(self, target: Target, summary: dict[str, Any]) -> dict[str, Any]:
+        return {**summary, "variant": target.variant}
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"steps_evaluated": summary["steps_evaluated"], "tokens_evaluated": summary["tokens_evaluated"], "retried_units": summary["retried_units"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return reevaluation_rows(summary)
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        """The stage's MLflow metrics (None values, e.g. no hq held-out text, are left out)."""
+        keys = ("trec_pearson", "trec_pearson_raw", "trec_pearson_m0", "trec_pearson_fit", "m_fit", "trec_valley_measured",
+                "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general", "steps_evaluated", "retried_units")
+        metrics = {key: summary[key] for key in keys if summary.get(key) is not None}
+        metrics["content_confounded"] = float(summary["content_confounded"])
+        if summary.get("tokens_per_second"):
+            metrics["reevaluate_tokens_per_second"] = summary["tokens_per_second"]
+        for source, loss in summary["val_loss_by_source"].items():
+            metrics[f"val_loss_{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"] = loss
+        return metrics
+
+    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
+        return {"trecflow.content_confounded": str(summary["content_confounded"]).lower()}
+
+    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+        return [PLOT_FILE, SUMMARY_FILE]
+
+    def log_line(self, result: StageResult) -> str:
+        summary = result.summary
+        return (f"r_p {summary['trec_pearson']:.3f} (raw {summary['trec_pearson_raw']:.3f}), valley {summary['trec_valley_measured']:.3f} vs "
+                f"{summary['trec_valley_predicted']:.3f} predicted, val_loss_hq {summary['val_loss_hq']}, val_loss_general {summary['val_loss_general']}"
+                + (" (content-confounded)" if summary["content_confounded"] else ""))
+
+
+REEVALUATE = ReevaluateStage()
+
+
 def run_reevaluate(
     recipe: Recipe,
     store: Store,
@@ -162,25 +225,37 @@ def run_reevaluate(
     variant: str,
     force: bool = False,
     progress: Callable[[str], None] = print,
-) -> ReevaluateResult:
-    """Measure (or reuse) the TREC of the run ``train_fp`` trained on the index ``index_fp``."""
+) -> StageResult:
+    """Measure (or reuse) the TREC of the committed run ``train_fp`` on the index ``index_fp`` alone
+    (building the reference and the held-out set first if needed)."""
+    from tasks.evalset import EVALSET
+    from trecflow.runner import run_stage, stored
+
+    placed = stored(store, PLACE_STAGE, index_fp)
+    SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
+    target = Target(recipe, variant)
+    score, tokenizer = stored(store, "score", expected_inputs["score"]), stored(store, "tokenizer", expected_inputs["tokenizer"])
+    given = {"score": score, "tokenizer": tokenizer, "base": StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri}, True)}
+    upstream = {"pack": stored(store, "pack", expected_inputs["pack"]), "predict": stored(store, "predict", predict_fp), "place": placed,
+                "train": stored(store, "train", train_fp), "evalset": run_stage(EVALSET, target, store, given, progress=progress)}
+    if recipe.reevaluation.reference != "none":
+        upstream["reference"] = run_stage(REFERENCE, target, store, given, progress=progress)
+    return run_stage(REEVALUATE, target, store, upstream, force=force, progress=progress)
+
+
+def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, trained_result: StageResult, predicted: StageResult,
+               reference: Reference | None, evalset: EvalSet, output: StageOutput, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate the sampled steps' batches with the trained model on Ray actors into ``output``."""
     section = recipe.reevaluation
+    index_fp, expected_inputs, train_fp, predict_fp = placed.fingerprint, placed.inputs, trained_result.fingerprint, predicted.fingerprint
     index = SampleIndex(store, index_fp, expected=expected_inputs)
     trained = store.output("train", train_fp)
     trained_on = trained.manifest()["inputs"].get("place")
     if trained_on != index_fp:
         raise RecipeError(f"{trained.uri}: the model was trained on the index {trained_on!r}, not on {index_fp!r}")
-    model_uri = json.loads(trained.read_bytes("summary.json"))["model_uri"]
-    score_fp, tokenizer_fp, pack_fp = expected_inputs["score"], expected_inputs["tokenizer"], expected_inputs["pack"]
-    reference = resolve_reference(recipe, store, base, score_fp, tokenizer_fp, progress=progress)
-    evalset = build_evalset(recipe, store, score_fp, tokenizer_fp, progress=progress)
-    fp = reevaluate_fingerprint(recipe, train_fp, index_fp, predict_fp, reference.fingerprint if reference else None, evalset.fingerprint)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        return ReevaluateResult(fp, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), reused=True)
-    if force:
-        output.invalidate()  # else parts of an earlier attempt with this fingerprint are reused
-
+    model_uri = trained_result.summary["model_uri"]
+    pack_fp = expected_inputs["pack"]
+    fp = output.fingerprint
     seq_len = recipe.data.seq_len
     steps = sampled_steps(section, index.steps)
     ids = step_sequences(index, steps, section)
@@ -267,18 +342,13 @@ def run_reevaluate(
     output.write_bytes(PLOT_FILE, measured.plot(curve, summary, f"{recipe.name} / {variant}: measured vs predicted TREC"))
     for path in store.fs.glob(f"{output.path}/steps/part-*.parquet"):
         output.record_file("steps/" + path.rsplit("/", 1)[1])
-    output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    output.commit(
-        inputs={"train": train_fp, "place": index_fp, "predict": predict_fp, "reference": reference.fingerprint if reference else "", "evalset": evalset.fingerprint},
-        counts={"steps_evaluated": int(steps.size), "tokens_evaluated": evaluated_tokens, "retried_units": summary["retried_units"]},
-    )
     progress(
         f"reevaluate: r_p {summary['trec_pearson']:.3f} (raw {summary['trec_pearson_raw']:.3f}, m = 0 {summary['trec_pearson_m0']:.3f}, "
         f"best m {summary['m_fit']:g}: {summary['trec_pearson_fit']:.3f}); valley {summary['trec_valley_measured']:.3f} vs predicted "
         f"{summary['trec_valley_predicted']:.3f}; val_loss_hq {validation['val_loss_hq']}, val_loss_general {validation['val_loss_general']}"
         + ("; content-confounded (tier mix changes over training): not used for calibration" if summary["content_confounded"] else "")
     )
-    return ReevaluateResult(fp, output.uri, summary, reused=False)
+    return summary
 
 
 def read_parts(store: Store, folder: str) -> pa.Table:
@@ -369,36 +439,4 @@ class Measured:
         )
 
 
-def current_fingerprint(recipe: Recipe, store: Store, *, index_fp: str, expected_inputs: dict[str, str], train_fp: str,
-                        predict_fp: str, base: BaseModel, **_: Any) -> str:
-    """The stage fingerprint from the inputs' fingerprints alone: no reference model is trained
-    and no eval set built to compute it (the Prefect cache key, and the flow's cache check)."""
-    score_fp, tokenizer_fp = expected_inputs["score"], expected_inputs["tokenizer"]
-    reference_fp = reference_fingerprint(recipe, base, score_fp, tokenizer_fp)
-    return reevaluate_fingerprint(recipe, train_fp, index_fp, predict_fp, reference_fp, evalset_fingerprint(recipe, score_fp, tokenizer_fp))
-
-
-@stage_task("reevaluate_trec", STAGE, current_fingerprint, retry_delay_seconds=5)
-def reevaluate_trec(
-    recipe: Recipe,
-    store_url: str,
-    endpoint_url: str | None = None,
-    force: bool = False,
-    *,
-    index_fp: str,
-    expected_inputs: dict[str, str],
-    train_fp: str,
-    predict_fp: str,
-    base: BaseModel,
-    variant: str,
-) -> ReevaluateResult:
-    """Prefect task around `run_reevaluate`. A retry keeps the units already written."""
-    from prefect import get_run_logger
-    from prefect.runtime import task_run
-
-    force = force and task_run.run_count <= 1
-    return run_reevaluate(recipe, Store(store_url, endpoint_url), index_fp=index_fp, expected_inputs=expected_inputs, train_fp=train_fp,
-                          predict_fp=predict_fp, base=base, variant=variant, force=force, progress=get_run_logger().info)
-
-
-__all__ = ["Reference", "ReevaluateResult", "reevaluate_trec", "run_reevaluate"]
+__all__ = ["REEVALUATE", "reevaluate", "run_reevaluate"]

@@ -15,18 +15,20 @@ from __future__ import annotations
 import io
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.train import BaseModel
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
-from trecflow.store import Store
+from trecflow.fingerprint import fingerprint
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.reevaluation import ActorPool, ModelSpec, Unit
 
 STAGE = "reference"
+STAGE_VERSION = 2  # 2: a derived run of the graph (its training lives under train/)
 CACHE = "refcache"
 
 
@@ -45,52 +47,64 @@ def reference_recipe(recipe: Recipe) -> Recipe:
     return parse_recipe(data, source=f"{recipe.name}: reevaluation.reference")
 
 
-def reference_fingerprint(recipe: Recipe, base: BaseModel, score_fp: str, tokenizer_fp: str) -> str | None:
-    """The configured reference's fingerprint, computed from fingerprints alone (nothing trained)."""
-    kind = recipe.reevaluation.reference
-    if kind == "none":
-        return None
-    if kind == "base":
-        return base.fingerprint
-    from tasks.pack import pack_fingerprint
-    from tasks.place import index_inputs, place_fingerprint
-    from tasks.predict import predict_fingerprint
-    from tasks.train import train_fingerprint
+class ReferenceStage(Stage):
+    """The reference model of the difficulty correction. ``base``: the base model itself (nothing to
+    compute; forcing it is a no-op). ``trained``: the graph run on the reference recipe and the
+    ``reference`` split — pack, predict, a ``uniform`` placement, training from the base."""
 
-    ref_recipe = reference_recipe(recipe)
-    pack_fp = pack_fingerprint(recipe, score_fp, tokenizer_fp, "reference")
-    inputs = index_inputs(ref_recipe, "uniform", pack_fp, score_fp, tokenizer_fp, predict_fingerprint(ref_recipe))
-    return train_fingerprint(ref_recipe, place_fingerprint(inputs), base.fingerprint, stage=STAGE)
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("score", "tokenizer", "base")
+    sections = ("corpus", "tokenizer", "base")
+    title = "Reference model"
+    task_name = "train_reference"
+
+    def applies(self, target: Target) -> bool:
+        return super().applies(target) and target.recipe.reevaluation.reference != "none"
+
+    def missing(self, target: Target) -> list[str]:
+        return super().missing(target) or (["reevaluation.reference"] if target.recipe.reevaluation.reference == "none" else [])
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        recipe = target.recipe
+        if recipe.reevaluation.reference == "base":
+            return upstream["base"].fingerprint
+        config = reference_recipe(recipe).section("data", "batch", "optimizer", "schedule", "curriculum", "training", "trec")
+        return fingerprint(STAGE, STAGE_VERSION, config, {name: result.fingerprint for name, result in upstream.items()})
+
+    def resolve(self, target: Target, upstream: Mapping[str, StageResult], store: Store, fp: str) -> StageResult | None:
+        base = upstream["base"]
+        if base.summary.get("model_uri") is None:
+            raise RecipeError("reevaluation.reference: the base model has no checkpoint to evaluate with")
+        if target.recipe.reevaluation.reference != "base":
+            return None
+        return StageResult(STAGE, fp, base.summary["model_uri"], {"kind": "base", "model_uri": base.summary["model_uri"]}, True)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        recipe = target.recipe
+        if recipe.corpus.splits.get("reference", 0.0) <= 0:
+            raise RecipeError("reevaluation.reference: trained needs a reference split with a positive share (corpus.splits.reference)")
+        runner = context.runner.derived(forced=("train",) if context.force else ())
+        derived = Target(reference_recipe(recipe), "uniform", split="reference")
+        results = runner.run(derived, until="pack", given=dict(upstream))
+        if results["pack"].summary["sequences"] == 0:
+            raise RecipeError("reevaluation.reference: the reference split packed into no sequences")
+        trained = runner.run(derived, until="train", given=results)["train"]
+        return {"kind": "trained", "model_uri": trained.summary["model_uri"], "train_fingerprint": trained.fingerprint,
+                "final_loss": trained.summary["final_loss"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("reference", f"{summary['kind']}: {summary['model_uri']}")]
+
+    def log_line(self, result: StageResult) -> str:
+        return f"{result.summary['kind']} reference: {result.summary['model_uri']}"
 
 
-def resolve_reference(recipe: Recipe, store: Store, base: BaseModel, score_fp: str, tokenizer_fp: str,
-                      progress: Callable[[str], None] = print) -> Reference | None:
-    """The configured reference model (training it when ``trained`` and not yet in the store)."""
-    kind = recipe.reevaluation.reference
-    if kind == "none":
-        return None
-    if base.uri is None:
-        raise RecipeError("reevaluation.reference: the base model has no checkpoint to evaluate with")
-    if kind == "base":
-        return Reference("base", base.fingerprint, base.uri)
-    from tasks.pack import run_pack
-    from tasks.place import index_inputs, run_place
-    from tasks.predict import run_predict
-    from tasks.train import run_train
+REFERENCE = ReferenceStage()
 
-    if recipe.corpus is None or recipe.corpus.splits.get("reference", 0.0) <= 0:
-        raise RecipeError("reevaluation.reference: trained needs a reference split with a positive share (corpus.splits.reference)")
-    packed = run_pack(recipe, store, score_fp, tokenizer_fp, progress=progress, split="reference")
-    if packed.stats["sequences"] == 0:
-        raise RecipeError("reevaluation.reference: the reference split packed into no sequences")
-    ref_recipe = reference_recipe(recipe)
-    predicted = run_predict(ref_recipe, store)
-    placed = run_place(ref_recipe, "uniform", store, packed.fingerprint, predicted.fingerprint, progress=progress)
-    expected = index_inputs(ref_recipe, "uniform", packed.fingerprint, score_fp, tokenizer_fp, predicted.fingerprint)
-    trained = run_train(ref_recipe, store, placed.fingerprint, expected, base, progress=progress, stage=STAGE)
-    if trained.fingerprint != reference_fingerprint(recipe, base, score_fp, tokenizer_fp):
-        raise RuntimeError("reference: the trained reference's fingerprint differs from the one computed ahead (a bug)")
-    return Reference("trained", trained.fingerprint, trained.summary["model_uri"])
+
+def reference_of(result: StageResult) -> Reference:
+    return Reference(result.summary["kind"], result.fingerprint, result.summary["model_uri"])
 
 
 def cache_folder(store: Store, reference: Reference, pack_fp: str) -> str:

@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.ingest import IngestResult, ingest_fingerprint, list_source, run_ingest
 from tasks.quality_classifier import train_classifier
 from tasks.score_workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
-from trecflow.store import Store
+from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 
 STAGE = "score"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json); ingest is its own stage
+HISTOGRAM_FILE = "score_histogram.png"
 
 
 def require_sections(recipe: Recipe) -> ScoringSection:
@@ -50,15 +49,15 @@ def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
     return fingerprint(STAGE, STAGE_VERSION, scoring.model_dump(mode="json"), {"ingest": ingest_fp})
 
 
-def ingest_tables(store: Store, ingest: IngestResult, columns: list[str]) -> Iterator[pa.Table]:
+def ingest_tables(store: Store, ingest: StageResult, columns: list[str]) -> Iterator[pa.Table]:
     """The ingest shards in order, one table (of ``columns``) at a time."""
     output = store.output("ingest", ingest.fingerprint)
-    for name in ingest.stats["shards"]:
+    for name in ingest.summary["shards"]:
         with store.fs.open(output.file_path(name), "rb") as handle:
             yield pq.read_table(handle, columns=columns)
 
 
-def _read_training_documents(store: Store, ingest: IngestResult, scoring: ScoringSection) -> tuple[list[str], np.ndarray, list[str]]:
+def _read_training_documents(store: Store, ingest: StageResult, scoring: ScoringSection) -> tuple[list[str], np.ndarray, list[str]]:
     """The classifier split of the hq and lq sources, capped per class, in shard order."""
     config = scoring.classifier
     label_of = {**{name: 1 for name in config.hq_sources}, **{name: 0 for name in config.lq_sources}}
@@ -77,7 +76,7 @@ def _read_training_documents(store: Store, ingest: IngestResult, scoring: Scorin
     return texts, np.array(labels), doc_ids
 
 
-def _quantile_thresholds(store: Store, ingest: IngestResult, scorer: BatchScorer, tiers) -> tuple[float, float]:
+def _quantile_thresholds(store: Store, ingest: StageResult, scorer: BatchScorer, tiers) -> tuple[float, float]:
     """hq/lq thresholds from a deterministic sample (the first shards, classifier split excluded)."""
     scores: list[np.ndarray] = []
     seen = 0
@@ -122,34 +121,77 @@ def histogram_png(stats: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class ScoreResult:
-    fingerprint: str
-    uri: str
-    ingest_fingerprint: str
-    stats: dict[str, Any]
-    reused: bool
+class ScoreStage(Stage):
+    """Stage 1b: train the quality classifier, score and tier every ingested document."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("ingest",)
+    sections = ("corpus",)
+    title = "Quality scores"
+    task_name = "score_corpus"
+    figure = HISTOGRAM_FILE
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return score_fingerprint(target.recipe, upstream["ingest"].fingerprint)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return _score(target.recipe, require_sections(target.recipe), context.store, upstream["ingest"], output, context.progress)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"documents": summary["documents"], "dropped": summary["dropped"], "classifier_training": summary["classifier_training"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        rows = [(source, f"{entry['documents']:,} documents; hq {summary['tiers'][source]['hq']:.3f}, mid {summary['tiers'][source]['mid']:.3f}, "
+                         f"lq {summary['tiers'][source]['lq']:.3f}; mean score {entry['mean_score']:.3f}")
+                for source, entry in summary["sources"].items()]
+        rows += [
+            ("documents scored", f"{summary['documents']:,} (tiers {summary['tier_totals']})"),
+            ("dropped", str(summary["dropped"])),
+            ("classifier training", f"{summary['classifier_training']:,} documents reserved"),
+        ]
+        if summary.get("classifier_accuracy") is not None:
+            rows.append(("classifier accuracy", f"{summary['classifier_accuracy']:.4f} on {summary['classifier_holdout_documents']:,} held-out documents"))
+        rows.append(("tier thresholds", f"hq >= {summary['thresholds']['hq']:.4f}, lq < {summary['thresholds']['lq']:.4f}"))
+        return rows
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        metrics = {
+            "documents": summary["documents"],
+            "dropped_empty": summary["dropped"]["empty"],
+            "dropped_duplicate": summary["dropped"]["duplicate"],
+            "classifier_training_documents": summary["classifier_training"],
+        }
+        if summary.get("classifier_accuracy") is not None:
+            metrics["classifier_accuracy"] = summary["classifier_accuracy"]
+        for source, fractions in summary["tiers"].items():
+            for tier, fraction in fractions.items():
+                metrics[f"tier_fraction.{source}.{tier}"] = fraction
+        return metrics
+
+    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+        files = [SUMMARY_FILE, HISTOGRAM_FILE]
+        return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.get("classifier_accuracy") is not None else [])
+
+    def log_line(self, result: StageResult) -> str:
+        summary = result.summary
+        return f"{summary['documents']:,} documents, tiers {summary['tier_totals']}, classifier accuracy {summary.get('classifier_accuracy')}"
 
 
-def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> ScoreResult:
-    """Ingest and score the recipe's corpus into ``store`` unless a complete output exists."""
-    scoring = require_sections(recipe)
-    fp = current_fingerprint(recipe, store)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        manifest = output.manifest()
-        return ScoreResult(fp, output.uri, manifest["inputs"]["ingest"], json.loads(output.read_bytes("stats.json")), reused=True)
-    ingest = run_ingest(recipe.corpus, store, force=force, progress=progress)
-    output.invalidate()
-    try:
-        stats = _score(recipe, scoring, store, ingest, output, progress)
-    except BaseException:
-        output.invalidate()
-        raise
-    return ScoreResult(fp, output.uri, ingest.fingerprint, stats, reused=False)
+SCORE = ScoreStage()
 
 
-def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: IngestResult, output, progress) -> dict[str, Any]:
+def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult:
+    """Ingest and score the recipe's corpus alone (the runner: reuse, or compute under a lease)."""
+    from tasks.ingest import INGEST
+    from trecflow.runner import run_stage
+
+    target = Target(recipe)
+    ingested = run_stage(INGEST, target, store, force=force, progress=progress)
+    return run_stage(SCORE, target, store, {"ingest": ingested}, force=force, progress=progress)
+
+
+def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> dict[str, Any]:
     import ray
 
     from trecflow.ray_runtime import ensure_ray
@@ -176,8 +218,8 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
 
     ensure_ray()
     ingest_output = store.output("ingest", ingest.fingerprint)
-    shards = [ingest_output.file_path(name) for name in ingest.stats["shards"]]
-    progress(f"score: scoring {ingest.stats['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
+    shards = [ingest_output.file_path(name) for name in ingest.summary["shards"]]
+    progress(f"score: scoring {ingest.summary['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
     partial = (
         ray.data.from_items([{"path": path} for path in shards], override_num_blocks=len(shards))
         .map_batches(
@@ -201,17 +243,12 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: Ingest
         output.record_file(name)
     stats = _combine(partial, ingest, thresholds, classifier_metrics)
     stats["shards"] = files
-    output.write_bytes("stats.json", json.dumps(stats, indent=2).encode())
-    output.write_bytes("score_histogram.png", histogram_png(stats))
-    output.commit(
-        inputs={"ingest": ingest.fingerprint},
-        counts={"documents": stats["documents"], "dropped": stats["dropped"], "classifier_training": stats["classifier_training"]},
-    )
+    output.write_bytes(HISTOGRAM_FILE, histogram_png(stats))
     progress(f"score: {stats['documents']:,} documents scored; tiers {stats['tier_totals']}")
     return stats
 
 
-def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
+def _combine(partial: list[dict], ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
     per_source: dict[str, dict[str, Any]] = {}
     histograms: dict[str, np.ndarray] = {}
     for row in partial:
@@ -226,11 +263,11 @@ def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float,
     }
     documents = sum(entry["documents"] for entry in per_source.values())
     classifier_training = sum(
-        entry.get("splits", {}).get("classifier", 0) for entry in ingest.stats["sources"].values()
+        entry.get("splits", {}).get("classifier", 0) for entry in ingest.summary["sources"].values()
     )
     return {
         "documents": documents,
-        "dropped": dict(ingest.stats["dropped"]),
+        "dropped": dict(ingest.summary["dropped"]),
         "classifier_training": classifier_training,
         "classifier_accuracy": classifier_metrics.get("classifier_accuracy"),
         **{key: value for key, value in classifier_metrics.items() if key != "classifier_accuracy"},
@@ -243,31 +280,10 @@ def _combine(partial: list[dict], ingest: IngestResult, thresholds: tuple[float,
                 "mean_score": entry["score_sum"] / entry["documents"],
                 "tier_counts": entry["tiers"],
                 "splits": entry["splits"],
-                "dropped_empty": ingest.stats["sources"][source]["dropped_empty"],
-                "dropped_duplicate": ingest.stats["sources"][source]["dropped_duplicate"],
+                "dropped_empty": ingest.summary["sources"][source]["dropped_empty"],
+                "dropped_duplicate": ingest.summary["sources"][source]["dropped_duplicate"],
             }
             for source, entry in sorted(per_source.items())
         },
         "histograms": {source: values.tolist() for source, values in sorted(histograms.items())},
     }
-
-
-def current_ingest_fingerprint(recipe: Recipe, store: Store) -> str:
-    """The ingest fingerprint for the sources as they are listed now (cheap: no content read)."""
-    require_sections(recipe)
-    listings = [list_source(source, store.endpoint_url) for source in recipe.corpus.sources]
-    return ingest_fingerprint(recipe.corpus, listings)
-
-
-def current_fingerprint(recipe: Recipe, store: Store) -> str:
-    """The score fingerprint for the sources as they are listed now (cheap: no content read)."""
-    return score_fingerprint(recipe, current_ingest_fingerprint(recipe, store))
-
-
-@stage_task("score_corpus", STAGE, current_fingerprint)
-def score_corpus(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> ScoreResult:
-    """Prefect task around `run_score`; its cache key is the stage fingerprint (and the store)."""
-    from prefect import get_run_logger
-
-    logger = get_run_logger()
-    return run_score(recipe, Store(store_url, endpoint_url), force=force, progress=logger.info)

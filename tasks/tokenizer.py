@@ -17,17 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow.compute as pc
 
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError, TokenizerSection
 from trecflow.settings import expand_path
-from trecflow.store import Store
+from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 
 STAGE = "tokenizer"
 STAGE_VERSION = 1
@@ -79,14 +78,6 @@ def tokenizer_fingerprint(recipe: Recipe, store: Store, ingest_fp: str | None) -
     return fingerprint(STAGE, STAGE_VERSION, config, {"tokenizer.json": hashlib.sha256(data).hexdigest()})
 
 
-def current_fingerprint(recipe: Recipe, store: Store) -> str:
-    from tasks.score import current_ingest_fingerprint
-
-    section = require_tokenizer(recipe)
-    ingest_fp = current_ingest_fingerprint(recipe, store) if section.train_bpe is not None else None
-    return tokenizer_fingerprint(recipe, store, ingest_fp)
-
-
 def train_bpe(texts, vocab: int, min_frequency: int, eos_token: str):
     """A byte-level BPE (``tokenizers``) trained on ``texts``; ``eos_token`` is id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -127,32 +118,65 @@ def hf_files(tokenizer, eos_token: str) -> dict[str, bytes]:
         return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
 
 
-@dataclass(frozen=True)
-class TokenizerResult:
-    fingerprint: str
-    uri: str
-    summary: dict[str, Any]
-    reused: bool
+class TokenizerStage(Stage):
+    """Stage 3a: the tokenizer, trained on the base split (``train_bpe``) or copied from a base."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("ingest",)
+    sections = ("tokenizer",)
+    title = "Tokenizer"
+    task_name = "build_tokenizer"
+
+    def required_inputs(self, target: Target) -> tuple[str, ...]:
+        """Only a trained BPE reads the corpus."""
+        return ("ingest",) if target.recipe.tokenizer.train_bpe is not None else ()
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        ingest = upstream.get("ingest")
+        return tokenizer_fingerprint(target.recipe, store, ingest.fingerprint if ingest else None)
+
+    def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
+        return {"ingest": upstream["ingest"].fingerprint} if target.recipe.tokenizer.train_bpe is not None else {}
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return build(target.recipe, context.store, upstream.get("ingest"), output, context.progress)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"vocab_size": summary["vocab_size"], "eos_id": summary["eos_id"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("vocabulary", f"{summary['vocab_size']:,} tokens ({summary['method']}); end of text {summary['eos_token']!r} = {summary['eos_id']}")]
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        return {"tokenizer_vocab_size": summary["vocab_size"]}
+
+    def log_line(self, result: StageResult) -> str:
+        return f"{result.summary['vocab_size']} tokens ({result.summary['method']})"
 
 
-def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=print) -> TokenizerResult:
-    """Build (or reuse) the recipe's tokenizer in the store."""
-    from tokenizers import Tokenizer
+TOKENIZER = TokenizerStage()
+
+
+def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult:
+    """Build (or reuse) the recipe's tokenizer alone (ingesting the corpus first for a BPE)."""
+    from tasks.ingest import INGEST
+    from trecflow.runner import run_stage
 
     section = require_tokenizer(recipe)
-    ingest = None
+    upstream = {}
     if section.train_bpe is not None:
         if recipe.corpus is None:
             raise RecipeError("tokenizer.train_bpe: training a tokenizer needs a corpus section (its base split)")
-        from tasks.ingest import run_ingest
+        upstream["ingest"] = run_stage(INGEST, Target(recipe), store, progress=progress)
+    return run_stage(TOKENIZER, Target(recipe), store, upstream, force=force, progress=progress)
 
-        ingest = run_ingest(recipe.corpus, store, progress=progress)  # reused when scoring made it
-    fp = tokenizer_fingerprint(recipe, store, ingest.fingerprint if ingest else None)
-    output = store.output(STAGE, fp)
-    if output.exists() and not force:
-        return TokenizerResult(fp, output.uri, json.loads(output.read_bytes(INFO_FILE)), reused=True)
-    output.invalidate()
 
+def build(recipe: Recipe, store: Store, ingest: StageResult | None, output: StageOutput, progress) -> dict[str, Any]:
+    """Train or copy the tokenizer into ``output``; returns its info."""
+    from tokenizers import Tokenizer
+
+    section = require_tokenizer(recipe)
     if section.train_bpe is not None:
         bpe = section.train_bpe
         counter = {"documents": 0}
@@ -172,15 +196,10 @@ def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=pr
     vocab_size = tokenizer.get_vocab_size()
     check_vocabulary(vocab_size, model_vocab, "tokenizer.from_base")
     info = {"vocab_size": vocab_size, "eos_token": section.eos_token, "eos_id": eos_id, **made}
-    try:
-        for name, data in hf_files(tokenizer, section.eos_token).items():
-            output.write_bytes(name, data)
-        output.write_bytes(INFO_FILE, json.dumps(info, indent=2).encode())
-        output.commit(inputs={"ingest": ingest.fingerprint} if ingest else {}, counts={"vocab_size": vocab_size, "eos_id": eos_id})
-    except BaseException:
-        output.invalidate()
-        raise
-    return TokenizerResult(fp, output.uri, info, reused=False)
+    for name, data in hf_files(tokenizer, section.eos_token).items():
+        output.write_bytes(name, data)
+    output.write_bytes(INFO_FILE, json.dumps(info, indent=2).encode())
+    return info
 
 
 def load_tokenizer(store: Store, fp: str):
@@ -188,11 +207,3 @@ def load_tokenizer(store: Store, fp: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(store.output(STAGE, fp).read_bytes(TOKENIZER_FILE).decode())
-
-
-@stage_task("build_tokenizer", STAGE, current_fingerprint)
-def build_tokenizer(recipe: Recipe, store_url: str, endpoint_url: str | None = None, force: bool = False) -> TokenizerResult:
-    """Prefect task around `run_tokenizer`; its cache key is the stage fingerprint (and the store)."""
-    from prefect import get_run_logger
-
-    return run_tokenizer(recipe, Store(store_url, endpoint_url), force=force, progress=get_run_logger().info)

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from tasks.stage_task import stage_task
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError
 from trecflow.settings import tracking_uri
-from trecflow.store import Store
+from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Target
+from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
 from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
 from training.models import model_vocab_size
-from training.sample_index import SampleIndex, batch_hash
+from training.sample_index import PLACE_STAGE, SampleIndex, batch_hash
 
 STAGE = "train"
 STAGE_VERSION = 1
-SUMMARY_FILE = "summary.json"
 # Settings that do not change the trained weights: left out of the fingerprint.
 NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker")
 
@@ -46,20 +45,12 @@ class BaseModel:
     config: dict[str, Any] | None = None
 
 
-def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str, stage: str = STAGE) -> str:
+def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
     config = recipe.section("optimizer", "schedule", "training")
     for key in NOT_FINGERPRINTED:
         config["training"].pop(key)
     config["steps"] = recipe.steps
-    return fingerprint(stage, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    fingerprint: str
-    uri: str
-    summary: dict[str, Any]
-    reused: bool
+    return fingerprint(STAGE, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
 
 
 def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | None) -> None:
@@ -71,6 +62,78 @@ def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | 
         )
 
 
+def base_model(result: StageResult) -> BaseModel:
+    """The model a ``base`` result names: its checkpoint folder, or a from-scratch config."""
+    return BaseModel(result.fingerprint, uri=result.summary.get("model_uri"), config=result.summary.get("config"))
+
+
+class TrainStage(Stage):
+    """Stage 4: the DeepSpeed job on Ray Train for one variant's index, from the base model.
+    Resumable: an incomplete output (the audit log of earlier attempts) is continued from the
+    latest checkpoint unless the stage is forced."""
+
+    name = STAGE
+    version = STAGE_VERSION
+    inputs = ("tokenizer", "place", "base")
+    scope = VARIANT_SCOPE
+    sections = ("corpus", "tokenizer", "base")
+    title = "Training"
+    task_name = "train_cpt"
+    resumable = True
+
+    def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
+        return train_fingerprint(target.recipe, upstream["place"].fingerprint, upstream["base"].fingerprint)
+
+    def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
+        return {"place": upstream["place"].fingerprint, "base": upstream["base"].fingerprint, "tokenizer": upstream["tokenizer"].fingerprint}
+
+    def clear(self, target: Target, fingerprint: str, store: Store) -> None:
+        if store.fs.exists(checkpoint_root(store, fingerprint)):
+            store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
+
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+        return train(target.recipe, context.store, upstream["place"], base_model(upstream["base"]), output, context.progress, context.tracking_run_id)
+
+    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        return {"steps": summary["steps"], "records": summary["audit"]["records"], "reexecuted_steps": summary["audit"]["reexecuted_steps"]}
+
+    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        audit = summary["audit"]
+        return [
+            ("steps", f"{summary['steps']:,} on {summary['workers']} workers"),
+            ("final loss", f"{summary['final_loss']:.4f}"),
+            ("tokens/s", f"{summary['tokens_per_second'] or 0:,.0f}"),
+            ("resumed from step", "-" if summary["resumed_from_step"] is None else f"{summary['resumed_from_step']:,}"),
+            ("audit", f"{audit['records']:,} records over {len(audit['attempts'])} attempt(s); {audit['reexecuted_steps']:,} re-executed steps; "
+                      f"every planned batch exactly once: {audit['exactly_once']}"),
+            ("model", summary["model_uri"]),
+            ("checkpoints", ", ".join(summary["checkpoints"]) or "-"),
+        ]
+
+    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        """The end-of-run metrics (per-step ones come from the job)."""
+        metrics = {
+            "final_loss": summary["final_loss"],
+            "train_tokens_per_second": summary["tokens_per_second"] or 0.0,
+            "reexecuted_steps": summary["audit"]["reexecuted_steps"],
+            "attempts": len(summary["audit"]["attempts"]),
+        }
+        if summary["resumed_from_step"] is not None:
+            metrics["resumed_from_step"] = summary["resumed_from_step"]
+        return metrics
+
+    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
+        return {"trecflow.model_uri": summary["model_uri"], "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000]}
+
+    def log_line(self, result: StageResult) -> str:
+        summary = result.summary
+        return (f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}, {summary['tokens_per_second'] or 0:.0f} tokens/s, "
+                f"{summary['audit']['reexecuted_steps']} re-executed steps, model {summary['model_uri']}")
+
+
+TRAIN = TrainStage()
+
+
 def run_train(
     recipe: Recipe,
     store: Store,
@@ -79,22 +142,27 @@ def run_train(
     base: BaseModel,
     force: bool = False,
     progress: Callable[[str], None] = print,
-    mlflow_run_id: str | None = None,
-    stage: str = STAGE,
-) -> TrainResult:
-    """Train (or resume, or reuse) the run of ``recipe`` on the index ``index_fp`` from ``base``."""
+) -> StageResult:
+    """Train (or resume, or reuse) the run of ``recipe`` on the committed index ``index_fp`` from
+    ``base`` alone; the index must carry ``expected_inputs``."""
+    from trecflow.runner import run_stage, stored
+
+    placed = stored(store, PLACE_STAGE, index_fp)
+    SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
+    base_result = StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri, "config": base.config}, True)
+    upstream = {"tokenizer": stored(store, "tokenizer", expected_inputs["tokenizer"]), "place": placed, "base": base_result}
+    return run_stage(TRAIN, Target(recipe), store, upstream, force=force, progress=progress)
+
+
+def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, output: StageOutput, progress: Callable[[str], None],
+          mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Run the job on the index ``placed`` from ``base`` into ``output``, then check its audit log."""
+    index_fp, expected_inputs = placed.fingerprint, placed.inputs
     index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
     tokenizer_fp = expected_inputs["tokenizer"]
     tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
     check_vocabulary(base, tokenizer_info["vocab_size"], store.endpoint_url)
-    fp = train_fingerprint(recipe, index_fp, base.fingerprint, stage)
-    output = store.output(stage, fp)
-    if output.exists() and not force:
-        return TrainResult(fp, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), reused=True)
-    if force:
-        output.invalidate()
-        if store.fs.exists(checkpoint_root(store, fp)):
-            store.fs.rm(checkpoint_root(store, fp), recursive=True)
+    fp = output.fingerprint
     spec = JobSpec(
         recipe=recipe.model_dump(mode="json"),
         store_url=store.url,
@@ -111,7 +179,7 @@ def run_train(
     )
     training = recipe.training
     progress(
-        f"{stage}: {index.steps:,} steps on {training.workers} workers (micro-batch {recipe.micro_batch}, accumulation "
+        f"train: {index.steps:,} steps on {training.workers} workers (micro-batch {recipe.micro_batch}, accumulation "
         f"{training.accumulation}, ZeRO-{training.zero_stage}, {training.precision}) from {base.uri or 'a new model'}"
     )
     with ProgressReporter(store, output.path, index.steps, progress):
@@ -142,16 +210,11 @@ def run_train(
         name = path[len(output.path.rstrip("/")) + 1 :]
         if name.startswith((f"{MODEL_DIR}/", "audit/")):
             output.record_file(name)
-    output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    output.commit(
-        inputs={"place": index_fp, "base": base.fingerprint, "tokenizer": tokenizer_fp},
-        counts={"steps": index.steps, "records": report.records, "reexecuted_steps": report.reexecuted_steps},
-    )
     progress(
-        f"{stage}: final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s, "
+        f"train: final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s, "
         f"{report.reexecuted_steps} re-executed steps over {len(report.attempts)} attempt(s)"
     )
-    return TrainResult(fp, output.uri, summary, reused=False)
+    return summary
 
 
 class ProgressReporter:
@@ -189,30 +252,4 @@ class ProgressReporter:
                 )
 
 
-def _task_fingerprint(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict, base: BaseModel, **_: Any) -> str:
-    return train_fingerprint(recipe, index_fp, base.fingerprint)
-
-
-@stage_task("train_cpt", STAGE, _task_fingerprint, retry_delay_seconds=5)
-def train_cpt(
-    recipe: Recipe,
-    store_url: str,
-    endpoint_url: str | None = None,
-    force: bool = False,
-    *,
-    index_fp: str,
-    expected_inputs: dict[str, str],
-    base: BaseModel,
-    mlflow_run_id: str | None = None,
-) -> TrainResult:
-    """Prefect task around `run_train`. A retry resumes from the latest checkpoint in the store
-    (a forced run clears the old checkpoints on its first attempt only)."""
-    from prefect import get_run_logger
-    from prefect.runtime import task_run
-
-    force = force and task_run.run_count <= 1
-    store = Store(store_url, endpoint_url)
-    return run_train(recipe, store, index_fp, expected_inputs, base, force=force, progress=get_run_logger().info, mlflow_run_id=mlflow_run_id)
-
-
-__all__ = ["BaseModel", "JobError", "TrainResult", "run_train", "train_cpt", "train_fingerprint"]
+__all__ = ["BaseModel", "JobError", "TRAIN", "base_model", "run_train", "train_fingerprint"]

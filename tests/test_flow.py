@@ -21,13 +21,14 @@ from trecflow.store import Store
 from .conftest import environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "test_corpus")]
-STAGE_TASKS = ("score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "place_curriculum", "build_base", "train_cpt", "reevaluate_trec")
-SHARED = ("score_corpus", "predict_trec", "build_tokenizer", "pack_sequences")
+STAGE_TASKS = ("ingest_corpus", "score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "build_base", "place_curriculum",
+               "train_cpt", "build_evalset", "reevaluate_trec")
+SHARED = ("ingest_corpus", "score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "build_base", "build_evalset")
 
 
 def cached(*recomputed: str) -> dict[str, str]:
-    """Every stage task Cached except ``recomputed`` (build_base always runs: it reuses its output)."""
-    return {**dict.fromkeys(STAGE_TASKS, "Cached"), "build_base": "Completed", **dict.fromkeys(recomputed, "Completed")}
+    """Every stage task Cached except ``recomputed``."""
+    return {**dict.fromkeys(STAGE_TASKS, "Cached"), **dict.fromkeys(recomputed, "Completed")}
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -57,7 +58,7 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
     assert set(runs) == {"uniform", "trec_valley"}
     first, second = (task_states(runs[variant]) for variant in compared_test["variants"])
     assert first == dict.fromkeys(STAGE_TASKS, "Completed")
-    # the second variant shares scoring, prediction, tokenizer and packing
+    # the second variant shares ingest, scoring, prediction, tokenizer, packing, the base and the held-out set
     assert second == {**cached("place_curriculum", "train_cpt", "reevaluate_trec"), **dict.fromkeys(SHARED, "Cached")}
 
     uniform = result["outcomes"]["uniform"]
@@ -98,7 +99,7 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
             assert run.data.metrics["val_loss_hq"] == pytest.approx(result["outcomes"][variant]["reevaluate"]["val_loss_hq"])
             stages = {child.data.tags["trecflow.stage"]: child for child in
                       client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
-            assert set(stages) == {"score", "predict", "tokenizer", "pack", "place", "train", "reevaluate"}
+            assert set(stages) == {"ingest", "score", "predict", "tokenizer", "pack", "base", "place", "train", "evalset", "reevaluate"}
             assert all(child.data.tags["prefect.flow_run_id"] == str(runs[variant]) for child in stages.values())
             train = stages["train"]
             assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == list(range(48))
@@ -154,7 +155,35 @@ def test_typed_parameters_refuse_an_unknown_stage_before_any_work(compared_test)
 
 def test_forcing_a_stage_forces_everything_downstream():
     assert forced_stages(["predict"]) == {"predict", "place", "train", "reevaluate"}
-    assert forced_stages(["score"]) == {"score", "tokenizer", "pack", "place", "train", "reevaluate"}
-    assert forced_stages(["tokenizer"]) == {"tokenizer", "pack", "place", "train", "reevaluate"}
+    # the tokenizer reads the ingested base split, not the scores
+    assert forced_stages(["score"]) == {"score", "pack", "base", "place", "train", "reference", "evalset", "reevaluate"}
+    assert forced_stages(["tokenizer"]) == {"tokenizer", "pack", "base", "place", "train", "reference", "evalset", "reevaluate"}
+    assert forced_stages(["ingest"]) == {"ingest", "score", "tokenizer", "pack", "base", "place", "train", "reference", "evalset", "reevaluate"}
     assert forced_stages(["place"]) == {"place", "train", "reevaluate"}
     assert forced_stages(["train"]) == {"train", "reevaluate"}
+
+
+def test_one_run_fingerprints_each_stage_once_and_lists_each_source_once(prefect_harness, staged_test, mlflow_uri, monkeypatch):
+    import tasks.ingest as ingest
+    from tasks.graph import STAGES
+
+    from .conftest import CONFIGS
+
+    calls: dict[str, int] = {}
+    listings: list[str] = []
+    list_source = ingest.list_source
+    monkeypatch.setattr(ingest, "list_source", lambda source, *args: listings.append(source.name) or list_source(source, *args))
+    for stage in STAGES:
+        def counted(target, upstream, store, stage=stage, fingerprint=type(stage).fingerprint):
+            calls[stage.name] = calls.get(stage.name, 0) + 1
+            return fingerprint(stage, target, upstream, store)
+
+        monkeypatch.setattr(stage, "fingerprint", counted)
+    with environment({"TRECFLOW_STORE": staged_test["store"].url}):
+        state = cpt_pipeline(PipelineRun(recipe_path=str(CONFIGS / "test.yaml"), variant="uniform", until="place"), return_state=True)
+    assert state.is_completed(), state
+    assert calls == dict.fromkeys(("ingest", "score", "predict", "tokenizer", "pack", "place"), 1)
+    assert sorted(listings) == ["debian-copyright", "stdlib-docs"]
+    outcome = state.result()
+    assert all(outcome[stage]["reused"] for stage in calls)  # the staged store had them all
+    assert outcome["pack"]["fingerprint"] == staged_test["pack"].fingerprint

@@ -1071,7 +1071,7 @@ def test_lifecycle_rules_match_botocores_s3_model_and_spare_the_outputs():
     config = json.loads((INFRA / "s3" / "lifecycle.json").read_text())
     assert lifecycle_problems(config) == []
     prefix = urlparse(configmap_data()["TRECFLOW_STORE"]).path.strip("/") + "/"
-    from flows.pipeline import STAGE_INPUTS
+    from tasks.graph import STAGE_NAMES as STAGE_INPUTS
 
     protected = [f"{prefix}{stage}/" for stage in STAGE_INPUTS] + [f"{prefix}mlflow/"]
     ids = [rule["ID"] for rule in config["Rules"]]
@@ -1090,7 +1090,7 @@ def test_lifecycle_rules_match_botocores_s3_model_and_spare_the_outputs():
 
 
 def test_readme_describes_the_store_layout_of_every_stage():
-    from flows.pipeline import STAGE_INPUTS
+    from tasks.graph import STAGE_NAMES as STAGE_INPUTS
 
     text = readme()
     for stage in STAGE_INPUTS:

@@ -51,7 +51,7 @@ def test_tokenizer_trains_on_the_base_split_and_loads_with_transformers(staged):
 
     info = staged["tokenizer"].summary
     assert info["method"] == "train_bpe" and info["vocab_size"] == 1024 and info["eos_id"] == 0
-    assert info["documents"] == staged["score"].stats["sources"]["stdlib-docs"]["splits"].get("base", 0) + staged["score"].stats["sources"][
+    assert info["documents"] == staged["score"].summary["sources"]["stdlib-docs"]["splits"].get("base", 0) + staged["score"].summary["sources"][
         "debian-copyright"]["splits"].get("base", 0)
     folder = staged["store"].output("tokenizer", staged["tokenizer"].fingerprint).path
     hf = AutoTokenizer.from_pretrained(folder)
@@ -94,11 +94,11 @@ def test_from_base_reads_a_checkpoints_tokenizer_and_checks_the_vocabulary(stage
 
 
 def test_packing_gives_one_tier_per_sequence_scored_by_its_documents(staged):
-    stats = staged["pack"].stats
+    stats = staged["pack"].summary
     store = staged["store"]
     tiers, scores = read_catalog(store, staged["pack"].fingerprint)
     assert tiers.size == scores.size == stats["sequences"] > 0
-    thresholds = staged["score"].stats["thresholds"]
+    thresholds = staged["score"].summary["thresholds"]
     # every document of an hq sequence scored >= the hq threshold, so the token-weighted mean does too
     assert scores[tiers == 0].min() >= thresholds["hq"] - 1e-6
     assert scores[tiers == 2].max() < thresholds["lq"]
@@ -172,7 +172,7 @@ def test_other_seed_gives_other_order_and_short_hq_is_repeated_or_fails(staged):
     assert not np.array_equal(base.batch(0), seeded.batch(0))
     assert [base.composition(s)["hq"] for s in range(48)] == [seeded.composition(s)["hq"] for s in range(48)]  # same hq slots
 
-    supply = staged["pack"].stats["tiers"]["hq"]["sequences"]
+    supply = staged["pack"].summary["tiers"]["hq"]["sequences"]
     need = supply + 100  # more hq than was packed
     data["data"]["tokens"] = 512 * 400
     data["curriculum"]["hq_fraction"] = need / (400 * 8)

@@ -76,7 +76,7 @@ def corpus(tmp_path, **sources) -> CorpusSection:
 
 def read_shards(store: Store, result) -> pa.Table:
     output = store.output("ingest", result.fingerprint)
-    return pa.concat_tables(pq.read_table(output.file_path(name)) for name in result.stats["shards"])
+    return pa.concat_tables(pq.read_table(output.file_path(name)) for name in result.summary["shards"])
 
 
 def test_ingest_formats_dedup_and_empty_documents(tmp_path):
@@ -97,7 +97,7 @@ def test_ingest_formats_dedup_and_empty_documents(tmp_path):
     )
     store = Store(str(tmp_path / "store"))
     result = run_ingest(spec, store)
-    stats = result.stats
+    stats = result.summary
     assert stats["sources"]["folder"]["dropped_empty"] == 2 and stats["sources"]["saved"]["dropped_empty"] == 1
     assert stats["sources"]["table"]["dropped_duplicate"] == 10  # the first occurrence (source order) is kept
     assert stats["dropped"] == {"empty": 3, "duplicate": 10}
@@ -187,7 +187,7 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
     recipe = recipe.model_validate({**recipe.model_dump(), "corpus": {**recipe.corpus.model_dump(), "sources": sources}})
 
     result = run_score(recipe, store)
-    stats = result.stats
+    stats = result.summary
     assert stats["classifier_accuracy"] >= 0.9
     assert stats["tiers"]["stdlib-docs"]["hq"] >= 0.9 and stats["tiers"]["debian-copyright"]["lq"] >= 0.9
     output = store.output("score", result.fingerprint)
@@ -198,7 +198,7 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
         assert column in scored.column_names
     assert all(0.0 <= value <= 1.0 for value in scored["score"].to_pylist())
     manifest = output.manifest()
-    assert set(manifest["files"]) >= {"stats.json", "score_histogram.png", "classifier/weights.npz", *stats["shards"]}
+    assert set(manifest["files"]) >= {"summary.json", "score_histogram.png", "classifier/weights.npz", *stats["shards"]}
     assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats["classifier_accuracy"]
     assert run_score(recipe, store).reused  # same inputs: a hit, nothing recomputed
 
@@ -240,9 +240,9 @@ def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
     line = result.stderr.strip().splitlines()[-1]
     assert line == f"error: corpus source docs: {source} has no text field 'text' (fields: body)"
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="score_corpus")))
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest_corpus")))
     attempts = [run.run_count for run in runs if run.state.is_failed()]
-    assert attempts == [1]  # bad input is not retried
+    assert attempts == [1]  # bad input is not retried (ingest is the stage that reads the text)
     assert not list((tmp_path / "store").glob("*/*/_MANIFEST.json"))
 
 

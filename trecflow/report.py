@@ -1,5 +1,5 @@
-"""How results read for people: the rows of a re-evaluation's report and the cells of the
-comparison table, shared by the CLI's text and the Prefect artifacts' markdown."""
+"""How results read for people: number and window cells, aligned text and markdown tables from
+(quantity, value) rows, shared by the CLI's text, the Prefect artifacts and the comparison table."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def reevaluation_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if summary["retried_units"]:
         rows.append(("retried units", f"{summary['retried_units']:,} (an actor died; their steps were evaluated again)"))
     return rows
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """(quantity, value) rows as text, the values in one column."""
+    if not rows:
+        return ""
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A markdown section: a title and a quantity/value table."""
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"# {title}\n\n| quantity | value |\n|---|---|\n{table}\n"

@@ -103,12 +103,15 @@ class StageOutput:
             raise StoreError(f"{self.uri}: no {MANIFEST}; the {self.stage} output is incomplete") from None
 
     def invalidate(self) -> None:
-        """Remove the manifest first (the output stops existing), then any stale files."""
+        """Remove the manifest first (the output stops existing), then any stale files; lease files
+        (``_LEASE-*``, see `trecflow.lease`) stay: only the lease holder invalidates."""
         fs = self.store.fs
         if fs.exists(self.file_path(MANIFEST)):
             fs.rm(self.file_path(MANIFEST))
         if fs.exists(self.path):
-            fs.rm(self.path, recursive=True)
+            stale = [path for path in fs.find(self.path) if not path.rsplit("/", 1)[1].startswith("_LEASE-")]
+            if stale:
+                fs.rm(stale)
         self._files.clear()
 
     def write_bytes(self, name: str, data: bytes) -> str:

@@ -1,0 +1,281 @@
+"""The one runner of stages: fingerprint once, reuse or compute under a lease, commit, report.
+
+For each stage a run needs (the ancestors of ``until``, in the graph's order), the runner:
+
+1. skips it (event ``skipped``) when the recipe lacks a section the stage needs;
+2. computes its fingerprint **once**, from the recipe and the upstream results;
+3. hands the stage to an *executor* (in a flow: a Prefect task whose cache key is that fingerprint;
+   elsewhere: a direct call), which calls back `Runner.compute`:
+   - a complete output (manifest present) is reused unless the stage is forced;
+   - otherwise the runner takes the lease on ``<store>/<stage>/<fingerprint>/``
+     (`trecflow.lease`), clears an incomplete output (a resumable stage keeps it unless forced),
+     runs the stage with a heartbeat renewing the lease, writes ``summary.json`` and commits the
+     manifest last;
+   - a runner that finds a live lease held by someone else waits for the manifest and reuses the
+     output; one that finds an expired lease takes it over;
+4. emits events (``started``, ``progress``, ``waiting``, ``reused``, ``finished``, ``failed``,
+   ``skipped``, ``note``) to its reporters: MLflow, Prefect artifacts, logs and the CLI subscribe
+   (`flows.reporters`); nothing else in a stage or flow reports.
+
+Forcing a stage forces every stage that depends on it (`forced_closure`). Forcing a stage that has
+nothing to compute (a base model given as a path) is a no-op with a ``note``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from trecflow.lease import Lease, Owner
+from trecflow.recipe import RecipeError
+from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
+from trecflow.store import Store
+
+STARTED, PROGRESS, WAITING, REUSED, FINISHED, FAILED, SKIPPED, NOTE = (
+    "started", "progress", "waiting", "reused", "finished", "failed", "skipped", "note")
+
+
+@dataclass
+class StageEvent:
+    """Something that happened to one stage of one target. ``annotations`` is filled by reporters
+    on ``started`` (e.g. the MLflow run id) and handed to the stage's context."""
+
+    kind: str
+    stage: Stage
+    target: Target
+    fingerprint: str | None = None
+    result: StageResult | None = None
+    message: str = ""
+    error: BaseException | None = None
+    seconds: float | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+    depth: int = 0  # 0 for the run's own stages, 1+ for those of a derived run (the tiny base's pretraining)
+
+
+class Reporter(Protocol):
+    def __call__(self, event: StageEvent) -> None: ...
+
+
+Compute = Callable[[bool], StageResult]
+# executor(stage, target, upstream, fingerprint, force, compute) -> StageResult; compute(force) does the work
+Executor = Callable[[Stage, Target, Mapping[str, StageResult], str, bool, Compute], StageResult]
+
+
+def direct(stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool, compute: Compute) -> StageResult:
+    """The executor without Prefect: compute in this process."""
+    return compute(force)
+
+
+class Graph:
+    """The stages in dependency order (each stage's inputs come before it)."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = tuple(stages)
+        self.by_name = {stage.name: stage for stage in self.stages}
+        seen: set[str] = set()
+        for stage in self.stages:
+            unknown = [name for name in stage.inputs if name not in seen]
+            if unknown:
+                raise ValueError(f"stage {stage.name}: inputs {unknown} are not declared before it")
+            seen.add(stage.name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(stage.name for stage in self.stages)
+
+    def __getitem__(self, name: str) -> Stage:
+        return self.by_name[name]
+
+    def check(self, names: Iterable[str], what: str = "force") -> list[str]:
+        """``names`` if every one is a stage, else a RecipeError naming the unknown one."""
+        names = list(names)
+        for name in names:
+            if name not in self.by_name:
+                raise RecipeError(f"{what}: unknown stage {name!r} (stages: {', '.join(self.names)})")
+        return names
+
+    def forced_closure(self, names: Iterable[str]) -> set[str]:
+        """The named stages and every stage downstream of them."""
+        forced = set(self.check(names))
+        for stage in self.stages:  # dependency order: one pass suffices
+            if forced.intersection(stage.inputs):
+                forced.add(stage.name)
+        return forced
+
+    def ancestors(self, until: str | None, given: Iterable[str] = ()) -> list[str]:
+        """The stages needed to produce ``until`` (all of them when None), in order; stages in
+        ``given`` and what only they need are left out."""
+        given = set(given)
+        if until is None:
+            return [name for name in self.names if name not in given]
+        self.check([until], "until")
+        needed: set[str] = set()
+        pending = [until]
+        while pending:
+            name = pending.pop()
+            if name in needed or name in given:
+                continue
+            needed.add(name)
+            pending.extend(self.by_name[name].inputs)
+        return [name for name in self.names if name in needed]
+
+
+class Runner:
+    """Runs the stages of a `Graph` on one store (see the module docstring)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        store: Store,
+        *,
+        forced: Iterable[str] = (),
+        reporters: Sequence[Reporter] = (),
+        executor: Executor = direct,
+        lease_seconds: float | None = None,
+        poll_seconds: float | None = None,
+        depth: int = 0,
+    ):
+        self.graph = graph
+        self.store = store
+        self.forced = set(forced)
+        self.reporters = list(reporters)
+        self.executor = executor
+        self.owner = Owner.this_process()
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.depth = depth
+        self.seconds: dict[str, float] = {}
+
+    def derived(self, forced: Iterable[str] = ()) -> Runner:
+        """A runner for a derived run inside a stage (the tiny base's pretraining, the trained
+        reference): same store, lease settings and reporters (its events one level deeper),
+        computed in this process."""
+        return Runner(self.graph, self.store, forced=forced, reporters=self.reporters, lease_seconds=self.lease_seconds,
+                      poll_seconds=self.poll_seconds, depth=self.depth + 1)
+
+    def emit(self, event: StageEvent) -> StageEvent:
+        event.depth = self.depth
+        for reporter in self.reporters:
+            reporter(event)
+        return event
+
+    def run(self, target: Target, until: str | None = None, given: Mapping[str, StageResult] | None = None) -> dict[str, StageResult]:
+        """The results of every stage ``until`` needs (all stages when None) that applies to ``target``."""
+        results: dict[str, StageResult] = dict(given or {})
+        for name in self.graph.ancestors(until, results):
+            stage = self.graph[name]
+            missing_inputs = [input_name for input_name in stage.inputs if input_name not in results and self._required(stage, target, input_name)]
+            if not stage.applies(target) or missing_inputs:
+                why = f"no {', '.join(stage.missing(target))} section" if not stage.applies(target) else f"needs {', '.join(missing_inputs)}"
+                self.emit(StageEvent(SKIPPED, stage, target, message=f"{stage.name}: skipped ({why})"))
+                continue
+            upstream = {input_name: results[input_name] for input_name in stage.inputs if input_name in results}
+            results[name] = self.materialize(stage, target, upstream)
+        return results
+
+    def _required(self, stage: Stage, target: Target, input_name: str) -> bool:
+        required = getattr(stage, "required_inputs", None)
+        return input_name in (required(target) if required else stage.inputs)
+
+    def materialize(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult]) -> StageResult:
+        """One stage: fingerprint once, then reuse, resolve or compute through the executor."""
+        fingerprint = stage.fingerprint(target, upstream, self.store)
+        force = stage.name in self.forced
+        resolved = stage.resolve(target, upstream, self.store, fingerprint)
+        if resolved is not None:
+            if force:
+                self.emit(StageEvent(NOTE, stage, target, fingerprint, message=f"{stage.name}: nothing to compute ({resolved.uri}); --force {stage.name} changes nothing"))
+            self.emit(StageEvent(REUSED, stage, target, fingerprint, result=resolved, seconds=0.0))
+            return resolved
+        started = self.emit(StageEvent(STARTED, stage, target, fingerprint))
+        began = time.perf_counter()
+        existed = self.store.output(stage.name, fingerprint).exists()
+
+        def compute(force_now: bool) -> StageResult:
+            return self.compute(stage, target, upstream, fingerprint, force_now, started.annotations)
+
+        try:
+            result = self.executor(stage, target, upstream, fingerprint, force, compute)
+        except BaseException as error:
+            self.emit(StageEvent(FAILED, stage, target, fingerprint, error=error, seconds=time.perf_counter() - began,
+                                 annotations=started.annotations, message=f"{stage.name}: failed: {type(error).__name__}: {error}"))
+            raise
+        # an executor's cache returns the result of the run that computed it: report this run's view
+        result = replace(result, reused=result.reused or (existed and not force), summary=stage.view(target, result.summary))
+        seconds = time.perf_counter() - began
+        self.seconds[stage.name] = round(seconds, 2)
+        self.emit(StageEvent(REUSED if result.reused else FINISHED, stage, target, fingerprint, result=result, seconds=seconds,
+                             annotations=started.annotations))
+        return result
+
+    def _progress(self, stage: Stage, target: Target, fingerprint: str) -> Callable[[str], None]:
+        return lambda message: self.emit(StageEvent(PROGRESS, stage, target, fingerprint, message=message))
+
+    def load(self, stage: Stage, fingerprint: str) -> StageResult:
+        return stored(self.store, stage.name, fingerprint)
+
+    def compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
+                annotations: Mapping[str, Any] | None = None) -> StageResult:
+        """Reuse the complete output, or compute it holding the lease (see the module docstring)."""
+        output = self.store.output(stage.name, fingerprint)
+        if output.exists() and not force:
+            return self.load(stage, fingerprint)
+        lease = Lease(output, self.owner, self.lease_seconds)
+        progress = self._progress(stage, target, fingerprint)
+        poll = self.poll_seconds if self.poll_seconds is not None else min(5.0, lease.seconds / 4)
+        announced = None
+        while True:
+            holder = lease.try_acquire()
+            if holder is None:
+                break
+            if output.exists():  # the holder committed while we looked: its output is as fresh as ours would be
+                return self.load(stage, fingerprint)
+            if holder.owner != announced:
+                self.emit(StageEvent(WAITING, stage, target, fingerprint, message=(
+                    f"{stage.name}: {output.uri} is being computed by {holder.owner.describe()} (lease until "
+                    f"{time.strftime('%H:%M:%S', time.localtime(holder.expires_unix))}); waiting for it")))
+                announced = holder.owner
+            time.sleep(poll)
+            if output.exists():
+                return self.load(stage, fingerprint)
+        with lease.heartbeat():
+            if output.exists() and not force:  # committed between our check and the lease
+                return self.load(stage, fingerprint)
+            if force or not stage.resumable:
+                output.invalidate()
+            if force:
+                stage.clear(target, fingerprint, self.store)
+            context = StageContext(self.store, progress, force, (annotations or {}).get("mlflow_run_id"), self)
+            summary = stage.run(target, upstream, output, context)
+            output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+            inputs = stage.manifest_inputs(target, upstream, fingerprint)
+            output.commit(inputs=inputs, counts=stage.counts(summary))
+        return StageResult(stage.name, fingerprint, output.uri, summary, False, inputs)
+
+
+def run_stage(stage: Stage, target: Target, store: Store, upstream: Mapping[str, StageResult] | None = None, force: bool = False,
+              progress: Callable[[str], None] | None = print, graph: Graph | None = None) -> StageResult:
+    """One stage on its given upstream results, in this process (what unit tests and benchmarks
+    call): the same fingerprint, lease, reuse and commit as in a flow; progress lines to ``progress``."""
+    def report(event: StageEvent) -> None:
+        if progress is not None and event.kind in (PROGRESS, WAITING, NOTE) and event.message:
+            progress(event.message)
+
+    runner = Runner(graph or default_graph(), store, forced={stage.name} if force else (), reporters=[report])
+    return runner.materialize(stage, target, upstream or {})
+
+
+def default_graph() -> Graph:
+    """The pipeline's graph (`tasks.graph.GRAPH`), imported on first use."""
+    from tasks.graph import GRAPH
+
+    return GRAPH
+
+
+def stored(store: Store, stage: str, fingerprint: str) -> StageResult:
+    """The committed output of ``stage`` with ``fingerprint`` as a reused result (StoreError if incomplete)."""
+    output = store.output(stage, fingerprint)
+    manifest = output.manifest()
+    return StageResult(stage, fingerprint, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), True, manifest["inputs"])
