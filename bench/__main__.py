@@ -1,5 +1,9 @@
-"""`python -m bench [NAME ...]`: run the named benchmarks (default: all but ``gpu``, which needs a
-CUDA device and runs only when named)."""
+"""`python -m bench [NAME ...] [--smoke]`: run the named benchmarks (default: all but ``gpu``, which
+needs a CUDA device for its measurements and runs only when named).
+
+``--smoke`` runs each at tiny sizes (seconds to a minute each): the same code paths and the same
+printed figures, as a check that the benchmarks still run (`tests/test_bench.py`); its numbers
+are not measurements. ``make bench`` runs them all at full size."""
 
 import sys
 
@@ -14,11 +18,25 @@ BENCHMARKS = {
     "gpu": bench_gpu.run,
 }
 ONLY_WHEN_NAMED = ("gpu",)
+USAGE = f"usage: python -m bench [NAME ...] [--smoke]; NAME in {', '.join(BENCHMARKS)}"
 
-if __name__ == "__main__":
-    names = sys.argv[1:] or [name for name in BENCHMARKS if name not in ONLY_WHEN_NAMED]
+
+def main(argv: list[str]) -> None:
+    smoke = "--smoke" in argv
+    options = [arg for arg in argv if arg.startswith("-")]
+    if any(option not in ("--smoke", "-h", "--help") for option in options):
+        sys.exit(f"unknown option(s) {[o for o in options if o != '--smoke']}; {USAGE}")
+    if "-h" in options or "--help" in options:
+        print(USAGE)
+        return
+    names = [arg for arg in argv if not arg.startswith("-")]
+    names = names or [name for name in BENCHMARKS if name not in ONLY_WHEN_NAMED]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         sys.exit(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     for name in names:
-        BENCHMARKS[name]()
+        BENCHMARKS[name](smoke=smoke)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -50,6 +50,14 @@ an fp32 load (``precision="fp32"``) of the same folder: both means, max and mean
 ``TRECFLOW_BENCH_GPU_REEVAL=0`` skips this part.
 
 Without CUDA it prints one line and returns (exit status 0).
+
+Smoke mode (``python -m bench gpu --smoke``): the same three parts (DeepSpeed ZeRO-2 bf16, the
+loop, re-evaluation through `training.reevaluation` with the bf16/fp32 check) on a 2-layer
+hidden-64 Llama (`SMOKE_SHAPE`), sequences of `SMOKE_SEQ_LEN` tokens, 1 warm-up + 3 measured
+steps, micro-batch 2 (re-evaluation 2 and 4). On a CUDA device it runs there (NCCL); without one
+it runs on the CPU (gloo; the re-evaluation loads with ``use_gpu=False``), so it checks the code
+paths, the FLOP and MFU arithmetic (no MFU on a CPU: unknown peak) and the printed report, but
+measures nothing about GPUs.
 """
 
 from __future__ import annotations
@@ -88,6 +96,10 @@ PEAK_FLOPS = (
     ("L4", 121e12),
 )
 NO_CUDA = "no CUDA device: the GPU benchmark needs one"
+SMOKE_SHAPE = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4}
+SMOKE_SEQ_LEN = 128
+SMOKE_WARMUP, SMOKE_STEPS, SMOKE_MICRO, SMOKE_REEVAL_MICROS = 1, 3, 2, [2, 4]
 
 
 def llama_config(**overrides):
@@ -322,7 +334,7 @@ def save_random_model(config, device, folder: str) -> None:
 
 
 def measure_reevaluation(folder: str, micros: list[int], seq_len: int, device, warmup: int = WARMUP, steps: int = STEPS,
-                         check_rows: int = 8) -> dict:
+                         check_rows: int = 8, vocab: int = VOCAB) -> dict:
     """Stage 5's forward-only loss through `training.reevaluation`: bf16 throughput per micro-batch,
     then bf16 against fp32 per-sequence losses of the same weights on one batch."""
     import numpy as np
@@ -330,9 +342,10 @@ def measure_reevaluation(folder: str, micros: list[int], seq_len: int, device, w
 
     from training.reevaluation import ModelSpec, load_eval_model, sequence_losses
 
+    use_gpu = device.type == "cuda"
     _sync(device)
     began = time.perf_counter()
-    model = load_eval_model(ModelSpec(uri=folder, precision="bf16", use_gpu=True))
+    model = load_eval_model(ModelSpec(uri=folder, precision="bf16", use_gpu=use_gpu))
     _sync(device)
     load_seconds = time.perf_counter() - began
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -340,7 +353,7 @@ def measure_reevaluation(folder: str, micros: list[int], seq_len: int, device, w
 
     def batches(micro: int):
         while True:
-            yield rng.integers(0, VOCAB, (micro, seq_len), dtype=np.int32)
+            yield rng.integers(0, vocab, (micro, seq_len), dtype=np.int32)
 
     runs = []
     for micro in micros:
@@ -355,11 +368,11 @@ def measure_reevaluation(folder: str, micros: list[int], seq_len: int, device, w
             runs.append({"micro": micro, "out_of_memory": True})
         _free(device)
 
-    check = np.random.default_rng(SEED + 1).integers(0, VOCAB, (check_rows, seq_len), dtype=np.int32)
+    check = np.random.default_rng(SEED + 1).integers(0, vocab, (check_rows, seq_len), dtype=np.int32)
     bf16 = sequence_losses(model, check, check_rows)
     model = None
     _free(device)
-    model = load_eval_model(ModelSpec(uri=folder, precision="fp32", use_gpu=True))
+    model = load_eval_model(ModelSpec(uri=folder, precision="fp32", use_gpu=use_gpu))
     fp32 = sequence_losses(model, check, check_rows)
     model = None
     _free(device)
@@ -413,42 +426,72 @@ def summarize(result: dict, micro: int, seq_len: int, per_token: tuple[float, fl
     }
 
 
-def run() -> None:
+def _count(parameters: int) -> str:
+    """``0.94B``, or ``0.26M`` for a model under 0.1B parameters (the smoke mode's)."""
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.2f}M"
+
+
+def _flops(value: float) -> str:
+    """``5.66 G``, or ``1.23 M`` under 0.1 G (the smoke mode's tiny model)."""
+    return f"{value / 1e9:.2f} G" if value >= 1e8 else f"{value / 1e6:.2f} M"
+
+
+def run(smoke: bool = False) -> None:
     import torch
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
         print(NO_CUDA)
         return
     began = time.perf_counter()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    properties = torch.cuda.get_device_properties(device)
-    name = properties.name
-    peak = peak_flops(name)
-    init_distributed("nccl")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        properties = torch.cuda.get_device_properties(device)
+        name, total_memory = properties.name, properties.total_memory
+        peak = peak_flops(name)
+    else:  # smoke mode on a machine without CUDA: the same code paths on the CPU
+        device = torch.device("cpu")
+        name, total_memory = "CPU (no CUDA device)", 0
+        peak = peak_flops(name)  # TRECFLOW_BENCH_PEAK_FLOPS, else unknown
+        from training.cpt_job import _skip_inference_shm_op
+
+        _skip_inference_shm_op()  # DeepSpeed's CPU shared-memory op: only inference uses it, building it takes minutes
+    init_distributed("nccl" if cuda else "gloo")
     import torch.distributed as dist
 
     import deepspeed
     import transformers
 
-    print(f"versions: torch {torch.__version__} (CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}), "
+    nccl = f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}" if cuda else "no CUDA"
+    print(f"versions: torch {torch.__version__} (CUDA {torch.version.cuda}, {nccl}), "
           f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}; torch.distributed "
           f"{dist.get_backend()} backend, world {dist.get_world_size()}, rank {dist.get_rank()}", flush=True)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained/from_pretrained progress bars
-    config = llama_config()
+    if smoke:
+        config = llama_config(**SMOKE_SHAPE, max_position_embeddings=SMOKE_SEQ_LEN)
+        seq_len, warmup, steps, micro = SMOKE_SEQ_LEN, SMOKE_WARMUP, SMOKE_STEPS, SMOKE_MICRO
+        reeval_micros = list(SMOKE_REEVAL_MICROS)
+        print(f"gpu: smoke mode on {device.type}: tiny sizes, not a measurement", flush=True)
+    else:
+        config = llama_config()
+        seq_len, warmup, steps, micro = SEQ_LEN, WARMUP, STEPS, default_micro_batch(total_memory)
+        reeval_micros = reevaluation_micro_batches(total_memory)
+    shape = (f"hidden {config.hidden_size}, intermediate {config.intermediate_size}, {config.num_hidden_layers} layers, "
+             f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
     optimizer = "fused" if os.environ.get("TRECFLOW_BENCH_GPU_OPTIMIZER", "torch") == "fused" else "torch"
-    micro = default_micro_batch(properties.total_memory)
-    print(f"gpu: {name} ({properties.total_memory / 2**30:.0f} GiB), peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}; "
-          f"{WARMUP} warm-up + {STEPS} measured steps per side ...", flush=True)
+    print(f"gpu: {name} ({total_memory / 2**30:.0f} GiB), peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}; "
+          f"{warmup} warm-up + {steps} measured steps per side ...", flush=True)
 
-    micro, ds = with_smaller_batches(lambda m: measure_deepspeed(config, m, SEQ_LEN, device, optimizer), micro, "deepspeed")
-    per_token = flops_per_token(ds["parameters"], config, SEQ_LEN)
-    ds_summary = summarize(ds, micro, SEQ_LEN, per_token, peak)
+    micro, ds = with_smaller_batches(lambda m: measure_deepspeed(config, m, seq_len, device, optimizer, warmup, steps), micro,
+                                     "deepspeed")
+    per_token = flops_per_token(ds["parameters"], config, seq_len)
+    ds_summary = summarize(ds, micro, seq_len, per_token, peak)
     loop = loop_summary = None
     if os.environ.get("TRECFLOW_BENCH_GPU_BASELINE", "1") != "0":
         try:
-            loop = measure_loop(config, micro, SEQ_LEN, device)
-            loop_summary = summarize(loop, micro, SEQ_LEN, per_token, peak)
+            loop = measure_loop(config, micro, seq_len, device, warmup, steps)
+            loop_summary = summarize(loop, micro, seq_len, per_token, peak)
         except torch.cuda.OutOfMemoryError:
             print(f"  loop baseline: out of memory at micro-batch {micro} (after the DeepSpeed run): skipped")
         _free(device)
@@ -459,14 +502,14 @@ def run() -> None:
         print("re-evaluation: saving the model, then load_eval_model + sequence_losses ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="trecflow-bench-gpu-") as folder:
             save_random_model(config, device, folder)
-            reeval = measure_reevaluation(folder, reevaluation_micro_batches(properties.total_memory), SEQ_LEN, device)
+            reeval = measure_reevaluation(folder, reeval_micros, seq_len, device, warmup, steps, vocab=config.vocab_size)
 
     def pct(value: float | None) -> str:
         return f"{100 * value:5.1f}%" if value is not None else "  n/a"
 
     print()
-    print(f"gpu: Llama {ds['parameters'] / 1e9:.2f}B parameters (hidden {HIDDEN}, intermediate {INTERMEDIATE}, {LAYERS} layers, "
-          f"{HEADS} heads, vocab {VOCAB}), seq {SEQ_LEN}, micro-batch {micro} ({micro * SEQ_LEN:,} tokens/step), one GPU: {name}")
+    print(f"gpu: Llama {_count(ds['parameters'])} parameters ({shape}), seq {seq_len}, micro-batch {micro} "
+          f"({micro * seq_len:,} tokens/step), one {'GPU' if cuda else 'CPU'}: {name}")
     print(f"  {'':<40} {'tokens/s/GPU':>12} {'step ms':>8} {'median':>7} {'p90':>7} {'MFU 6N':>7} {'+attn':>7} "
           f"{'peak alloc':>10} {'reserved':>9} {'loss':>7}")
     rows = [(f"DeepSpeed ZeRO-2 bf16, {ds['optimizer']}", ds, ds_summary)]
@@ -476,28 +519,29 @@ def run() -> None:
         print(f"  {label:<40} {summary['tokens_per_second']:>12,.0f} {1e3 * summary['mean']:>8.1f} {1e3 * summary['median']:>7.1f} "
               f"{1e3 * summary['p90']:>7.1f} {pct(summary['mfu']):>7} {pct(summary['mfu_attention']):>7} "
               f"{result['peak_allocated'] / 2**30:>8.1f} G {result['peak_reserved'] / 2**30:>7.1f} G {result['loss']:>7.3f}")
-    print(f"  (steps {WARMUP + 1}..{WARMUP + STEPS} of each side; FLOPs per token {per_token[0] / 1e9:.2f} G (6N), "
-          f"{per_token[1] / 1e9:.2f} G with attention; random tokens: loss ~ ln {VOCAB} = {math.log(VOCAB):.2f})")
+    print(f"  (steps {warmup + 1}..{warmup + steps} of each side; FLOPs per token {_flops(per_token[0])} (6N), "
+          f"{_flops(per_token[1])} with attention; random tokens: loss ~ ln {config.vocab_size} = {math.log(config.vocab_size):.2f})")
     if loop_summary is not None:
         print(f"  ratio DeepSpeed / loop tokens/s   {ds_summary['tokens_per_second'] / loop_summary['tokens_per_second']:.2f}")
     if reeval is not None:
-        forward = forward_flops_per_token(ds["parameters"], config, SEQ_LEN)
+        forward = forward_flops_per_token(ds["parameters"], config, seq_len)
         print()
-        print(f"re-evaluation (stage 5, forward only): training.reevaluation.load_eval_model(precision=bf16, use_gpu) + "
-              f"sequence_losses, seq {SEQ_LEN}; weights {reeval['dtype']}, loaded in {reeval['load_seconds']:.1f} s (fp32 folder)")
+        print(f"re-evaluation (stage 5, forward only): training.reevaluation.load_eval_model(precision=bf16, "
+              f"use_gpu={cuda}) + sequence_losses, seq {seq_len}; weights {reeval['dtype']}, loaded in "
+              f"{reeval['load_seconds']:.1f} s (fp32 folder)")
         print(f"  {'micro-batch':<12} {'tokens/s':>12} {'call ms':>8} {'median':>7} {'p90':>7} {'MFU 2N':>7} {'+attn':>7} "
               f"{'peak alloc':>10} {'reserved':>9} {'loss':>7} {'/ DeepSpeed train':>18}")
         for run_ in reeval["runs"]:
             if run_.get("out_of_memory"):
                 print(f"  {run_['micro']:<12} out of memory: skipped")
                 continue
-            summary = summarize(run_, run_["micro"], SEQ_LEN, forward, peak)
+            summary = summarize(run_, run_["micro"], seq_len, forward, peak)
             print(f"  {run_['micro']:<12} {summary['tokens_per_second']:>12,.0f} {1e3 * summary['mean']:>8.1f} "
                   f"{1e3 * summary['median']:>7.1f} {1e3 * summary['p90']:>7.1f} {pct(summary['mfu']):>7} "
                   f"{pct(summary['mfu_attention']):>7} {run_['peak_allocated'] / 2**30:>8.1f} G {run_['peak_reserved'] / 2**30:>7.1f} G "
                   f"{run_['loss']:>7.3f} {summary['tokens_per_second'] / ds_summary['tokens_per_second']:>17.2f}x")
-        print(f"  (calls {WARMUP + 1}..{WARMUP + STEPS} per micro-batch; forward FLOPs per token {forward[0] / 1e9:.2f} G (2N), "
-              f"{forward[1] / 1e9:.2f} G with attention; ratio against the DeepSpeed ZeRO-2 bf16 training tokens/s above)")
+        print(f"  (calls {warmup + 1}..{warmup + steps} per micro-batch; forward FLOPs per token {_flops(forward[0])} (2N), "
+              f"{_flops(forward[1])} with attention; ratio against the DeepSpeed ZeRO-2 bf16 training tokens/s above)")
         print(f"  bf16 vs fp32 per-sequence loss, same weights, {reeval['check_rows']} sequences: mean bf16 {reeval['mean_bf16']:.4f}, "
               f"mean fp32 {reeval['mean_fp32']:.4f}, max |diff| {reeval['max_abs_diff']:.2e}, mean |diff| {reeval['mean_abs_diff']:.2e}")
     print(f"  total benchmark time {time.perf_counter() - began:.0f} s")

@@ -27,6 +27,9 @@ row copy out of that file's memory map (the least a lookup costs).
 Checks (outside the timed regions): hq share, hq in window, every slot filled with an existing
 id (all ids < catalog size, per-tier slot counts match the plan, every step of the written
 composition sums to the batch), distinct ids = S - repeats, and the lookups equal the plan's rows.
+
+Smoke mode (``python -m bench place --smoke``): the same recipe cut to `SMOKE_STEPS` steps (the
+same 1,024-sequence batch, so 204,800 slots), `SMOKE_LOOKUPS` lookups; seconds in all.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ WORLD = 128
 SEED = 1234
 GOAL_SECONDS = 300.0
 GOAL_BYTES = 8e9
+SMOKE_STEPS = 200
+SMOKE_LOOKUPS = 200
 
 
 def synth_catalog(sequences: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +118,7 @@ def stats(times: np.ndarray) -> tuple[float, float, float]:
     return float(times.mean()), float(np.median(times)), float(np.percentile(times, 99))
 
 
-def baselines(slots: int, steps: int, batch: int, folder: Path) -> dict[str, float]:
+def baselines(slots: int, steps: int, batch: int, folder: Path, lookups: int = LOOKUPS) -> dict[str, float]:
     """Irreducible costs at the same scale: shuffle S ids, save them, copy one row of the file."""
     ids = np.arange(slots, dtype=np.uint32)
     started = time.perf_counter()
@@ -125,7 +130,7 @@ def baselines(slots: int, steps: int, batch: int, folder: Path) -> dict[str, flo
     save = time.perf_counter() - started
     del ids
     mapped = np.load(path, mmap_mode="r")
-    rows = np.random.default_rng(SEED + 1).integers(0, steps, LOOKUPS)
+    rows = np.random.default_rng(SEED + 1).integers(0, steps, lookups)
     lookup = time_calls(lambda row: np.array(mapped[row]).astype(np.int64), [(int(row),) for row in rows])
     mapped = None  # close the map before removing the file
     path.unlink()
@@ -229,15 +234,30 @@ def gib(value: float) -> str:
     return f"{value / 2**30:6.2f}"
 
 
-def run() -> None:
-    from trecflow.recipe import load_recipe
+def load_bench_recipe(smoke: bool):
+    """The paper-scale recipe; in smoke mode cut to `SMOKE_STEPS` steps of the same batch."""
+    from trecflow.recipe import load_recipe, parse_recipe, read_yaml
+
+    path = Path(__file__).resolve().parent.parent / CONFIG
+    if not smoke:
+        return load_recipe(path)
+    data = read_yaml(path.read_text())
+    data["name"] = f"{data.get('name', path.stem)}-smoke"
+    data["data"]["tokens"] = SMOKE_STEPS * int(data["batch"]["tokens"])
+    return parse_recipe(data, source=f"{CONFIG} (smoke)")
+
+
+def run(smoke: bool = False) -> None:
     from training.trec import predict
 
     began = time.perf_counter()
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / CONFIG)
+    recipe = load_bench_recipe(smoke)
+    lookups = SMOKE_LOOKUPS if smoke else LOOKUPS
     steps, batch = recipe.steps, recipe.sequences_per_step
     slots = steps * batch
     catalog = round(CATALOG_FACTOR * slots)
+    if smoke:
+        print("place: smoke mode: tiny sizes, not a measurement")
     print(f"place: {recipe.name}: {steps:,} steps x {batch:,} sequences = {slots:,} slots; catalog {catalog:,} sequences "
           f"({' / '.join(f'{share:.0%}' for share in MIX)} hq / mid / lq), hq_fraction {recipe.curriculum.hq_fraction:g}")
     started = time.perf_counter()
@@ -245,10 +265,10 @@ def run() -> None:
     synth_seconds = time.perf_counter() - started
     trec = predict(recipe).trec
     print(f"  catalog synthesized in {synth_seconds:.1f} s ({(tiers.nbytes + scores.nbytes) / 2**30:.2f} GiB: tiers int8 + scores float32)")
-    lookup_steps = np.random.default_rng(SEED + 3).integers(0, steps, LOOKUPS)
+    lookup_steps = np.random.default_rng(SEED + 3).integers(0, steps, lookups)
     results = {}
     with tempfile.TemporaryDirectory(prefix="trecflow-bench-place-") as folder:
-        base = baselines(slots, steps, batch, Path(folder))
+        base = baselines(slots, steps, batch, Path(folder), lookups)
         for variant in VARIANTS:
             results[variant] = run_variant(recipe, variant, tiers, scores, trec, Path(folder), lookup_steps)
             r = results[variant]
@@ -256,7 +276,7 @@ def run() -> None:
     del tiers, scores
 
     print()
-    print(f"place: index build and lookups, {CONFIG} ({os.cpu_count()} cores)")
+    print(f"place: index build and lookups, {CONFIG}{f' cut to {steps:,} steps (smoke)' if smoke else ''} ({os.cpu_count()} cores)")
     header = (f"  {'variant':<12} {'plan s':>7} {'write s':>8} {'total s':>8} {'peak USS':>9} {'peak RSS':>9} {'plan RSS':>9} "
               f"{'index MiB':>10} {'batch us':>9} {'p50':>6} {'p99':>6} {'rank us':>8} {'p50':>6} {'p99':>6}  goals (<300 s, <8 GB)")
     print(header)

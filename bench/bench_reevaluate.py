@@ -13,6 +13,9 @@ steps). The model is saved once as a Hugging Face folder, which the actors load.
   1 actor x 2 threads and 2 actors x 1 thread. The pool is started and warmed (model loaded, one
   unit evaluated) before the clock starts; tokens/s = evaluated tokens / wall time of `run`.
 Ratios against the train loop; goal: re-evaluation >= 2.5x training (forward-only approaches 3x).
+
+Smoke mode (``python -m bench reevaluate --smoke``): `bench_train`'s smoke sizes (12 steps, a
+2-layer hidden-64 Llama, `bench_train.use_sizes`); the same loops and actor pools.
 """
 
 from __future__ import annotations
@@ -77,11 +80,17 @@ def _forward_loop_rate(model_uri: str, index, threads: int) -> float:
         torch.set_num_threads(previous)
 
 
-def run() -> None:
+def run(smoke: bool = False) -> None:
     from bench import bench_train
 
-    with bench_train.isolated_home("trecflow-bench-reevaluate-") as home:
-        _run(home, bench_train)
+    bench_train.use_sizes(smoke)
+    try:
+        with bench_train.isolated_home("trecflow-bench-reevaluate-") as home:
+            if smoke:
+                print("reevaluate: smoke mode: tiny sizes, not a measurement", flush=True)
+            _run(home, bench_train)
+    finally:
+        bench_train.use_sizes(False)
 
 
 def _run(home: Path, bench_train) -> None:

@@ -40,6 +40,10 @@ stalls that other processes on a shared machine cause) and on tokens per CPU-sec
 ``time.process_time``), which leaves out how much of the machine each side got; "cores" = CPU
 seconds / wall seconds shows that share. Goal: job / loop tokens/s >= 0.8. Final losses
 are printed: close (2 ranks x 16 sequences all-reduced vs one batch of 32: float rounding only).
+
+Smoke mode (``python -m bench train --smoke``, `use_sizes`): `SMOKE` sizes (12 steps, 2 warm-up
+steps, a checkpoint at step 6, a 2-layer hidden-64 Llama) and no empty job (a second Ray Train
+start-up); everything else as above.
 """
 
 from __future__ import annotations
@@ -66,6 +70,14 @@ LOOP_THREADS = 2
 GOAL = 0.8
 POLL_SECONDS = 0.05
 TINY = {"hidden": 128, "intermediate": 512, "layers": 4, "heads": 4}
+FULL = {"STEPS": STEPS, "WARMUP": WARMUP, "CHECKPOINT_EVERY": CHECKPOINT_EVERY, "TINY": TINY}
+SMOKE = {"STEPS": 12, "WARMUP": 2, "CHECKPOINT_EVERY": 6, "TINY": {"hidden": 64, "intermediate": 256, "layers": 2, "heads": 4}}
+
+
+def use_sizes(smoke: bool) -> None:
+    """Set this module's sizes (`STEPS`, `WARMUP`, `CHECKPOINT_EVERY`, `TINY`) to the full or the
+    smoke ones; every function here (and `bench.bench_reevaluate`) reads them at call time."""
+    globals().update({key: (dict(value) if isinstance(value, dict) else value) for key, value in (SMOKE if smoke else FULL).items()})
 
 
 def bench_recipe():
@@ -84,7 +96,7 @@ def bench_recipe():
         "zero_stage": 1,
         "checkpoint_every": CHECKPOINT_EVERY,
         "keep_checkpoints": 2,
-        "log_every": 20,
+        "log_every": min(20, STEPS),
     }
     recipe = parse_recipe(data, source="bench-train")
     assert recipe.steps == STEPS and recipe.sequences_per_step == SEQUENCES
@@ -111,7 +123,7 @@ def stage(recipe, store, quiet):
     info = json.loads(store.output("tokenizer", tokenizer.fingerprint).read_bytes("tokenizer_info.json"))
     config = tiny_config(recipe, info)
     base = BaseModel(fingerprint("base", STAGE_VERSION, {"tiny": config}), config=config)
-    return placed.fingerprint, expected, base, packed.stats
+    return placed.fingerprint, expected, base, packed.summary
 
 
 class JobWatcher:
@@ -324,10 +336,16 @@ def isolated_home(prefix: str) -> Iterator[Path]:
                 os.environ[key] = value
 
 
-def run() -> None:
+def run(smoke: bool = False) -> None:
     began = time.perf_counter()
-    with isolated_home("trecflow-bench-train-") as home:
-        _run(home, began)
+    use_sizes(smoke)
+    try:
+        with isolated_home("trecflow-bench-train-") as home:
+            if smoke:
+                print("train: smoke mode: tiny sizes, not a measurement", flush=True)
+            _run(home, began, smoke)
+    finally:
+        use_sizes(False)
 
 
 def _probe_worker(config: dict) -> None:
@@ -368,7 +386,7 @@ def empty_fit(recipe, folder: Path) -> dict:
     }
 
 
-def _run(home: Path, began: float) -> None:
+def _run(home: Path, began: float, smoke: bool = False) -> None:
     import logging
 
     import numpy as np
@@ -391,9 +409,13 @@ def _run(home: Path, began: float) -> None:
           f"loop 1 ({LOOP_THREADS} threads) ...", flush=True)
 
     loops = [run_loop(recipe, store, place_fp, base, LOOP_THREADS)]
-    print(f"  loop 1: {loops[0]['steady']:,.0f} tokens/s; empty Ray Train job ...", flush=True)
-    empty = empty_fit(recipe, home / "probe")
-    print(f"  empty job: {empty['wall']:.1f} s; job ...", flush=True)
+    if smoke:
+        print(f"  loop 1: {loops[0]['steady']:,.0f} tokens/s; empty Ray Train job skipped (smoke); job ...", flush=True)
+        empty = None
+    else:
+        print(f"  loop 1: {loops[0]['steady']:,.0f} tokens/s; empty Ray Train job ...", flush=True)
+        empty = empty_fit(recipe, home / "probe")
+        print(f"  empty job: {empty['wall']:.1f} s; job ...", flush=True)
     job = run_job(recipe, store, place_fp, expected, base)
     print(f"  job: {job['steady']:,.0f} tokens/s in {job['wall']:.1f} s; loop 2 ...", flush=True)
     loops.append(run_loop(recipe, store, place_fp, base, LOOP_THREADS))
@@ -473,13 +495,16 @@ def _run(home: Path, began: float) -> None:
         (f"in-loop overhead, steps 1..{STEPS - 1} (wall {job['loop_wall']:.1f} s - steps {job['loop_steps']:.1f} s)",
          job["loop_wall"] - job["loop_steps"]),
         ("last record -> run_train returns (final checkpoint, model save, shut-down)", job["tail"]),
-        ("for comparison, an empty Ray Train job (same scaling): whole fit", empty["wall"]),
-        ("  ... call -> both workers in the training function", empty["to_function"]),
-        ("  ... training function returns -> fit returns", empty["after_function"]),
     ]
+    if empty is not None:
+        lines += [
+            ("for comparison, an empty Ray Train job (same scaling): whole fit", empty["wall"]),
+            ("  ... call -> both workers in the training function", empty["to_function"]),
+            ("  ... training function returns -> fit returns", empty["after_function"]),
+        ]
     for label, seconds in lines:
         print(f"    {label:<92} {seconds:6.1f} s")
-    threads = "; ".join(f"torch threads {t}, OMP_NUM_THREADS={omp}, nice {nice}" for t, omp, nice in empty["workers"])
+    threads = "; ".join(f"torch threads {t}, OMP_NUM_THREADS={omp}, nice {nice}" for t, omp, nice in empty["workers"]) if empty else "n/a (smoke)"
     nice = ", ".join(f"rank {rank} nice {value}" for rank, value in sorted(job["worker_nice"].items()))
     print(f"  workers: empty job's workers: {threads}; the job's workers: {nice or 'not read'} (this process: nice {os.nice(0)})")
     losses = [loop["final_loss"] for loop in (*loops, single)]

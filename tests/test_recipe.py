@@ -158,3 +158,45 @@ def test_run_refuses_unknown_stage_and_variant_before_work(tmp_path, monkeypatch
     _assert_one_line_error(CliRunner().invoke(app, ["run", config, "--force", "bogus"]), "force: unknown stage 'bogus'")
     _assert_one_line_error(CliRunner().invoke(app, ["run", config, "--variant", "nope"]), "unknown variant 'nope'")
     assert not store.exists()
+
+
+# A recipe that only predicts: one 4,096-token sequence per step, no training section (as
+# bench/bench_predict.py's). The training section's defaults (2 workers) must not bind it.
+ONE_SEQUENCE = {
+    "name": "one-sequence",
+    "model": {"params": 3.9e9},
+    "data": {"tokens": 1000 * 4096, "seq_len": 4096},
+    "batch": {"tokens": 4096},
+    "optimizer": {"peak_lr": 3e-4, "weight_decay": 0.1},
+    "schedule": {"kind": "linear", "warmup": 0.01},
+}
+
+
+def test_one_sequence_batch_without_training_section_validates_and_predicts(tmp_path):
+    from training.trec import predict
+
+    recipe = parse_recipe(copy.deepcopy(ONE_SEQUENCE))
+    assert recipe.sequences_per_step == 1 and recipe.steps == 1000 and not recipe.trains
+    assert predict(recipe).trec.size == 1000
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(ONE_SEQUENCE))
+    result = CliRunner().invoke(app, ["predict", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"steps": 1000' in result.stdout
+    # a stage that trains still checks the batch against the (default) workers, in one line
+    with pytest.raises(RecipeError, match=r"^one-sequence: training.workers: the batch of 1 sequences does not divide across 2 workers"):
+        recipe.micro_batch
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"training": {"workers": 2}}, {"base": {"path": "/models/base"}}],
+    ids=["explicit-training", "base-without-training"],
+)
+def test_one_sequence_batch_with_a_section_that_trains_is_refused(tmp_path, extra):
+    data = {**copy.deepcopy(ONE_SEQUENCE), **extra}
+    with pytest.raises(RecipeError, match="training.workers: the batch of 1 sequences does not divide across 2 workers"):
+        parse_recipe(data)
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(data))
+    _assert_one_line_error(CliRunner().invoke(app, ["predict", str(path)]), "training.workers: the batch of 1 sequences")

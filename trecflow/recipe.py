@@ -5,6 +5,9 @@ Guarantees:
   one line naming the file and the dotted field (``schedule.warmup: ...``).
 - Unknown keys and unknown kinds are errors. Keys that a schedule kind does not use are ignored.
 - Numbers written like ``3.9e9`` (which plain PyYAML reads as strings) load as numbers.
+- A section a recipe does not declare imposes nothing: a recipe without ``training`` (and without
+  ``base``, so nothing in it trains) is not held to the training defaults' 2 workers; a stage that
+  trains checks the batch against the workers anyway (`Recipe.check_training`).
 
 Conventions every stage shares (see README "Conventions"):
 - ``steps = floor(data.tokens / batch.tokens)``; unused tokens are reported, not an error.
@@ -39,7 +42,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """The model being trained."""
 
-    params: int = Field(gt=0, description="N, the number of parameters")
+    params: int = Field(gt=0, description="N, the number of parameters: sets tokens per parameter (tau_opt) and `trecflow plan`")
 
 
 class DataSection(_Section):
@@ -58,9 +61,9 @@ class BatchSection(_Section):
 class OptimizerSection(_Section):
     """AdamW with decoupled weight decay in PyTorch's convention (decay multiplied by the LR)."""
 
-    peak_lr: float = Field(gt=0)
+    peak_lr: float = Field(gt=0, description="the highest LR of the schedule (eta_peak); every kind reaches it after warmup")
     weight_decay: float = Field(gt=0, description="lambda; must be > 0: the TREC predictor needs it")
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1)")
 
     @field_validator("betas")
     @classmethod
@@ -77,22 +80,28 @@ class ScheduleSection(_Section):
     Keys a kind does not use are ignored (they keep their defaults).
     """
 
-    kind: Literal["constant", "linear", "cosine", "step", "wsd", "inverse_sqrt"]
+    kind: Literal["constant", "linear", "cosine", "step", "wsd", "inverse_sqrt"] = Field(
+        description="the shape after warmup (training/schedules.py gives each formula)"
+    )
     warmup: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of steps, linear from 0")
     final_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine floor, fraction of peak")
     drop_at: float = Field(0.7, gt=0.0, lt=1.0, description="step: fraction of steps where the LR drops")
     drop_factor: float = Field(0.1, gt=0.0, le=1.0, description="step: multiplier after the drop")
     cooldown: float = Field(0.2, gt=0.0, le=1.0, description="wsd: fraction of steps in the cooldown")
-    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
-    timescale: float = Field(1000.0, gt=0.0, description="inverse_sqrt: steps")
+    cooldown_shape: Literal["linear", "1-sqrt"] = Field(
+        "linear", description="wsd: the cooldown's decay, peak*(1-y) or peak*(1-sqrt(y)) over its progress y"
+    )
+    timescale: float = Field(1000.0, gt=0.0, description="inverse_sqrt: steps; LR = peak*sqrt(timescale/(timescale + steps since warmup))")
 
 
 class TrecSection(_Section):
     """Exponents of the predictor TREC = 1 - c^p * t^m. ``m: calibrated`` takes m from the law
     that ``trecflow calibrate`` fitted to measured runs (stored in the store)."""
 
-    p: float = Field(0.5, gt=0.0)
-    m: Union[float, Literal["calibrated"]] = Field(0.0, description="training-fraction exponent, or 'calibrated'")
+    p: float = Field(0.5, gt=0.0, description="exponent of the normalized EMA coefficient c_t / max c")
+    m: Union[float, Literal["calibrated"]] = Field(
+        0.0, description="exponent of the training fraction (t+1)/T, >= 0, or 'calibrated' (the fitted law's m)"
+    )
 
     @field_validator("m")
     @classmethod
@@ -108,7 +117,7 @@ class TrecSection(_Section):
 class StoreSection(_Section):
     """Where stage outputs go: a local folder or ``s3://bucket/prefix``."""
 
-    url: str | None = None
+    url: str | None = Field(None, description="a local folder or s3://bucket/prefix; default: TRECFLOW_STORE, else <TRECFLOW_HOME>/store")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; else AWS_ENDPOINT_URL")
 
 
@@ -130,8 +139,13 @@ class VariantSection(_Section):
     needs ``window: [a, b]`` with 0 <= a < b <= 1 (fractions of training).
     """
 
-    strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley"]
-    params: dict[str, Any] = Field(default_factory=dict)
+    strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley"] = Field(
+        description="where the hq sequences go (tasks/placement.py): spread evenly, the last or first share, "
+        "all sequences by ascending score, a window [a, b], or the predicted TREC valley"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="hq_fraction and seed (override the curriculum's); window: [a, b] for window"
+    )
 
     @model_validator(mode="after")
     def _params(self) -> VariantSection:
@@ -160,15 +174,17 @@ class VariantSection(_Section):
 class CurriculumSection(_Section):
     """Where high-quality data goes. ``hq_fraction`` (w) counts sequences."""
 
-    hq_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    hq_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="w: the share of training sequences (slots) that are hq")
     on_shortage: Literal["repeat", "fail"] = Field(
         "repeat", description="when a tier has fewer sequences than the plan needs: repeat them (counted) or fail"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds the placement: which sequences of each tier are used, their order, the mid/lq interleaving")
     tier_weights: dict[Literal["mid", "lq"], float] | None = Field(
         None, description="shares of mid and lq among the non-hq sequences; default: their supply"
     )
-    variants: dict[str, VariantSection] = Field(default_factory=dict)
+    variants: dict[str, VariantSection] = Field(
+        default_factory=dict, description="named variants (lowercase names); every strategy name is also a variant"
+    )
 
     @field_validator("tier_weights")
     @classmethod
@@ -206,10 +222,12 @@ class SourceSection(_Section):
     ``./.trecflow``). ``disk`` is a folder written by ``Dataset.save_to_disk``.
     """
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    path: str = Field(min_length=1)
-    format: Literal["jsonl", "parquet", "arrow", "disk"] = "jsonl"
-    text_field: str = Field("text", min_length=1)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="the source's name (lowercase), unique in the corpus")
+    path: str = Field(min_length=1, description="a file, folder or glob, local or s3://; ${VAR} is expanded")
+    format: Literal["jsonl", "parquet", "arrow", "disk"] = Field(
+        "jsonl", description="file format (.jsonl/.json[.gz], .parquet, .arrow), or disk: a save_to_disk folder"
+    )
+    text_field: str = Field("text", min_length=1, description="the column holding each document's text")
 
 
 class CorpusSection(_Section):
@@ -220,9 +238,10 @@ class CorpusSection(_Section):
     and ``classifier`` (trains the quality classifier, so it never scores its own training data).
     """
 
-    sources: list[SourceSection] = Field(min_length=1)
+    sources: list[SourceSection] = Field(min_length=1, description="the corpus sources (at least one)")
     splits: dict[Literal["eval", "base", "cpt", "reference", "classifier"], float] = Field(
-        default_factory=lambda: {"eval": 0.05, "base": 0.25, "cpt": 0.5, "reference": 0.1, "classifier": 0.1}
+        default_factory=lambda: {"eval": 0.05, "base": 0.25, "cpt": 0.5, "reference": 0.1, "classifier": 0.1},
+        description="share of documents per split (by doc_id hash); >= 0, summing to 1, cpt > 0",
     )
     partitions: int = Field(16, gt=0, le=65536, description="hash partitions of the deduplication pass")
     rows_per_shard: int = Field(50_000, gt=0, description="rows per normalized/scored parquet file")
@@ -250,15 +269,17 @@ class CorpusSection(_Section):
 class RulesSection(_Section):
     """Gopher/C4-style heuristic rules: a document passes a rule when its value is in range."""
 
-    min_words: int = Field(50, ge=0)
-    max_words: int = Field(100_000, gt=0)
-    min_mean_word_length: float = Field(3.0, ge=0)
-    max_mean_word_length: float = Field(10.0, gt=0)
-    max_symbol_to_word_ratio: float = Field(0.1, ge=0)
-    min_fraction_lines_end_punctuation: float = Field(0.1, ge=0, le=1)
-    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
-    min_stop_words: int = Field(2, ge=0)
-    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1)
+    min_words: int = Field(50, ge=0, description="fewest whitespace-separated words")
+    max_words: int = Field(100_000, gt=0, description="most whitespace-separated words")
+    min_mean_word_length: float = Field(3.0, ge=0, description="lowest mean word length, in characters")
+    max_mean_word_length: float = Field(10.0, gt=0, description="highest mean word length, in characters")
+    max_symbol_to_word_ratio: float = Field(0.1, ge=0, description="most '#', '...' and '\u2026' per word")
+    min_fraction_lines_end_punctuation: float = Field(
+        0.1, ge=0, le=1, description="least share of non-empty lines ending in terminal punctuation"
+    )
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1, description="most share of non-empty lines that repeat another")
+    min_stop_words: int = Field(2, ge=0, description="fewest distinct Gopher stop words (the, be, to, of, and, that, have, with)")
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="least share of words containing a letter")
 
 
 class ClassifierSection(_Section):
@@ -268,24 +289,26 @@ class ClassifierSection(_Section):
     ``holdout`` of those documents (by doc_id hash) measure its accuracy.
     """
 
-    hq_sources: list[str] = Field(min_length=1)
-    lq_sources: list[str] = Field(min_length=1)
-    ngrams: int = Field(2, ge=1, le=3)
-    features: int = Field(2**20, ge=2**10, le=2**24)
-    holdout: float = Field(0.2, gt=0, lt=1)
+    hq_sources: list[str] = Field(min_length=1, description="corpus sources whose documents are positives (label 1)")
+    lq_sources: list[str] = Field(min_length=1, description="corpus sources whose documents are negatives (label 0)")
+    ngrams: int = Field(2, ge=1, le=3, description="word n-grams 1..ngrams are hashed")
+    features: int = Field(2**20, ge=2**10, le=2**24, description="hashed feature dimensions")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of the classifier documents (by doc_id hash) held out to measure accuracy")
     max_documents: int = Field(200_000, gt=0, description="cap per class on training documents")
-    epochs: int = Field(10, gt=0)
-    seed: int = 0
+    epochs: int = Field(10, gt=0, description="passes of SGD over the training documents")
+    seed: int = Field(0, description="SGD's random state")
 
 
 class TierSection(_Section):
     """Tiers from the combined score: fixed thresholds, or quantiles of the scored documents
     (estimated on a deterministic sample of ``quantile_sample`` documents)."""
 
-    method: Literal["thresholds", "quantiles"] = "thresholds"
+    method: Literal["thresholds", "quantiles"] = Field(
+        "thresholds", description="hq and lq are score thresholds, or shares of the scored documents"
+    )
     hq: float = Field(0.7, gt=0, lt=1, description="thresholds: min score of hq; quantiles: share of hq")
     lq: float = Field(0.4, gt=0, lt=1, description="thresholds: scores below are lq; quantiles: share of lq")
-    quantile_sample: int = Field(20_000, gt=0)
+    quantile_sample: int = Field(20_000, gt=0, description="quantiles: documents scored to estimate the thresholds")
 
     @model_validator(mode="after")
     def _ordered(self) -> TierSection:
@@ -299,11 +322,16 @@ class TierSection(_Section):
 class ScoringSection(_Section):
     """How documents are scored: named scorers, their weights in the combined score, tiers."""
 
-    scorers: list[Literal["rules", "classifier"]] = Field(default_factory=lambda: ["rules", "classifier"], min_length=1)
-    weights: dict[Literal["rules", "classifier"], float] = Field(default_factory=lambda: {"rules": 0.3, "classifier": 0.7})
-    rules: RulesSection = RulesSection()
-    classifier: ClassifierSection | None = None
-    tiers: TierSection = TierSection()
+    scorers: list[Literal["rules", "classifier"]] = Field(
+        default_factory=lambda: ["rules", "classifier"], min_length=1, description="the scorers combined into each document's score"
+    )
+    weights: dict[Literal["rules", "classifier"], float] = Field(
+        default_factory=lambda: {"rules": 0.3, "classifier": 0.7},
+        description="weight of each scorer in the combined score (a weighted mean); > 0 for each configured scorer",
+    )
+    rules: RulesSection = Field(RulesSection(), description="the heuristic rules' ranges")
+    classifier: ClassifierSection | None = Field(None, description="the quality classifier; needed by the classifier scorer")
+    tiers: TierSection = Field(TierSection(), description="how the combined score assigns hq, mid and lq")
     batch_size: int = Field(4096, gt=0, description="documents per Ray Data batch and per scored shard file")
     workers: int = Field(2, gt=0, description="scoring actors")
 
@@ -321,7 +349,7 @@ class BpeSection(_Section):
     """A byte-level BPE trained with ``tokenizers`` on the ``base`` split."""
 
     vocab: int = Field(gt=256, le=2**20, description="vocabulary size, special tokens included")
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(2, ge=1, description="pairs seen fewer times are not merged")
     max_documents: int = Field(50_000, gt=0, description="cap on base-split documents read for training")
 
 
@@ -329,8 +357,8 @@ class TokenizerSection(_Section):
     """The tokenizer: a base checkpoint's (``from_base``: a folder with ``tokenizer.json``, local
     or in the store) or a BPE trained on the ``base`` split (``train_bpe``). Exactly one."""
 
-    from_base: str | None = Field(None, min_length=1)
-    train_bpe: BpeSection | None = None
+    from_base: str | None = Field(None, min_length=1, description="a folder (local or in the store) with tokenizer.json")
+    train_bpe: BpeSection | None = Field(None, description="train a byte-level BPE instead")
     eos_token: str = Field("<|endoftext|>", min_length=1, description="separator between packed documents")
 
     @model_validator(mode="after")
@@ -344,13 +372,13 @@ class TinyModelSection(_Section):
     """The shape of a from-scratch Llama (``transformers.LlamaConfig``); the vocabulary is the
     tokenizer's and the context is ``data.seq_len``."""
 
-    hidden: int = Field(128, gt=0)
-    intermediate: int = Field(512, gt=0)
-    layers: int = Field(4, gt=0)
-    heads: int = Field(4, gt=0)
+    hidden: int = Field(128, gt=0, description="hidden size, a multiple of heads")
+    intermediate: int = Field(512, gt=0, description="MLP intermediate size")
+    layers: int = Field(4, gt=0, description="decoder layers")
+    heads: int = Field(4, gt=0, description="attention heads")
     kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default: heads")
-    tie_embeddings: bool = False
-    seed: int = 0
+    tie_embeddings: bool = Field(False, description="share the input embedding and output head weights")
+    seed: int = Field(0, description="torch seed of the initial weights")
 
     @model_validator(mode="after")
     def _divisible(self) -> TinyModelSection:
@@ -367,17 +395,17 @@ class PretrainSection(_Section):
 
     tokens: int = Field(gt=0, description="tokens of the base pretraining")
     batch_tokens: int = Field(gt=0, description="global batch in tokens")
-    optimizer: OptimizerSection
-    schedule: ScheduleSection
+    optimizer: OptimizerSection = Field(description="AdamW of the pretraining (as the top-level optimizer section)")
+    schedule: ScheduleSection = Field(description="LR schedule of the pretraining (as the top-level schedule section)")
 
 
 class BaseSection(_Section):
     """The base checkpoint the CPT run continues: a Hugging Face folder (``path``: local or in the
     store), or a tiny Llama that `trecflow base tiny` builds and pretrains (``tiny`` + ``pretrain``)."""
 
-    path: str | None = Field(None, min_length=1)
-    tiny: TinyModelSection | None = None
-    pretrain: PretrainSection | None = None
+    path: str | None = Field(None, min_length=1, description="a Hugging Face model folder, local or in the store")
+    tiny: TinyModelSection | None = Field(None, description="the shape of a from-scratch tiny Llama (with pretrain)")
+    pretrain: PretrainSection | None = Field(None, description="the tiny model's pretraining (with tiny)")
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseSection:
@@ -395,16 +423,16 @@ class TrainingSection(_Section):
     workers: int = Field(2, gt=0, description="Ray Train workers (the data-parallel world size)")
     micro_batch: int | None = Field(None, gt=0, description="sequences per worker per forward/backward; default: batch / (workers x accumulation)")
     accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 turns on DeepSpeed's bf16 mode")
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs Ray reserves per worker")
     gradient_clipping: float = Field(1.0, ge=0.0, description="0 turns clipping off")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints Ray Train keeps (the newest)")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
     log_every: int = Field(10, gt=0, description="steps per batched MLflow write")
-    seed: int = 0
+    seed: int = Field(0, description="torch seed each worker sets before building the model (a tiny model's weights come from base.tiny.seed)")
 
 
 class PackingSection(_Section):
@@ -423,10 +451,10 @@ class ReevaluationSection(_Section):
     every: int = Field(1, gt=0, description="evaluate every k-th step")
     random_steps: int | None = Field(None, gt=0, description="instead of every: this many steps drawn at random")
     sequences_per_step: int | None = Field(None, gt=0, description="a random subset of each step's sequences (default: all)")
-    seed: int = 0
+    seed: int = Field(0, description="seeds random_steps and the sequences_per_step subsets")
     actors: int = Field(2, gt=0, description="Ray actors, each holding the model once")
-    cpus_per_actor: int = Field(1, gt=0)
-    use_gpu: bool = False
+    cpus_per_actor: int = Field(1, gt=0, description="CPUs per actor (and its torch threads)")
+    use_gpu: bool = Field(False, description="one GPU per actor")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs use_gpu")
     micro_batch: int = Field(32, gt=0, description="sequences per forward pass")
     steps_per_task: int | None = Field(None, gt=0, description="steps per unit of work (default: about 8 units per actor)")
@@ -450,22 +478,26 @@ class ReevaluationSection(_Section):
 class Recipe(_Section):
     """A whole CPT job. Derived quantities (steps, tau, ...) are properties, never stored."""
 
-    name: str = Field("recipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: ModelSection
-    data: DataSection
-    batch: BatchSection
-    optimizer: OptimizerSection
-    schedule: ScheduleSection
-    trec: TrecSection = TrecSection()
-    curriculum: CurriculumSection = CurriculumSection()
-    store: StoreSection = StoreSection()
-    corpus: CorpusSection | None = None
-    scoring: ScoringSection | None = None
-    tokenizer: TokenizerSection | None = None
-    packing: PackingSection = PackingSection()
-    base: BaseSection | None = None
-    training: TrainingSection = TrainingSection()
-    reevaluation: ReevaluationSection = ReevaluationSection()
+    name: str = Field(
+        "recipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name (a recipe file's stem when left out)"
+    )
+    model: ModelSection = Field(description="the model being trained")
+    data: DataSection = Field(description="the training tokens and sequence length")
+    batch: BatchSection = Field(description="the global batch")
+    optimizer: OptimizerSection = Field(description="AdamW")
+    schedule: ScheduleSection = Field(description="the LR schedule")
+    trec: TrecSection = Field(TrecSection(), description="the TREC predictor (stage 2)")
+    curriculum: CurriculumSection = Field(CurriculumSection(), description="where hq data goes, and the variants (stage 3)")
+    store: StoreSection = Field(StoreSection(), description="where stage outputs go")
+    corpus: CorpusSection | None = Field(None, description="the raw corpora (stage 1); needed from scoring on")
+    scoring: ScoringSection | None = Field(None, description="document scoring (stage 1); default: the rules scorer alone")
+    tokenizer: TokenizerSection | None = Field(None, description="the tokenizer (stage 3); needed from packing on")
+    packing: PackingSection = Field(PackingSection(), description="packing documents into sequences (stage 3)")
+    base: BaseSection | None = Field(None, description="the checkpoint training continues (stage 4)")
+    training: TrainingSection = Field(
+        TrainingSection(), description="the DeepSpeed job (stage 4); its batch checks apply only when declared or with a base"
+    )
+    reevaluation: ReevaluationSection = Field(ReevaluationSection(), description="re-evaluation (stage 5)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -498,22 +530,13 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _batch_splits_across_workers(self) -> Recipe:
-        training = self.training
-        if training.micro_batch is None:
-            if self.sequences_per_step % (training.workers * training.accumulation):
-                raise _FieldError(
-                    "training.workers",
-                    f"the batch of {self.sequences_per_step} sequences does not divide across {training.workers} workers "
-                    f"x {training.accumulation} accumulation steps",
-                )
-        elif training.micro_batch * training.accumulation * training.workers != self.sequences_per_step:
-            raise _FieldError(
-                "training.micro_batch",
-                f"micro_batch x accumulation x workers = {training.micro_batch} x {training.accumulation} x "
-                f"{training.workers} = {training.micro_batch * training.accumulation * training.workers} sequences, "
-                f"but the recipe's batch is {self.sequences_per_step}",
-            )
+        if not self.trains:
+            return self  # no training section and nothing that trains: its defaults impose nothing
+        problem = self._batch_split_problem()
+        if problem is not None:
+            raise _FieldError(*problem)
         if self.base is not None and self.base.pretrain is not None:
+            training = self.training
             pretrain = self.base.pretrain
             if pretrain.batch_tokens % (self.data.seq_len * training.workers):
                 raise _FieldError(
@@ -521,6 +544,26 @@ class Recipe(_Section):
                     f"{pretrain.batch_tokens} is not a whole number of sequences of {self.data.seq_len} per each of {training.workers} workers",
                 )
         return self
+
+    def _batch_split_problem(self) -> tuple[str, str] | None:
+        """(field, message) when the batch does not split into ``training``'s workers, else None."""
+        training = self.training
+        defaults = "" if "training" in self.model_fields_set else " (the training section's defaults)"
+        if training.micro_batch is None:
+            if self.sequences_per_step % (training.workers * training.accumulation):
+                return (
+                    "training.workers",
+                    f"the batch of {self.sequences_per_step} sequences does not divide across {training.workers} workers "
+                    f"x {training.accumulation} accumulation steps{defaults}",
+                )
+        elif training.micro_batch * training.accumulation * training.workers != self.sequences_per_step:
+            return (
+                "training.micro_batch",
+                f"micro_batch x accumulation x workers = {training.micro_batch} x {training.accumulation} x "
+                f"{training.workers} = {training.micro_batch * training.accumulation * training.workers} sequences, "
+                f"but the recipe's batch is {self.sequences_per_step}",
+            )
+        return None
 
     @model_validator(mode="after")
     def _scoring_matches_corpus(self) -> Recipe:
@@ -564,8 +607,26 @@ class Recipe(_Section):
         return self.batch.tokens // self.data.seq_len
 
     @property
+    def trains(self) -> bool:
+        """Whether the ``training`` section's settings bind this recipe: it declares ``training``,
+        or a ``base`` (the checkpoint a CPT run continues, and its pretraining, which the same job
+        runs). Only then is the batch checked against the workers at validation; a recipe without
+        either (e.g. one that only predicts) is not held to the training defaults."""
+        return "training" in self.model_fields_set or self.base is not None
+
+    def check_training(self) -> None:
+        """Raise `RecipeError` (one line, naming the field) if the batch does not split across
+        ``training``'s workers. Validation does this for a recipe that `trains`; a stage that trains
+        calls it (through `micro_batch`) for any recipe."""
+        problem = self._batch_split_problem()
+        if problem is not None:
+            raise RecipeError(f"{self.name}: {problem[0]}: {problem[1]}")
+
+    @property
     def micro_batch(self) -> int:
-        """Sequences per worker per forward/backward pass (``training.micro_batch`` or derived)."""
+        """Sequences per worker per forward/backward pass (``training.micro_batch`` or derived).
+        Raises `RecipeError` when the batch does not split across the workers."""
+        self.check_training()
         training = self.training
         return training.micro_batch or self.sequences_per_step // (training.workers * training.accumulation)
 
