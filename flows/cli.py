@@ -255,9 +255,9 @@ def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
 
     try:
         variant = variant or default_variant(recipe)
-        missing = GRAPH[stage].missing(Target(recipe, variant))
-        if missing:
-            raise RecipeError(f"{recipe_path}: {missing[0]}: the {stage} stage needs {', '.join(GRAPH[stage].sections)} sections")
+        problem = GRAPH[stage].requirement(Target(recipe, variant), str(recipe_path))
+        if problem:
+            raise RecipeError(problem)
         check_placement(recipe, variant)
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
@@ -480,9 +480,9 @@ def compare(
 
     comparison = Comparison(recipe_path=str(recipe_path), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
     try:
-        missing = GRAPH["reevaluate"].missing(Target(recipe))
-        if missing:
-            raise RecipeError(f"{recipe_path}: {missing[0]}: a comparison needs {', '.join(GRAPH['reevaluate'].sections)} sections")
+        problem = GRAPH["reevaluate"].requirement(Target(recipe), str(recipe_path))
+        if problem:
+            raise RecipeError(problem.replace("re-evaluation needs", "a comparison needs"))
         for variant in compared_variants(comparison, recipe.curriculum):
             check_placement(recipe, variant)
     except (RecipeError, PlacementError) as error:

@@ -115,9 +115,9 @@ def stage_flow(run: StageRun) -> dict[str, Any]:
     variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)
     target = Target(recipe, variant)
-    if not stage.applies(target):
-        raise RecipeError(f"{run.recipe_path}: {', '.join(stage.missing(target))}: the {stage.name} stage needs "
-                          f"{', '.join(stage.sections)} sections")
+    problem = stage.requirement(target, run.recipe_path)
+    if problem:
+        raise RecipeError(problem)
     tags = {"trecflow.stage": stage.name, "trecflow.variant": variant, "trecflow.recipe_path": run.recipe_path}
     name = f"{recipe.name}-{variant}-{stage.name}" if stage.scope == "variant" else f"{recipe.name}-{stage.name}"
     with tracked_run(store, recipe, name, tags) as (tracker, run_id):

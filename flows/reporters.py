@@ -48,7 +48,7 @@ class LogReporter:
         if event.kind in (PROGRESS, WAITING, NOTE, SKIPPED):
             logger.info(event.message)
         elif event.kind in (FINISHED, REUSED) and event.result is not None:
-            line = event.stage.log_line(event.result)
+            line = "; ".join(f"{key} {value}" for key, value in event.stage.rows(event.result.summary)[:4])
             logger.info("%s %s (%s, %.1f s)%s", name, event.fingerprint, "reused" if event.kind == REUSED else "computed",
                         event.seconds or 0.0, f": {line}" if line else "")
             for warning in event.result.summary.get("warnings", []) if event.depth == 0 else []:

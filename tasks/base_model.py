@@ -95,6 +95,7 @@ class BaseStage(Stage):
     sections = ("base",)
     title = "Base model"
     task_name = "build_base"
+    purpose = "a base model"
 
     def required_inputs(self, target: Target) -> tuple[str, ...]:
         return () if target.recipe.base.path is not None else self.inputs
@@ -149,8 +150,6 @@ class BaseStage(Stage):
     def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
         return {"trecflow.base_model_uri": summary["model_uri"]}
 
-    def log_line(self, result: StageResult) -> str:
-        return f"{result.summary.get('kind')} base {result.uri}: {result.summary['model_uri']}"
 
 
 BASE = BaseStage()
@@ -160,12 +159,11 @@ def run_base_tiny(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str
                   progress: Callable[[str], None] = print) -> tuple[BaseModel, StageResult]:
     """Build and pretrain (or reuse) the tiny base of ``recipe`` alone, from committed score and
     tokenizer outputs; returns the model and the stage's result."""
-    from trecflow.runner import run_stage, stored
+    from trecflow.runner import run_stage
 
     if recipe.base is None or recipe.base.tiny is None:
         raise RecipeError("base: building a tiny base needs base.tiny and base.pretrain")
-    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
-    result = run_stage(BASE, Target(recipe), store, upstream, force=force, progress=progress)
+    result = run_stage(BASE, Target(recipe), store, {"score": score_fp, "tokenizer": tokenizer_fp}, force=force, progress=progress)
     return base_model(result), result
 
 

@@ -69,8 +69,6 @@ class EvalSetStage(Stage):
     def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("held-out sequences", f"{summary['sequences']:,} from {len(summary['tokens_per_source'])} sources")]
 
-    def log_line(self, result: StageResult) -> str:
-        return f"{result.summary['sequences']:,} held-out sequences"
 
 
 EVALSET = EvalSetStage()
@@ -85,10 +83,9 @@ def load_evalset(store: Store, result: StageResult) -> EvalSet:
 
 def build_evalset(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None] = print) -> EvalSet:
     """Pack (or reuse) the held-out set alone; RecipeError when the eval split has no whole sequence."""
-    from trecflow.runner import run_stage, stored
+    from trecflow.runner import run_stage
 
-    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
-    return load_evalset(store, run_stage(EVALSET, Target(recipe), store, upstream, progress=progress))
+    return load_evalset(store, run_stage(EVALSET, Target(recipe), store, {"score": score_fp, "tokenizer": tokenizer_fp}, progress=progress))
 
 
 def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None]) -> dict[str, Any]:

@@ -330,8 +330,6 @@ class IngestStage(Stage):
     def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
         return {"ingested_documents": summary["documents"]}
 
-    def log_line(self, result: StageResult) -> str:
-        return f"{result.summary['documents']:,} documents; dropped {result.summary['dropped']}"
 
 
 INGEST = IngestStage()

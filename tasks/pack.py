@@ -169,9 +169,6 @@ class PackStage(Stage):
         metrics = {"packed_sequences": summary["sequences"], "pack_tail_tokens_dropped": summary["tail_tokens_dropped"]}
         return metrics | {f"packed_sequences.{tier}": entry["sequences"] for tier, entry in summary["tiers"].items()}
 
-    def log_line(self, result: StageResult) -> str:
-        summary = result.summary
-        return f"{summary['sequences']} sequences of {summary['seq_len']} tokens; {summary['tail_tokens_dropped']} tail tokens dropped"
 
 
 PACK = PackStage()
@@ -181,10 +178,9 @@ def run_pack(
     recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print, split: str = "cpt"
 ) -> StageResult:
     """Pack one split alone, from the committed score and tokenizer outputs ``score_fp`` and ``tokenizer_fp``."""
-    from trecflow.runner import run_stage, stored
+    from trecflow.runner import run_stage
 
-    upstream = {"score": stored(store, "score", score_fp), "tokenizer": stored(store, "tokenizer", tokenizer_fp)}
-    return run_stage(PACK, Target(recipe, split=split), store, upstream, force=force, progress=progress)
+    return run_stage(PACK, Target(recipe, split=split), store, {"score": score_fp, "tokenizer": tokenizer_fp}, force=force, progress=progress)
 
 
 def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output: StageOutput, progress, split: str) -> dict[str, Any]:

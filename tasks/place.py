@@ -114,6 +114,7 @@ class PlaceStage(Stage):
     sections = ("corpus", "tokenizer")
     title = "Curriculum placement"
     task_name = "place_curriculum"
+    purpose = "placement"
     figure = PLOT_FILE
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
@@ -167,9 +168,6 @@ class PlaceStage(Stage):
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE, INDEX_META]
 
-    def log_line(self, result: StageResult) -> str:
-        summary = result.summary
-        return f"{summary['strategy']}: hq share {summary['hq_fraction']:.4f}, window {summary['window']}, hq in window {summary['hq_in_window']}"
 
 
 PLACE = PlaceStage()
@@ -183,8 +181,7 @@ def run_place(
 
     check_request(plan_request(recipe, variant))  # a window too small for w: an error before reading anything
     packed = stored(store, PACK_STAGE, pack_fp)
-    upstream = {"score": stored(store, "score", packed.inputs["score"]), "tokenizer": stored(store, "tokenizer", packed.inputs["tokenizer"]),
-                "pack": packed, "predict": stored(store, "predict", predict_fp)}
+    upstream = {"score": packed.inputs["score"], "tokenizer": packed.inputs["tokenizer"], "pack": packed, "predict": predict_fp}
     return run_stage(PLACE, Target(recipe, variant), store, upstream, force=force, progress=progress)
 
 

@@ -103,8 +103,6 @@ class PredictStage(Stage):
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE]
 
-    def log_line(self, result: StageResult) -> str:
-        return f"valley {result.summary['valley_fraction']:.4f}, HQ window {result.summary['hq_window']}"
 
 
 PREDICT = PredictStage()

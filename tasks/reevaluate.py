@@ -155,6 +155,7 @@ class ReevaluateStage(Stage):
     sections = ("corpus", "tokenizer", "base")
     title = "Measured TREC"
     task_name = "reevaluate_trec"
+    purpose = "re-evaluation"
     figure = PLOT_FILE
     resumable = True
 
@@ -203,11 +204,6 @@ class ReevaluateStage(Stage):
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE]
 
-    def log_line(self, result: StageResult) -> str:
-        summary = result.summary
-        return (f"r_p {summary['trec_pearson']:.3f} (raw {summary['trec_pearson_raw']:.3f}), valley {summary['trec_valley_measured']:.3f} vs "
-                f"{summary['trec_valley_predicted']:.3f} predicted, val_loss_hq {summary['val_loss_hq']}, val_loss_general {summary['val_loss_general']}"
-                + (" (content-confounded)" if summary["content_confounded"] else ""))
 
 
 REEVALUATE = ReevaluateStage()
@@ -234,10 +230,10 @@ def run_reevaluate(
     placed = stored(store, PLACE_STAGE, index_fp)
     SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
     target = Target(recipe, variant)
-    score, tokenizer = stored(store, "score", expected_inputs["score"]), stored(store, "tokenizer", expected_inputs["tokenizer"])
-    given = {"score": score, "tokenizer": tokenizer, "base": StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri}, True)}
-    upstream = {"pack": stored(store, "pack", expected_inputs["pack"]), "predict": stored(store, "predict", predict_fp), "place": placed,
-                "train": stored(store, "train", train_fp), "evalset": run_stage(EVALSET, target, store, given, progress=progress)}
+    given = {"score": expected_inputs["score"], "tokenizer": expected_inputs["tokenizer"],
+             "base": StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri}, True)}
+    upstream = {"pack": expected_inputs["pack"], "predict": predict_fp, "place": placed, "train": train_fp,
+                "evalset": run_stage(EVALSET, target, store, given, progress=progress)}
     if recipe.reevaluation.reference != "none":
         upstream["reference"] = run_stage(REFERENCE, target, store, given, progress=progress)
     return run_stage(REEVALUATE, target, store, upstream, force=force, progress=progress)

@@ -96,8 +96,6 @@ class ReferenceStage(Stage):
     def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("reference", f"{summary['kind']}: {summary['model_uri']}")]
 
-    def log_line(self, result: StageResult) -> str:
-        return f"{result.summary['kind']} reference: {result.summary['model_uri']}"
 
 
 REFERENCE = ReferenceStage()

@@ -173,9 +173,6 @@ class ScoreStage(Stage):
         files = [SUMMARY_FILE, HISTOGRAM_FILE]
         return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.get("classifier_accuracy") is not None else [])
 
-    def log_line(self, result: StageResult) -> str:
-        summary = result.summary
-        return f"{summary['documents']:,} documents, tiers {summary['tier_totals']}, classifier accuracy {summary.get('classifier_accuracy')}"
 
 
 SCORE = ScoreStage()

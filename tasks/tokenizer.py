@@ -151,8 +151,6 @@ class TokenizerStage(Stage):
     def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
         return {"tokenizer_vocab_size": summary["vocab_size"]}
 
-    def log_line(self, result: StageResult) -> str:
-        return f"{result.summary['vocab_size']} tokens ({result.summary['method']})"
 
 
 TOKENIZER = TokenizerStage()

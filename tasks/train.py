@@ -79,6 +79,7 @@ class TrainStage(Stage):
     sections = ("corpus", "tokenizer", "base")
     title = "Training"
     task_name = "train_cpt"
+    purpose = "training"
     resumable = True
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
@@ -125,10 +126,6 @@ class TrainStage(Stage):
     def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
         return {"trecflow.model_uri": summary["model_uri"], "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000]}
 
-    def log_line(self, result: StageResult) -> str:
-        summary = result.summary
-        return (f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}, {summary['tokens_per_second'] or 0:.0f} tokens/s, "
-                f"{summary['audit']['reexecuted_steps']} re-executed steps, model {summary['model_uri']}")
 
 
 TRAIN = TrainStage()
@@ -150,7 +147,7 @@ def run_train(
     placed = stored(store, PLACE_STAGE, index_fp)
     SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
     base_result = StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri, "config": base.config}, True)
-    upstream = {"tokenizer": stored(store, "tokenizer", expected_inputs["tokenizer"]), "place": placed, "base": base_result}
+    upstream = {"tokenizer": expected_inputs["tokenizer"], "place": placed, "base": base_result}
     return run_stage(TRAIN, Target(recipe), store, upstream, force=force, progress=progress)
 
 

@@ -255,16 +255,18 @@ class Runner:
         return StageResult(stage.name, fingerprint, output.uri, summary, False, inputs)
 
 
-def run_stage(stage: Stage, target: Target, store: Store, upstream: Mapping[str, StageResult] | None = None, force: bool = False,
+def run_stage(stage: Stage, target: Target, store: Store, upstream: Mapping[str, StageResult | str] | None = None, force: bool = False,
               progress: Callable[[str], None] | None = print, graph: Graph | None = None) -> StageResult:
-    """One stage on its given upstream results, in this process (what unit tests and benchmarks
-    call): the same fingerprint, lease, reuse and commit as in a flow; progress lines to ``progress``."""
+    """One stage on its given upstream results (or the fingerprints of committed ones), in this
+    process (what unit tests and benchmarks call): the same fingerprint, lease, reuse and commit as
+    in a flow; progress lines to ``progress``."""
     def report(event: StageEvent) -> None:
         if progress is not None and event.kind in (PROGRESS, WAITING, NOTE) and event.message:
             progress(event.message)
 
+    loaded = {name: stored(store, name, value) if isinstance(value, str) else value for name, value in (upstream or {}).items()}
     runner = Runner(graph or default_graph(), store, forced={stage.name} if force else (), reporters=[report])
-    return runner.materialize(stage, target, upstream or {})
+    return runner.materialize(stage, target, loaded)
 
 
 def default_graph() -> Graph:

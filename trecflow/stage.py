@@ -93,12 +93,20 @@ class Stage:
     sections: ClassVar[tuple[str, ...]] = ()  # recipe sections the stage needs
     title: ClassVar[str] = ""  # what reports call it
     task_name: ClassVar[str] = ""  # its Prefect task
+    purpose: ClassVar[str] = ""  # how errors name what it does ("placement needs corpus, tokenizer sections")
     figure: ClassVar[str | None] = None  # an output file (PNG) reports show with the rows
     resumable: ClassVar[bool] = False  # an incomplete output is continued, not cleared, when not forced
 
     def applies(self, target: Target) -> bool:
         """True when the recipe has every section the stage needs."""
         return all(getattr(target.recipe, section) is not None for section in self.sections)
+
+    def requirement(self, target: Target, source: str) -> str | None:
+        """One line naming the first section the stage needs and the recipe (``source``) lacks, else None."""
+        missing = self.missing(target)
+        if not missing:
+            return None
+        return f"{source}: {missing[0]}: {self.purpose or f'the {self.name} stage'} needs {', '.join(self.sections)} sections"
 
     def missing(self, target: Target) -> list[str]:
         """The recipe sections the stage needs and the recipe lacks."""
@@ -144,7 +152,3 @@ class Stage:
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         """Files of the output logged as MLflow artifacts (under the stage's name)."""
         return []
-
-    def log_line(self, result: StageResult) -> str:
-        """One line for the flow's log."""
-        return ""

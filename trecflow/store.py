@@ -109,9 +109,9 @@ class StageOutput:
         if fs.exists(self.file_path(MANIFEST)):
             fs.rm(self.file_path(MANIFEST))
         if fs.exists(self.path):
-            stale = [path for path in fs.find(self.path) if not path.rsplit("/", 1)[1].startswith("_LEASE-")]
-            if stale:
-                fs.rm(stale)
+            for entry in fs.ls(self.path, detail=False):  # lease files sit at the top of the folder
+                if not entry.rstrip("/").rsplit("/", 1)[-1].startswith("_LEASE-"):
+                    fs.rm(entry, recursive=True)
         self._files.clear()
 
     def write_bytes(self, name: str, data: bytes) -> str:
