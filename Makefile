@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q --durations=10
 
-# The browser test (tests/test_ui.py) drives Debian's chromium with Playwright (the `test` extra);
+# The browser test (tests/flows/test_ui.py) drives Debian's chromium with Playwright (the `test` extra);
 # Playwright never downloads a browser here. Installed once; `apt-get update` only if that fails.
 $(CHROMIUM):
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \

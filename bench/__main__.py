@@ -2,7 +2,7 @@
 needs a CUDA device for its measurements and runs only when named).
 
 ``--smoke`` runs each at tiny sizes (seconds to a minute each): the same code paths and the same
-printed figures, as a check that the benchmarks still run (`tests/test_bench.py`); its numbers
+printed figures, as a check that the benchmarks still run (`tests/bench/test_bench.py`); its numbers
 are not measurements. ``make bench`` runs them all at full size."""
 
 import sys

@@ -133,7 +133,7 @@ def loop_baseline(recipe, store_dir: Path, stats: dict) -> tuple[int, float]:
     """The same scorers over the same scored documents, one process, no Ray."""
     import pyarrow.parquet as pq
 
-    from tasks.score_workers import BatchScorer
+    from tasks.scoring.workers import BatchScorer
 
     output = next(store_dir.glob("score/*"))
     scorer = BatchScorer(recipe.scoring.model_dump(mode="json"), str(store_dir), None, None, str(output), (0.7, 0.4))

@@ -175,7 +175,7 @@ def corpus_demo(
     force: Annotated[bool, typer.Option(help="fetch and extract again even if cached")] = False,
 ) -> None:
     """Fetch the real demo corpus (Debian docs, SpamAssassin mail, Debian boilerplate) into a cache."""
-    from tasks.corpus_demo import CorpusFetchError, build_demo_corpus
+    from demo.corpus import CorpusFetchError, build_demo_corpus
     from trecflow.settings import home
 
     folder = cache or home() / "corpus" / "demo"

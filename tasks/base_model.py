@@ -81,21 +81,16 @@ def path_fingerprint(location: str, endpoint_url: str | None) -> str:
     return fingerprint(STAGE, STAGE_VERSION, {"config": config, "files": listing})
 
 
-class BaseStage(Stage):
+class BaseStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("base",), title="Base model",
+    task_name="build_base", purpose="a base model"
+):
     """The base model the CPT run starts from.
 
     ``base.path``: nothing to compute; the folder is resolved (its fingerprint hashes its config
     and listing), and forcing the stage is a no-op. ``base.tiny``: the graph itself, run on a
     derived recipe (`base_recipe`) and the ``base`` split — pack, predict, a ``uniform`` placement
     and training from the tiny config — whose trained model this stage's summary names."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("score", "tokenizer")
-    sections = ("base",)
-    title = "Base model"
-    task_name = "build_base"
-    purpose = "a base model"
 
     def required_inputs(self, target: Target) -> tuple[str, ...]:
         return () if target.recipe.base.path is not None else self.inputs
@@ -149,7 +144,6 @@ class BaseStage(Stage):
 
     def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
         return {"trecflow.base_model_uri": summary["model_uri"]}
-
 
 
 BASE = BaseStage()

@@ -47,15 +47,11 @@ class EvalSet:
     stats: dict[str, Any]
 
 
-class EvalSetStage(Stage):
+class EvalSetStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer", "base"),
+    title="Held-out set", task_name="build_evalset"
+):
     """The held-out set: the ``eval`` split packed per source and tier, up to a token budget per source."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("score", "tokenizer")
-    sections = ("corpus", "tokenizer", "base")
-    title = "Held-out set"
-    task_name = "build_evalset"
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return evalset_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint)
@@ -68,7 +64,6 @@ class EvalSetStage(Stage):
 
     def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("held-out sequences", f"{summary['sequences']:,} from {len(summary['tokens_per_source'])} sources")]
-
 
 
 EVALSET = EvalSetStage()

@@ -287,17 +287,11 @@ def _merge(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
-class IngestStage(Stage):
+class IngestStage(Stage, name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus"):
     """Stage 1a: read every source, normalize, deduplicate exactly and split into shards.
 
     Its fingerprint hashes each source's listing (names, sizes, ETags or mtimes): listing a source
     is cheap, reading it is not. The listing is taken once per run and reused by `run`."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    sections = ("corpus",)
-    title = "Ingest"
-    task_name = "ingest_corpus"
 
     def __init__(self) -> None:
         self._listings: dict[str, list[SourceFiles]] = {}
@@ -329,7 +323,6 @@ class IngestStage(Stage):
 
     def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
         return {"ingested_documents": summary["documents"]}
-
 
 
 INGEST = IngestStage()

@@ -139,16 +139,12 @@ def pack_group(
     return result
 
 
-class PackStage(Stage):
+class PackStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer"),
+    title="Packed sequences", task_name="pack_sequences"
+):
     """Stage 3b: tokenize the target's split of the scored documents and pack them into
     fixed-length sequences, grouped by tier, with a per-sequence score and tier catalog."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("score", "tokenizer")
-    sections = ("corpus", "tokenizer")
-    title = "Packed sequences"
-    task_name = "pack_sequences"
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return pack_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, target.split)
@@ -168,7 +164,6 @@ class PackStage(Stage):
     def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
         metrics = {"packed_sequences": summary["sequences"], "pack_tail_tokens_dropped": summary["tail_tokens_dropped"]}
         return metrics | {f"packed_sequences.{tier}": entry["sequences"] for tier, entry in summary["tiers"].items()}
-
 
 
 PACK = PackStage()

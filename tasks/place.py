@@ -102,20 +102,14 @@ def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> 
     return meta
 
 
-class PlaceStage(Stage):
+class PlaceStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "pack", "predict"), scope=VARIANT_SCOPE,
+    sections=("corpus", "tokenizer"), title="Curriculum placement", task_name="place_curriculum", purpose="placement",
+    figure=PLOT_FILE
+):
     """Stage 3c: the global sample index of one curriculum variant (for every optimizer step,
     which packed sequences it trains on). Its manifest records `index_inputs`, which training and
     re-evaluation check the index against."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("score", "tokenizer", "pack", "predict")
-    scope = VARIANT_SCOPE
-    sections = ("corpus", "tokenizer")
-    title = "Curriculum placement"
-    task_name = "place_curriculum"
-    purpose = "placement"
-    figure = PLOT_FILE
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return place_fingerprint(self.manifest_inputs(target, upstream, ""))
@@ -167,7 +161,6 @@ class PlaceStage(Stage):
 
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE, INDEX_META]
-
 
 
 PLACE = PlaceStage()

@@ -52,14 +52,8 @@ def curve_table(prediction: TrecPrediction) -> pa.Table:
     )
 
 
-class PredictStage(Stage):
+class PredictStage(Stage, name=STAGE, version=STAGE_VERSION, title="TREC prediction", task_name="predict_trec", figure=PLOT_FILE):
     """Stage 2: the predicted TREC of the recipe (pure numpy, milliseconds)."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    title = "TREC prediction"
-    task_name = "predict_trec"
-    figure = PLOT_FILE
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return predict_fingerprint(target.recipe)
@@ -102,7 +96,6 @@ class PredictStage(Stage):
 
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE]
-
 
 
 PREDICT = PredictStage()

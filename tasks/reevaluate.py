@@ -34,7 +34,7 @@ from tasks.calibrate import record_run
 from tasks.evalset import EvalSet, load_evalset
 from tasks.predict import read_curve
 from tasks.reference import REFERENCE, Reference, reference_losses, reference_of
-from tasks.train import BaseModel
+from tasks.train import BaseModel, base_result, stored_index
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, ReevaluationSection, RecipeError
 from trecflow.report import reevaluation_rows
@@ -143,21 +143,14 @@ def held_out_losses(evalset: EvalSet, losses: np.ndarray) -> dict[str, Any]:
     return result
 
 
-class ReevaluateStage(Stage):
+class ReevaluateStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("pack", "predict", "place", "train", "reference", "evalset"),
+    scope=VARIANT_SCOPE, sections=("corpus", "tokenizer", "base"), title="Measured TREC", task_name="reevaluate_trec",
+    purpose="re-evaluation", figure=PLOT_FILE, resumable=True
+):
     """Stage 5: the final weights' loss on the batches of (a sample of) the training steps, on Ray
     actors, corrected by the reference model's loss on the same sequences; compared with the
     prediction; plus the held-out losses. Resumable: parts of an earlier attempt are kept."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("pack", "predict", "place", "train", "reference", "evalset")
-    scope = VARIANT_SCOPE
-    sections = ("corpus", "tokenizer", "base")
-    title = "Measured TREC"
-    task_name = "reevaluate_trec"
-    purpose = "re-evaluation"
-    figure = PLOT_FILE
-    resumable = True
 
     def required_inputs(self, target: Target) -> tuple[str, ...]:
         return tuple(name for name in self.inputs if name != "reference" or target.recipe.reevaluation.reference != "none")
@@ -205,35 +198,20 @@ class ReevaluateStage(Stage):
         return [PLOT_FILE, SUMMARY_FILE]
 
 
-
 REEVALUATE = ReevaluateStage()
 
 
-def run_reevaluate(
-    recipe: Recipe,
-    store: Store,
-    *,
-    index_fp: str,
-    expected_inputs: dict[str, str],
-    train_fp: str,
-    predict_fp: str,
-    base: BaseModel,
-    variant: str,
-    force: bool = False,
-    progress: Callable[[str], None] = print,
-) -> StageResult:
+def run_reevaluate(recipe: Recipe, store: Store, *, index_fp: str, expected_inputs: dict[str, str], train_fp: str, predict_fp: str,
+                   base: BaseModel, variant: str, force: bool = False, progress: Callable[[str], None] = print) -> StageResult:
     """Measure (or reuse) the TREC of the committed run ``train_fp`` on the index ``index_fp`` alone
     (building the reference and the held-out set first if needed)."""
     from tasks.evalset import EVALSET
-    from trecflow.runner import run_stage, stored
+    from trecflow.runner import run_stage
 
-    placed = stored(store, PLACE_STAGE, index_fp)
-    SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
     target = Target(recipe, variant)
-    given = {"score": expected_inputs["score"], "tokenizer": expected_inputs["tokenizer"],
-             "base": StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri}, True)}
-    upstream = {"pack": expected_inputs["pack"], "predict": predict_fp, "place": placed, "train": train_fp,
-                "evalset": run_stage(EVALSET, target, store, given, progress=progress)}
+    given = {"score": expected_inputs["score"], "tokenizer": expected_inputs["tokenizer"], "base": base_result(base)}
+    upstream = {"pack": expected_inputs["pack"], "predict": predict_fp, "place": stored_index(store, index_fp, expected_inputs),
+                "train": train_fp, "evalset": run_stage(EVALSET, target, store, given, progress=progress)}
     if recipe.reevaluation.reference != "none":
         upstream["reference"] = run_stage(REFERENCE, target, store, given, progress=progress)
     return run_stage(REEVALUATE, target, store, upstream, force=force, progress=progress)

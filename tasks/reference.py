@@ -47,17 +47,13 @@ def reference_recipe(recipe: Recipe) -> Recipe:
     return parse_recipe(data, source=f"{recipe.name}: reevaluation.reference")
 
 
-class ReferenceStage(Stage):
+class ReferenceStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "base"), sections=("corpus", "tokenizer", "base"),
+    title="Reference model", task_name="train_reference"
+):
     """The reference model of the difficulty correction. ``base``: the base model itself (nothing to
     compute; forcing it is a no-op). ``trained``: the graph run on the reference recipe and the
     ``reference`` split — pack, predict, a ``uniform`` placement, training from the base."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("score", "tokenizer", "base")
-    sections = ("corpus", "tokenizer", "base")
-    title = "Reference model"
-    task_name = "train_reference"
 
     def applies(self, target: Target) -> bool:
         return super().applies(target) and target.recipe.reevaluation.reference != "none"
@@ -95,7 +91,6 @@ class ReferenceStage(Stage):
 
     def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("reference", f"{summary['kind']}: {summary['model_uri']}")]
-
 
 
 REFERENCE = ReferenceStage()

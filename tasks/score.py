@@ -4,7 +4,7 @@ Steps (each reusing its output when the fingerprint matches):
 1. `tasks.ingest.run_ingest`: normalized, deduplicated, split shards.
 2. The classifier (if configured) trains on the ``classifier`` split of its hq/lq sources; those
    documents are never scored (they are counted as ``classifier_training``).
-3. Ray Data hands the ingest shards to a pool of actors (`tasks.score_workers.BatchScorer`, each
+3. Ray Data hands the ingest shards to a pool of actors (`tasks.scoring.workers.BatchScorer`, each
    loading the classifier once from the store) that add the rule values, each scorer's score, the
    combined score (weighted mean, in [0, 1]) and the tier, write the scored shards and return
    partial statistics, aggregated here into per-source x tier statistics and the score histogram.
@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.quality_classifier import train_classifier
-from tasks.score_workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
+from tasks.scoring.classifier import train_classifier
+from tasks.scoring.workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
@@ -121,16 +121,11 @@ def histogram_png(stats: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-class ScoreStage(Stage):
+class ScoreStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("corpus",), title="Quality scores",
+    task_name="score_corpus", figure=HISTOGRAM_FILE
+):
     """Stage 1b: train the quality classifier, score and tier every ingested document."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("ingest",)
-    sections = ("corpus",)
-    title = "Quality scores"
-    task_name = "score_corpus"
-    figure = HISTOGRAM_FILE
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return score_fingerprint(target.recipe, upstream["ingest"].fingerprint)
@@ -172,7 +167,6 @@ class ScoreStage(Stage):
     def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
         files = [SUMMARY_FILE, HISTOGRAM_FILE]
         return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.get("classifier_accuracy") is not None else [])
-
 
 
 SCORE = ScoreStage()

@@ -118,15 +118,11 @@ def hf_files(tokenizer, eos_token: str) -> dict[str, bytes]:
         return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
 
 
-class TokenizerStage(Stage):
+class TokenizerStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("tokenizer",), title="Tokenizer",
+    task_name="build_tokenizer"
+):
     """Stage 3a: the tokenizer, trained on the base split (``train_bpe``) or copied from a base."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("ingest",)
-    sections = ("tokenizer",)
-    title = "Tokenizer"
-    task_name = "build_tokenizer"
 
     def required_inputs(self, target: Target) -> tuple[str, ...]:
         """Only a trained BPE reads the corpus."""
@@ -150,7 +146,6 @@ class TokenizerStage(Stage):
 
     def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
         return {"tokenizer_vocab_size": summary["vocab_size"]}
-
 
 
 TOKENIZER = TokenizerStage()

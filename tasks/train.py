@@ -67,20 +67,26 @@ def base_model(result: StageResult) -> BaseModel:
     return BaseModel(result.fingerprint, uri=result.summary.get("model_uri"), config=result.summary.get("config"))
 
 
-class TrainStage(Stage):
+def base_result(base: BaseModel) -> StageResult:
+    """``base`` as the ``base`` stage's result (what a stage run alone is given)."""
+    return StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri, "config": base.config}, True)
+
+
+def stored_index(store: Store, index_fp: str, expected_inputs: dict[str, str]) -> StageResult:
+    """The committed index ``index_fp``; IndexMismatchError unless it records ``expected_inputs``."""
+    from trecflow.runner import stored
+
+    SampleIndex(store, index_fp, expected=expected_inputs)
+    return stored(store, PLACE_STAGE, index_fp)
+
+
+class TrainStage(
+    Stage, name=STAGE, version=STAGE_VERSION, inputs=("tokenizer", "place", "base"), scope=VARIANT_SCOPE,
+    sections=("corpus", "tokenizer", "base"), title="Training", task_name="train_cpt", purpose="training", resumable=True
+):
     """Stage 4: the DeepSpeed job on Ray Train for one variant's index, from the base model.
     Resumable: an incomplete output (the audit log of earlier attempts) is continued from the
     latest checkpoint unless the stage is forced."""
-
-    name = STAGE
-    version = STAGE_VERSION
-    inputs = ("tokenizer", "place", "base")
-    scope = VARIANT_SCOPE
-    sections = ("corpus", "tokenizer", "base")
-    title = "Training"
-    task_name = "train_cpt"
-    purpose = "training"
-    resumable = True
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return train_fingerprint(target.recipe, upstream["place"].fingerprint, upstream["base"].fingerprint)
@@ -127,27 +133,16 @@ class TrainStage(Stage):
         return {"trecflow.model_uri": summary["model_uri"], "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000]}
 
 
-
 TRAIN = TrainStage()
 
 
-def run_train(
-    recipe: Recipe,
-    store: Store,
-    index_fp: str,
-    expected_inputs: dict[str, str],
-    base: BaseModel,
-    force: bool = False,
-    progress: Callable[[str], None] = print,
-) -> StageResult:
+def run_train(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict[str, str], base: BaseModel, force: bool = False,
+              progress: Callable[[str], None] = print) -> StageResult:
     """Train (or resume, or reuse) the run of ``recipe`` on the committed index ``index_fp`` from
     ``base`` alone; the index must carry ``expected_inputs``."""
-    from trecflow.runner import run_stage, stored
+    from trecflow.runner import run_stage
 
-    placed = stored(store, PLACE_STAGE, index_fp)
-    SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
-    base_result = StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri, "config": base.config}, True)
-    upstream = {"tokenizer": expected_inputs["tokenizer"], "place": placed, "base": base_result}
+    upstream = {"tokenizer": expected_inputs["tokenizer"], "place": stored_index(store, index_fp, expected_inputs), "base": base_result(base)}
     return run_stage(TRAIN, Target(recipe), store, upstream, force=force, progress=progress)
 
 

@@ -9,8 +9,8 @@
   prediction) in a local store, made once.
 - ``trainable`` / ``trained_test``: that store with the uniform index and the tiny base, and then
   the uniform variant's CPT run (each made once).
-- ``compared_test``: a `compare_curricula` run of configs/test.yaml on the S3 store, reused by the
-  flow's cache and force tests and the UI test.
+- ``compared_test``: a concurrent `compare_curricula` run of configs/test.yaml on a cold S3 store
+  (its stage events in a file), reused by the flow's cache and force tests and the UI test.
 - ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
@@ -158,6 +158,7 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
     # its own MLflow database: the experiment `test` it creates keeps its artifacts in this S3
     # store, and the session's database serves tests whose stores are local folders
     tracking = f"sqlite:///{tmp_path_factory.mktemp('compare-mlflow') / 'mlflow.db'}"
+    events = tmp_path_factory.mktemp("compare-events") / "events.jsonl"
     env = {
         "TRECFLOW_STORE": f"s3://{BUCKET}/compare-{uuid.uuid4().hex[:8]}",
         "AWS_ENDPOINT_URL": s3_endpoint,
@@ -165,8 +166,9 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
         "MLFLOW_TRACKING_URI": tracking,
     }
     recipe_path = str(CONFIGS / "test.yaml")
-    with environment(env):
-        state = compare_curricula(Comparison(recipe_path=recipe_path, variants=COMPARE_VARIANTS), return_state=True)
+    # the variants at once on the cold store, as on a cluster: the shared stages run once (leases)
+    with environment({**env, "TRECFLOW_EVENTS": str(events)}):
+        state = compare_curricula(Comparison(recipe_path=recipe_path, variants=COMPARE_VARIANTS, concurrent=True), return_state=True)
     assert state.is_completed(), state
     result = state.result()
     return {
@@ -179,6 +181,7 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
         "flow_run_id": str(state.state_details.flow_run_id),
         "result": result,
         "tracking_uri": tracking,
+        "events": events,
     }
 
 
@@ -188,7 +191,7 @@ def demo_corpus(tmp_path_factory):
     (cache_dir, result, progress lines, seconds)."""
     import time
 
-    from tasks.corpus_demo import build_demo_corpus
+    from demo.corpus import build_demo_corpus
 
     cache = tmp_path_factory.mktemp("corpus-demo")
     lines: list[str] = []

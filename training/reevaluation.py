@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 # Test hook: when set to a path that does not exist yet, the first actor to evaluate creates it
-# and exits mid-unit, as a crashed or preempted worker would (tests/test_reevaluate.py).
+# and exits mid-unit, as a crashed or preempted worker would (tests/tasks/test_reevaluate.py).
 FAULT_ENV = "TRECFLOW_FAULT_REEVAL_EXIT_ONCE"
 RESTART_PROBE_SECONDS = 0.5  # between probes of an actor Ray is restarting
 

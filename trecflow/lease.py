@@ -91,6 +91,7 @@ class Lease:
     def current(self) -> LeaseRecord | None:
         """The lease in force (highest generation), or None if the folder was never leased."""
         fs = self.output.store.fs
+        fs.invalidate_cache(self.output.path)  # another runner may have written a lease a moment ago
         try:
             names = [path.rsplit("/", 1)[1] for path in fs.ls(self.output.path, detail=False)]
         except FileNotFoundError:
@@ -111,8 +112,8 @@ class Lease:
         if current is not None and current.live():
             return current
         generation = (current.generation if current else 0) + 1
-        if not create_exclusive(self.output, self._path(generation), self._record()):
-            return self.current() or current  # another runner won this generation
+        if not create_exclusive(self.output, self._path(generation), self._record()):  # another runner won it
+            return self.current() or LeaseRecord(generation, Owner(PROCESS, "unknown"), time.time() + self.seconds, False)
         self.generation = generation
         return None
 

@@ -8,6 +8,7 @@ the workers through the runtime environment, since remote workers do not inherit
 from __future__ import annotations
 
 import os
+import threading
 
 FORWARDED_ENV = (
     "TRECFLOW_HOME",
@@ -20,14 +21,19 @@ FORWARDED_ENV = (
     "MLFLOW_S3_ENDPOINT_URL",
 )
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+_INIT = threading.Lock()  # concurrent variants start their stages from threads of one process
 
 
 def ensure_ray() -> None:
-    """Initialize Ray once per process (no-op when already initialized)."""
+    """Initialize Ray once per process (no-op when already initialized; safe from several threads)."""
     import ray
 
-    if ray.is_initialized():
-        return
+    with _INIT:
+        if not ray.is_initialized():
+            _init(ray)
+
+
+def _init(ray) -> None:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     address = os.environ.get("RAY_ADDRESS")
     if address:

@@ -84,7 +84,9 @@ class StageContext:
 
 
 class Stage:
-    """Base class of every stage declaration (see the module docstring)."""
+    """Base class of every stage declaration (see the module docstring). A stage declares itself in
+    its class statement: ``class PackStage(Stage, name="pack", version=2, inputs=("score", "tokenizer"),
+    sections=("corpus", "tokenizer"), title="Packed sequences", task_name="pack_sequences")``."""
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
@@ -96,6 +98,14 @@ class Stage:
     purpose: ClassVar[str] = ""  # how errors name what it does ("placement needs corpus, tokenizer sections")
     figure: ClassVar[str | None] = None  # an output file (PNG) reports show with the rows
     resumable: ClassVar[bool] = False  # an incomplete output is continued, not cleared, when not forced
+
+    def __init_subclass__(cls, **declaration: Any) -> None:
+        super().__init_subclass__()
+        unknown = [key for key in declaration if key not in Stage.__annotations__]
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unknown stage declaration {unknown} (known: {', '.join(Stage.__annotations__)})")
+        for key, value in declaration.items():
+            setattr(cls, key, value)
 
     def applies(self, target: Target) -> bool:
         """True when the recipe has every section the stage needs."""

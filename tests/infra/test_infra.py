@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 INFRA = ROOT / "infra"
 RECIPE = ROOT / "configs" / "cpt-3.9b-900b.yaml"
 

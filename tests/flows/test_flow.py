@@ -18,7 +18,7 @@ from flows.params import Comparison, PipelineRun
 from flows.pipeline import cpt_pipeline, forced_stages
 from trecflow.store import Store
 
-from .conftest import environment
+from ..conftest import environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "test_corpus")]
 STAGE_TASKS = ("ingest_corpus", "score_corpus", "predict_trec", "build_tokenizer", "pack_sequences", "build_base", "place_curriculum",
@@ -57,9 +57,16 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
     runs = variant_flow_runs(compared_test["flow_run_id"])
     assert set(runs) == {"uniform", "trec_valley"}
     first, second = (task_states(runs[variant]) for variant in compared_test["variants"])
-    assert first == dict.fromkeys(STAGE_TASKS, "Completed")
-    # the second variant shares ingest, scoring, prediction, tokenizer, packing, the base and the held-out set
-    assert second == {**cached("place_curriculum", "train_cpt", "reevaluate_trec"), **dict.fromkeys(SHARED, "Cached")}
+    # the variants ran at once on a cold store: each ran every stage task, and the shared stages
+    # (ingest, scoring, prediction, tokenizer, packing, the base, the held-out set) were computed
+    # once between them: the other variant waited on the lease and reused the output
+    for states in (first, second):
+        assert set(states) == set(STAGE_TASKS) and set(states.values()) <= {"Completed", "Cached"}, states
+    events = [json.loads(line) for line in compared_test["events"].read_text().splitlines()]
+    computed = [(event["stage"], event["target"]) for event in events if event["kind"] == "finished" and event["depth"] == 0]
+    shared = ("ingest", "score", "predict", "tokenizer", "pack", "base", "evalset")
+    assert sorted(stage for stage, _ in computed if stage in shared) == sorted(shared), computed
+    assert sorted(target for stage, target in computed if stage == "train") == ["test/trec_valley", "test/uniform"]
 
     uniform = result["outcomes"]["uniform"]
     for stage in ("score", "predict", "tokenizer", "pack", "place", "train", "reevaluate"):
@@ -121,8 +128,8 @@ def test_a_second_compare_is_all_cache_hits_and_a_forced_placement_reruns_only_w
     uniform = compared_test["result"]["outcomes"]["uniform"]
     created = store.output("train", uniform["train"]["fingerprint"]).manifest()["created_unix"]
     with environment(compared_test["env"]):
-        # concurrently, as on a cluster: each variant's subflow in its own thread, still nested and cached
-        comparison = Comparison(recipe_path=compared_test["recipe_path"], variants=compared_test["variants"], concurrent=True)
+        # one after the other (the session's compare ran them at once): still nested, every task cached
+        comparison = Comparison(recipe_path=compared_test["recipe_path"], variants=compared_test["variants"], concurrent=False)
         state = compare_curricula(comparison, return_state=True)
         assert state.is_completed(), state
         again = state.result()
@@ -167,7 +174,7 @@ def test_one_run_fingerprints_each_stage_once_and_lists_each_source_once(prefect
     import tasks.ingest as ingest
     from tasks.graph import STAGES
 
-    from .conftest import CONFIGS
+    from ..conftest import CONFIGS
 
     calls: dict[str, int] = {}
     listings: list[str] = []

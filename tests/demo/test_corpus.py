@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import corpus_demo
-from tasks.corpus_demo import (
+from demo import corpus as corpus_demo
+from demo.corpus import (
     DEMO_SOURCES,
     SPECS,
     CorpusFetchError,

@@ -1,6 +1,6 @@
 """A process that runs one slow stage through the real runner (for the lease tests).
 
-``python -m tests.lease_worker STORE_URL [ENDPOINT] SECONDS``: the stage sleeps SECONDS, writes
+``python -m tests.trecflow.lease_worker STORE_URL [ENDPOINT] SECONDS``: the stage sleeps SECONDS, writes
 ``done.txt`` naming this process, and commits; every stage event goes to ``TRECFLOW_EVENTS``.
 """
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from trecflow.recipe import RecipeError, load_recipe, parse_recipe, read_yaml
 
-from .conftest import CONFIGS
+from ..conftest import CONFIGS
 
 BASE = read_yaml((CONFIGS / "test.yaml").read_text())
 

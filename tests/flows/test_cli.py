@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CONFIGS, ROOT
+from ..conftest import CONFIGS, ROOT
 
 TRECFLOW = Path(sys.executable).parent / "trecflow"
 CPT = str(CONFIGS / "cpt-3.9b-900b.yaml")

@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import IngestError, assign_splits, list_source, run_ingest
-from tasks.quality_classifier import QualityClassifier, holdout_mask, train_classifier
-from tasks.quality_rules import RULE_NAMES, rule_values, rules_score, rule_table
+from tasks.scoring.classifier import QualityClassifier, holdout_mask, train_classifier
+from tasks.scoring.rules import RULE_NAMES, rule_values, rules_score, rule_table
 from tasks.score import run_score
 from trecflow.recipe import ClassifierSection, CorpusSection, RulesSection, load_recipe
 from trecflow.store import MANIFEST, Store
 
-from .conftest import BUCKET, CONFIGS
-from .corpus_builder import debian_copyright, stdlib_docstrings, write_jsonl
+from ..conftest import BUCKET, CONFIGS
+from ..corpus_builder import debian_copyright, stdlib_docstrings, write_jsonl
 
 
 def test_rule_values_of_a_known_text():
@@ -205,7 +205,7 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
 
 def test_quantile_thresholds_give_the_configured_shares():
     from tasks.score import quantile_thresholds
-    from tasks.score_workers import tier_of
+    from tasks.scoring.workers import tier_of
 
     scores = np.random.default_rng(3).random(100_000)
     hq_min, lq_max = quantile_thresholds(scores, hq_share=0.2, lq_share=0.3)

@@ -22,7 +22,7 @@ from training.cpt_job import CHECKPOINT_INFO, PID_DIR, JobError, checkpoint_root
 from training.sample_index import IndexMismatchError
 from training.schedules import LRSchedule
 
-from .conftest import CONFIGS, QUIET
+from ..conftest import CONFIGS, QUIET
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,7 @@ def test_a_failed_run_resumes_from_the_store_when_the_task_is_retried(trainable)
 
 
 def test_train_command_prints_the_documented_json(trainable):
-    from .test_place_stage import run_cli
+    from .test_place import run_cli
 
     home = Path(os.environ["TRECFLOW_HOME"])  # where the test corpus is
     expected = train(trainable)  # made by the tests above, else now

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.quality_classifier import QualityClassifier
-from tasks.quality_rules import rule_table, rules_score
+from tasks.scoring.classifier import QualityClassifier
+from tasks.scoring.rules import rule_table, rules_score
 from trecflow.recipe import ScoringSection
 from trecflow.store import Store
 

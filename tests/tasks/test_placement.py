@@ -14,7 +14,7 @@ from trecflow.store import Store
 from training.sample_index import IndexMismatchError, SampleIndex, batch_hash
 from training.trec import best_window
 
-from .conftest import BUCKET
+from ..conftest import BUCKET
 
 STEPS, BATCH = 200, 32
 

@@ -13,7 +13,7 @@ from trecflow.runner import NOTE, REUSED, Graph, Runner
 from trecflow.stage import Stage, Target
 from trecflow.store import Store
 
-from .conftest import CONFIGS
+from ..conftest import CONFIGS
 
 
 def test_the_graph_lists_each_stage_after_its_inputs_and_refuses_otherwise():

@@ -10,7 +10,7 @@ import pytest
 
 from trecflow.store import MANIFEST, Store, StoreError
 
-from .conftest import BUCKET
+from ..conftest import BUCKET
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -24,7 +24,7 @@ from trecflow.recipe import RecipeError, parse_recipe, read_yaml
 from trecflow.store import Store
 from training.sample_index import IndexMismatchError, PackedSequences, SampleIndex
 
-from .conftest import BUCKET, CONFIGS, QUIET, ROOT
+from ..conftest import BUCKET, CONFIGS, QUIET, ROOT
 
 TRECFLOW = Path(sys.executable).parent / "trecflow"
 

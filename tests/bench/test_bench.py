@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 NUMBER = r"(-?[0-9][0-9,]*(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|-?inf|nan)"
 

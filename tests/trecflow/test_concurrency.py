@@ -21,7 +21,7 @@ import pytest
 from trecflow.lease import Lease, LeaseLost, Owner
 from trecflow.store import Store
 
-from .conftest import BUCKET, CONFIGS, ROOT, environment
+from ..conftest import BUCKET, CONFIGS, ROOT, environment
 
 
 def events(path: Path) -> list[dict]:
@@ -143,7 +143,7 @@ def test_a_killed_holder_is_taken_over_after_the_lease_expires(where, tmp_path, 
     store = Store(url, endpoint or None)
     output = store.output("slow", "0123456789abcdef")
     env = {**os.environ, "TRECFLOW_LEASE_SECONDS": "6"}
-    argv = [sys.executable, "-m", "tests.lease_worker", url, endpoint]
+    argv = [sys.executable, "-m", "tests.trecflow.lease_worker", url, endpoint]
     first = subprocess.Popen(argv + ["60"], cwd=ROOT, env={**env, "TRECFLOW_EVENTS": str(tmp_path / "a.jsonl")},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60

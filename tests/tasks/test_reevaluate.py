@@ -20,7 +20,7 @@ from trecflow.recipe import RecipeError, parse_recipe
 from training.reevaluation import FAULT_ENV
 from training.sample_index import SampleIndex
 
-from .conftest import CONFIGS, QUIET
+from ..conftest import CONFIGS, QUIET
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def test_bad_input_is_refused_before_any_work(trained_test):
 
 
 def test_reevaluate_and_calibrate_commands(trained_test, measured, tmp_path):
-    from .test_place_stage import run_cli
+    from .test_place import run_cli
 
     home = Path(os.environ["TRECFLOW_HOME"])
     store = Path(trained_test["store"].url)
@@ -176,7 +176,7 @@ def test_calibrate_fits_recorded_runs_and_a_calibrated_recipe_predicts_with_the_
     from trecflow.store import Store
     from training.calibration import CalibrationRun
 
-    from .test_place_stage import run_cli
+    from .test_place import run_cli
 
     store = Store(str(tmp_path / "store"))
     for i, (tpp, tau) in enumerate([(20, 0.1), (20, 0.3), (80, 0.1), (80, 0.3), (300, 0.5)]):

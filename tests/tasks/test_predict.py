@@ -15,7 +15,7 @@ from trecflow.recipe import load_recipe
 from trecflow.store import MANIFEST, Store
 from training.trec import predict
 
-from .conftest import BUCKET, CONFIGS
+from ..conftest import BUCKET, CONFIGS
 
 RECIPE = load_recipe(CONFIGS / "test.yaml")
 

@@ -12,7 +12,7 @@ from trecflow.recipe import ScheduleSection, parse_recipe, read_yaml
 from training.schedules import LRSchedule
 from training.trec import best_window, ema_coefficients, ema_coefficients_loop, predict, predicted_trec, tau_opt
 
-from .conftest import CONFIGS
+from ..conftest import CONFIGS
 
 BASE = read_yaml((CONFIGS / "test.yaml").read_text())
 

@@ -12,7 +12,7 @@ from flows.cli import app
 from trecflow.recipe import parse_recipe
 from training.sizing import SizingError, plan, zero_memory_gb
 
-from .conftest import CONFIGS
+from ..conftest import CONFIGS
 
 # 1e9 params, 1000 steps of 1,048,576 tokens (256 x 4096), linear decay.
 RECIPE = parse_recipe(

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from trecflow import recipe, recipe_docs
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 def _recipe_models() -> list[type[BaseModel]]:
