@@ -33,6 +33,7 @@ from flows.params import Comparison, PipelineRun
 from flows.pipeline import cpt_pipeline, load_run, tracked_run
 from flows.reporters import artifact_key
 from tasks.predict import read_curve
+from trecflow.ray_runtime import ensure_ray
 from trecflow.recipe import CurriculumSection, RecipeError
 from training.trec_plot import plot_comparison
 
@@ -91,7 +92,10 @@ def run_variants(comparison: Comparison, variants: list[str], parent_id: str, co
             logger.info("variant %s (%d of %d)", variant, number, len(variants))
             outcomes[variant] = cpt_pipeline(run)
         return outcomes
-    logger.info("variants %s, concurrently (Ray cluster at %s)", ", ".join(variants), os.environ.get("RAY_ADDRESS"))
+    logger.info("variants %s, concurrently (Ray at %s)", ", ".join(variants), os.environ.get("RAY_ADDRESS") or "a local Ray")
+    # Ray from this thread: a local Ray's processes die with the thread that started them (Linux's
+    # parent-death signal follows the thread), so no variant's thread may be the one to start it
+    ensure_ray()
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         futures = {variant: pool.submit(contextvars.copy_context().run, cpt_pipeline, run) for variant, run in runs.items()}
         return {variant: future.result() for variant, future in futures.items()}
