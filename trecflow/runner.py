@@ -166,7 +166,7 @@ class Runner:
         results: dict[str, StageResult] = dict(given or {})
         for name in self.graph.ancestors(until, results):
             stage = self.graph[name]
-            missing_inputs = [input_name for input_name in stage.inputs if input_name not in results and self._required(stage, target, input_name)]
+            missing_inputs = [input_name for input_name in stage.required_inputs(target) if input_name not in results]
             if not stage.applies(target) or missing_inputs:
                 why = f"no {', '.join(stage.missing(target))} section" if not stage.applies(target) else f"needs {', '.join(missing_inputs)}"
                 self.emit(StageEvent(SKIPPED, stage, target, message=f"{stage.name}: skipped ({why})"))
@@ -174,10 +174,6 @@ class Runner:
             upstream = {input_name: results[input_name] for input_name in stage.inputs if input_name in results}
             results[name] = self.materialize(stage, target, upstream)
         return results
-
-    def _required(self, stage: Stage, target: Target, input_name: str) -> bool:
-        required = getattr(stage, "required_inputs", None)
-        return input_name in (required(target) if required else stage.inputs)
 
     def materialize(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult]) -> StageResult:
         """One stage: fingerprint once, then reuse, resolve or compute through the executor."""

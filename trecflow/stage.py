@@ -118,6 +118,10 @@ class Stage:
             return None
         return f"{source}: {missing[0]}: {self.purpose or f'the {self.name} stage'} needs {', '.join(self.sections)} sections"
 
+    def required_inputs(self, target: Target) -> tuple[str, ...]:
+        """The inputs this target cannot run without (default: all of them); the others are optional."""
+        return self.inputs
+
     def missing(self, target: Target) -> list[str]:
         """The recipe sections the stage needs and the recipe lacks."""
         return [section for section in self.sections if getattr(target.recipe, section) is None]
