@@ -1,8 +1,18 @@
-"""Connecting to Ray: a cluster when ``RAY_ADDRESS`` is set, else a local Ray on loopback.
+"""Connecting to Ray, in the three places trecflow's Ray work runs:
 
-The local instance is capped so it shares a small machine: dashboard off, object store capped,
-token authentication off (loopback only). On a cluster the store and tracking settings travel to
-the workers through the runtime environment, since remote workers do not inherit the driver's.
+- **the embedded default** (no ``RAY_ADDRESS``): a local Ray started by this process, explicitly
+  (``address="local"``, so it never joins a cluster that ``ray start`` left registered on the
+  machine), capped to share a small machine: dashboard off, object store capped, token
+  authentication off (loopback only);
+- **a stage's Ray job on a cluster** (`trecflow.stage_job`; Ray's job supervisor sets
+  ``RAY_ADDRESS`` to the cluster's own address): ``ray.init`` joins that cluster and keeps the
+  job's ``runtime_env`` (its working directory and settings);
+- **a flow process on a cluster** (``RAY_ADDRESS=http://head:8265``, the Jobs API): never joins
+  Ray; its Ray stages are submitted as jobs (`trecflow.ray_jobs`). Calling `ensure_ray` there is
+  a bug and says so.
+
+Local workers inherit this process's environment, credentials included; nothing secret is put in
+a ``runtime_env``, which Ray shows in its dashboard and job metadata.
 """
 
 from __future__ import annotations
@@ -10,16 +20,8 @@ from __future__ import annotations
 import os
 import threading
 
-FORWARDED_ENV = (
-    "TRECFLOW_HOME",
-    "TRECFLOW_STORE",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
+from trecflow.ray_jobs import forwarded_env, jobs_address
+
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 _INIT = threading.Lock()  # concurrent variants start their stages from threads of one process
 
@@ -34,22 +36,26 @@ def ensure_ray() -> None:
 
 
 def _init(ray) -> None:
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    if jobs_address() is not None:
+        raise RuntimeError(
+            f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is a Jobs API address: this process submits Ray stages as jobs and must not join the cluster"
+        )
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    if address:  # inside a Ray job (or on a node): the cluster's own address
+        ray.init(address=address, log_to_driver=False)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray starts workers at nice 15; on a shared machine that starves the training workers.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
+        address="local",
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         # Logical CPUs beyond the cores, so scoring actors or train workers cannot starve the
         # read and write tasks that feed them (with 2 cores, 2 actors would take every CPU).
         num_cpus=(os.cpu_count() or 2) + 2,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": forwarded_env()},
         log_to_driver=False,
         configure_logging=False,
     )
