@@ -4,9 +4,12 @@
 `train_worker`, which
 
 1. loads the causal LM (``from_pretrained`` on the base checkpoint, or a tiny Llama built from
-   its config with a fixed seed) and calls ``deepspeed.initialize`` with the recipe's ZeRO stage,
-   micro-batch, accumulation, precision, clipping and AdamW (betas, weight decay; torch's AdamW,
-   so the decay is multiplied by the LR as the predictor assumes);
+   its config with a fixed seed), turns on Hugging Face activation checkpointing when
+   ``training.activation_checkpointing`` is set, and calls ``deepspeed.initialize`` with
+   ``JobSpec.deepspeed``: the recipe's ZeRO stage, micro-batch, accumulation, precision, clipping
+   and AdamW (betas, weight decay; torch's AdamW, so the decay is multiplied by the LR as the
+   predictor assumes), merged on the driver with the JSON ``training.deepspeed_config`` names
+   (`training.deepspeed_config`);
 2. resumes from Ray Train's latest checkpoint when there is one (after a worker failure, or a new
    ``fit`` of the same run after a Prefect retry), refusing one of another run or world size;
 3. for every step s from there to T-1: sets the LR of step s from the same `LRSchedule` the
@@ -57,6 +60,14 @@ class JobSpec:
     model_config: dict[str, Any] | None = None  # a from-scratch model when there is no base
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    # The engine's DeepSpeed config: the recipe merged with the JSON ``training.deepspeed_config``
+    # names (`training.deepspeed_config.engine_config`). Resolved where the spec is made (the
+    # driver) when not given, so the workers, which receive it filled in, never read the file.
+    deepspeed: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.deepspeed is None:
+            self.deepspeed = deepspeed_config(self.recipe_object())
 
     def recipe_object(self):
         from trecflow.recipe import parse_recipe
@@ -65,33 +76,13 @@ class JobSpec:
 
 
 def deepspeed_config(recipe) -> dict[str, Any]:
-    """The DeepSpeed config of a recipe's training section (the LR is set per step by us)."""
-    training = recipe.training
-    optimizer = recipe.optimizer
-    config: dict[str, Any] = {
-        "train_batch_size": recipe.sequences_per_step,
-        "train_micro_batch_size_per_gpu": recipe.micro_batch,
-        "gradient_accumulation_steps": training.accumulation,
-        "zero_optimization": {"stage": training.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optimizer.peak_lr,
-                "betas": list(optimizer.betas),
-                "eps": 1e-8,
-                "weight_decay": optimizer.weight_decay,
-                "torch_adam": True,
-            },
-        },
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-    if training.gradient_clipping > 0:
-        config["gradient_clipping"] = training.gradient_clipping
-    if training.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    return config
+    """The DeepSpeed config of a recipe: its decisions (batch, ZeRO stage, precision, clipping,
+    AdamW; the LR is set per step by us) merged with the JSON ``training.deepspeed_config`` names,
+    read from the current directory. Raises `RecipeError` (one line) when the file is missing,
+    invalid or conflicts with the recipe."""
+    from training.deepspeed_config import resolve
+
+    return resolve(recipe)
 
 
 def checkpoint_root(store: Store, run_fingerprint: str) -> str:
@@ -206,6 +197,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from training.audit import AuditWriter
+    from training.deepspeed_config import enable_activation_checkpointing
     from training.sample_index import SampleIndex, batch_hash, rank_share
     from training.schedules import LRSchedule
     from training.torch_schedule import set_step_lr
@@ -226,7 +218,10 @@ def train_worker(config: dict[str, Any]) -> None:
     _skip_inference_shm_op()
     torch.manual_seed(training.seed)
     model = _load_model(spec)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(recipe))
+    if training.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    # the merged config the driver resolved (`JobSpec.deepspeed`): workers never read the JSON
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=spec.deepspeed)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()

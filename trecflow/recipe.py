@@ -433,6 +433,19 @@ class TrainingSection(_Section):
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
     log_every: int = Field(10, gt=0, description="steps per batched MLflow write")
     seed: int = Field(0, description="torch seed each worker sets before building the model (a tiny model's weights come from base.tiny.seed)")
+    deepspeed_config: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "a DeepSpeed JSON (e.g. infra/deepspeed/zero1.json) merged into the engine's config: it may set only what this "
+            "recipe does not decide (buckets, overlap, ZeRO-3 knobs, ...); a key the recipe decides with another value is "
+            "an error. A relative path resolves against the current directory: the project root for the CLI, the flows and "
+            "a Ray job's working_dir. Read on the driver; workers receive the merged config"
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (Hugging Face activation checkpointing)"
+    )
 
 
 class PackingSection(_Section):

@@ -8,7 +8,8 @@ that will read it, or by the schema of the release it targets:
   ``kubernetes-validate`` (unknown fields are errors);
 - the RayCluster: the fields of KubeRay ``KUBERAY_RELEASE``'s CRD (allowed keys, required keys,
   ``rayStartParams`` values as strings), its pod templates as ``core/v1`` PodTemplateSpec;
-- DeepSpeed configs: DeepSpeed's own ``DeepSpeedConfig`` at a data-parallel world of 128;
+- DeepSpeed configs: merged with the paper recipe (``training/deepspeed_config.py``), then DeepSpeed's own
+  ``DeepSpeedConfig`` at a data-parallel world of 128; no JSON sets a key the recipe decides;
 - the Prefect work pool: the server's ``WorkPoolCreate`` validation, the variables as a JSON schema,
   and the Job that prefect-kubernetes' worker renders from it (validated as ``batch/v1`` Job);
 - ``infra/prefect/prefect.yaml``: the model ``prefect deploy`` loads it into, and the flow's signature;
@@ -564,19 +565,20 @@ def test_head_ports_match_the_drivers_ray_address():
 
 @pytest.fixture(scope="module")
 def deepspeed_config():
-    """DeepSpeed's DeepSpeedConfig, built at a chosen data-parallel world size without a launch."""
+    """DeepSpeed's DeepSpeedConfig of a config dict, built at a chosen data-parallel world size
+    without a launch."""
     import deepspeed.runtime.config as ds_config
 
     saved = ds_config.dist.get_rank
 
-    def build(path: Path, world: int = WORLD_SIZE):
+    def build(config: dict, world: int = WORLD_SIZE):
         class DataParallel:  # the `mpu` interface DeepSpeed asks for the data-parallel world size
             def get_data_parallel_world_size(self):
                 return world
 
         ds_config.dist.get_rank = lambda group=None: 0  # no process group: rank 0 of `world`
         try:
-            return ds_config.DeepSpeedConfig(str(path), mpu=DataParallel())
+            return ds_config.DeepSpeedConfig(copy.deepcopy(config), mpu=DataParallel())
         finally:
             ds_config.dist.get_rank = saved
 
@@ -584,13 +586,55 @@ def deepspeed_config():
 
 
 DEEPSPEED_FILES = sorted((INFRA / "deepspeed").glob("zero*.json"))
+# What a recipe decides (training/deepspeed_config.py merges it in): no infra JSON may set these.
+RECIPE_DECIDED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "zero_optimization.stage", "optimizer", "scheduler", "bf16", "bfloat16", "fp16", "amp", "torch_autocast",
+}
+
+
+def stage_of(path: Path) -> int:
+    return int(re.search(r"zero(\d)", path.name).group(1))
+
+
+def paper_recipe_at(stage: int):
+    """The paper recipe trained at ``stage`` (its other decisions unchanged)."""
+    r = recipe()
+    return r.model_copy(update={"training": r.training.model_copy(update={"zero_stage": stage})})
+
+
+def merged(path: Path, stage: int | None = None) -> dict:
+    """What the engine would receive: ``path`` merged with the paper recipe at the file's stage."""
+    from training.deepspeed_config import engine_config
+
+    return engine_config(paper_recipe_at(stage or stage_of(path)), path.read_text(), f"infra/{rel(path)}")
+
+
+def key_paths(data: dict, prefix: str = "") -> Iterator[str]:
+    for key, value in data.items():
+        yield prefix + key
+        if isinstance(value, dict):
+            yield from key_paths(value, f"{prefix}{key}.")
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.name)
+def test_deepspeed_json_sets_no_key_the_recipe_decides(path):
+    raw = json.loads(path.read_text())
+    decided = sorted(set(key_paths(raw)) & RECIPE_DECIDED_KEYS)
+    assert not decided, f"{rel(path)} sets {decided}: the recipe decides them"
+    assert set(raw) == {"zero_optimization", "activation_checkpointing"}
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.name)
 def test_deepspeed_config_loads_with_deepspeed_at_world_128(path, deepspeed_config):
     r = recipe()
-    config = deepspeed_config(path)
-    stage = int(re.search(r"zero(\d)", path.name).group(1))
+    stage = stage_of(path)
+    raw = json.loads(path.read_text())
+    engine = merged(path)
+    for section in ("zero_optimization", "activation_checkpointing"):
+        for key, value in raw[section].items():
+            assert engine[section][key] == value, f"{section}.{key}"
+    config = deepspeed_config(engine)
     assert config.world_size == WORLD_SIZE
     assert config.zero_optimization_stage == stage
     sequences = r.batch.tokens // r.data.seq_len
@@ -599,8 +643,9 @@ def test_deepspeed_config_loads_with_deepspeed_at_world_128(path, deepspeed_conf
     assert config.train_batch_size == (
         config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps * WORLD_SIZE
     )
+    assert config.train_micro_batch_size_per_gpu == r.micro_batch and config.gradient_accumulation_steps == r.training.accumulation
     assert config.bfloat16_config.enabled and not config.float16_config.enabled
-    assert 0 < config.gradient_clipping <= 1.0
+    assert config.gradient_clipping == r.training.gradient_clipping
     assert config.optimizer_name == "adamw"
     params = config.optimizer_params
     assert params["lr"] == r.optimizer.peak_lr
@@ -609,34 +654,57 @@ def test_deepspeed_config_loads_with_deepspeed_at_world_128(path, deepspeed_conf
     assert config.scheduler_name is None, "the LR schedule is trecflow's (training/schedules.py), not DeepSpeed's"
     assert config.zero_config.overlap_comm and config.zero_config.contiguous_gradients
     assert config.zero_config.reduce_bucket_size > 0 and config.zero_config.allgather_bucket_size > 0
-    raw = json.loads(path.read_text())
-    assert "activation_checkpointing" in raw
     assert config.activation_checkpointing_config.partition_activations is False
-    if stage == 2:
-        # ZeRO-2 reduces gradients at every micro-step: no accumulation in the default config.
-        assert config.gradient_accumulation_steps == 1
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.name)
+def test_deepspeed_json_refuses_a_recipe_that_decides_otherwise(path):
+    from trecflow.recipe import RecipeError
+
+    raw = json.loads(path.read_text())
+    raw["zero_optimization"]["stage"] = stage_of(path)  # the stage it was written for, against another recipe stage
+    other = 1 if stage_of(path) != 1 else 2
+    with pytest.raises(RecipeError, match=rf"^infra/{re.escape(rel(path))}: zero_optimization\.stage is {stage_of(path)} "
+                                          rf"but training\.zero_stage is {other}$"):
+        from training.deepspeed_config import engine_config
+
+        engine_config(paper_recipe_at(other), raw, f"infra/{rel(path)}")
 
 
 def test_deepspeed_rejects_a_batch_that_does_not_divide_over_the_world(deepspeed_config):
     with pytest.raises(AssertionError, match="train_batch_size is not equal"):
-        deepspeed_config(INFRA / "deepspeed" / "zero1.json", world=120)
+        deepspeed_config(merged(INFRA / "deepspeed" / "zero1.json"), world=120)
 
 
-def test_deepspeed_rejects_unknown_zero_keys(deepspeed_config, tmp_path):
-    raw = json.loads((INFRA / "deepspeed" / "zero2.json").read_text())
-    raw["zero_optimization"]["overlap_communication"] = True  # not a DeepSpeed key
-    path = tmp_path / "typo.json"
-    path.write_text(json.dumps(raw))
+def test_deepspeed_rejects_unknown_zero_keys(deepspeed_config):
+    engine = merged(INFRA / "deepspeed" / "zero2.json")
+    engine["zero_optimization"]["overlap_communication"] = True  # not a DeepSpeed key
     with pytest.raises(Exception, match="overlap_communication"):
-        deepspeed_config(path)
+        deepspeed_config(engine)
 
 
 def test_deepspeed_world_size_is_the_ray_clusters_gpu_count():
     (workers,) = raycluster()["spec"]["workerGroupSpecs"]
     gpus = workers["replicas"] * int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    for path in DEEPSPEED_FILES:
-        raw = json.loads(path.read_text())
-        assert raw["train_batch_size"] == raw["train_micro_batch_size_per_gpu"] * raw["gradient_accumulation_steps"] * gpus
+    r = recipe()
+    assert r.training.workers == gpus == WORLD_SIZE
+    assert r.sequences_per_step == r.micro_batch * r.training.accumulation * gpus
+
+
+def test_paper_recipe_names_its_deepspeed_json_and_the_readme_agrees():
+    r = recipe()
+    training = r.training
+    named = f"infra/deepspeed/zero{training.zero_stage}.json"
+    assert training.deepspeed_config == named, "the paper recipe names the JSON of its ZeRO stage"
+    assert (ROOT / named).is_file()
+    assert training.activation_checkpointing, "the README's activation memory assumes full checkpointing"
+    merged(ROOT / named, training.zero_stage)  # no conflict
+    text = " ".join((INFRA / "deepspeed" / "README.md").read_text().split())
+    assert f"`configs/cpt-3.9b-900b.yaml` names `{named}` (`training.deepspeed_config`) with `training.zero_stage: {training.zero_stage}`" in text
+    assert "`training.activation_checkpointing: true`" in text
+    assert (f"micro-batch {r.micro_batch} × accumulation {training.accumulation} × {training.workers} workers = "
+            f"{r.sequences_per_step} sequences per step") in text
+    assert f"**ZeRO-{training.zero_stage} (`zero{training.zero_stage}.json`) is what the paper recipe runs**" in text
 
 
 def test_deepspeed_readme_states_the_memory_per_stage():
