@@ -105,11 +105,15 @@ class Lease:
     def _record(self, released: bool = False) -> bytes:
         return json.dumps({"owner": asdict(self.owner), "expires_unix": time.time() + self.seconds, "released": released}).encode()
 
-    def try_acquire(self) -> LeaseRecord | None:
+    def try_acquire(self, job_running: Callable[[str], bool] | None = None) -> LeaseRecord | None:
         """Take the lease if nobody holds a live one. Returns None on success, else the live lease
-        that holds it (an expired or released one is taken over)."""
+        that holds it. An expired or released one is taken over, except an expired lease of a job
+        that ``job_running(submission_id)`` says still runs: that job keeps it (its heartbeat
+        lapsed, its work did not)."""
         current = self.current()
         if current is not None and current.live():
+            return current
+        if current is not None and not current.released and current.owner.kind == JOB and job_running and job_running(current.owner.id):
             return current
         generation = (current.generation if current else 0) + 1
         if not create_exclusive(self.output, self._path(generation), self._record()):  # another runner won it

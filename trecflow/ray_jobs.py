@@ -39,9 +39,11 @@ from trecflow.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_FOLDER = "_jobs"
+JOBS_ADDRESS_ENV = "TRECFLOW_RAY_JOBS_ADDRESS"  # the Jobs API address, inside a job (Ray sets RAY_ADDRESS to the cluster's own)
 # Settings the job's driver and workers need and may see in Ray's metadata: never a credential.
 FORWARDED_ENV = (
     "TRECFLOW_STORE",
+    "TRECFLOW_BUCKET",
     "TRECFLOW_LEASE_SECONDS",
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
@@ -189,10 +191,12 @@ class JobLauncher:
                        {name: asdict(result) for name, result in upstream.items()}, force, tracking_run_id, submission)
         write_spec(self.store, spec)
         entrypoint = " ".join(shlex.quote(part) for part in ("python", "-m", "trecflow.stage_job", self.store.url, submission))
+        environment = runtime_env()
+        environment["env_vars"][JOBS_ADDRESS_ENV] = self.address  # so the job can ask about other jobs' leases
         self.client.submit_job(
             entrypoint=entrypoint,
             submission_id=submission,
-            runtime_env=runtime_env(),
+            runtime_env=environment,
             metadata={"trecflow.stage": stage_name, "trecflow.fingerprint": fingerprint, "trecflow.target": target.label},
         )
 
@@ -219,8 +223,8 @@ class JobLauncher:
 def job_alive(owner_id: str, address: str | None = None) -> bool:
     """True when the Ray job ``owner_id`` is PENDING or RUNNING on the cluster (a lease it holds
     stays its own even when the heartbeat lapsed)."""
-    address = address or jobs_address()
-    if address is None:
+    address = address or jobs_address() or os.environ.get(JOBS_ADDRESS_ENV)
+    if not address:
         return False
     from ray.job_submission import JobSubmissionClient
 

@@ -30,6 +30,7 @@ import json
 import re
 import tomllib
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -103,6 +104,8 @@ def classify(path: Path) -> str:
         return "deepspeed"
     if name == "s3/lifecycle.json":
         return "s3-lifecycle"
+    if name == "prefect/zombie-flow-runs.yaml":
+        return "automation"
     if name == "docker/Dockerfile":
         return "dockerfile"
     if name == "docker/Dockerfile.dockerignore":
@@ -548,15 +551,83 @@ def test_ray_pods_get_the_job_environment_and_the_auth_token():
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "trecflow-ray-auth", "key": "auth_token"}
 
 
-def test_head_ports_match_the_drivers_ray_address():
+FLOW_RUN_ENV_EXTRA = {"TRECFLOW_BUCKET", "TRECFLOW_RAY_CODE"}
+
+
+def test_head_ports_match_the_flow_runs_jobs_api_address(monkeypatch):
     cluster = raycluster()
-    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    head = cluster["spec"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     address = urlparse(flow_run_env()["RAY_ADDRESS"])
-    assert address.scheme == "ray"
+    assert address.scheme == "http"
     assert address.hostname == f"{cluster['metadata']['name']}-head-svc.{NAMESPACE}.svc.cluster.local"
-    assert address.port == ports["client"] == 10001
-    assert ports["gcs-server"] == 6379 and ports["dashboard"] == 8265
+    assert address.port == ports["dashboard"] == 8265
+    assert ports["gcs-server"] == 6379 and 10001 not in ports.values(), "Ray Client is refused: not exposed"
+    params = head["rayStartParams"]
+    assert params["dashboard-host"] == "0.0.0.0" and params.get("include-dashboard", "true") == "true"
+    from trecflow.ray_jobs import jobs_address
+
+    monkeypatch.setenv("RAY_ADDRESS", flow_run_env()["RAY_ADDRESS"])
+    assert jobs_address() == flow_run_env()["RAY_ADDRESS"]
+
+
+def test_ray_pods_and_flow_runs_share_settings_and_run_the_images_code():
+    data = configmap_data()
+    assert data["TRECFLOW_RAY_CODE"] == "image"
+    assert data["TRECFLOW_STORE"].startswith(f"s3://{data['TRECFLOW_BUCKET']}/")
+    from trecflow.ray_jobs import FORWARDED_ENV
+
+    cluster = raycluster()
+    flow = template_json()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    containers = [g["template"]["spec"]["containers"][0] for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]]
+    for container in containers + [flow]:
+        available = env_names(container) | envfrom_names(container)
+        assert FLOW_RUN_ENV_EXTRA <= available
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= available, "credentials come from the pod, not the runtime_env"
+        assert set(FORWARDED_ENV) - {"TRECFLOW_LEASE_SECONDS"} <= available
+    for container in containers:
+        assert container.get("workingDir") == dockerfile_workdir("runtime")
+
+
+def test_runtime_image_carries_the_deepspeed_json_the_recipe_names():
+    named = recipe().training.deepspeed_config
+    assert named is not None and str(named).startswith("infra/deepspeed/")
+    assert "COPY infra/deepspeed ./infra/deepspeed" in dockerfile_stages()["runtime"]
+    ignored = [line.strip() for line in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()]
+    assert ignored.index("!infra/deepspeed") > ignored.index("infra")
+
+
+def test_worker_observer_watches_its_namespace(monkeypatch):
+    from prefect_kubernetes.settings import KubernetesSettings
+
+    worker = find("Deployment", "prefect-worker")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    monkeypatch.setenv("PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES", env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"])
+    assert KubernetesSettings().observer.namespaces == {NAMESPACE}
+
+
+def test_zombie_automation_is_prefects_and_outlasts_the_heartbeat():
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    raw = yaml.safe_load((INFRA / "prefect" / "zombie-flow-runs.yaml").read_text())
+    assert set(raw) <= set(AutomationCore.model_fields), "AutomationCore ignores unknown keys"
+    assert set(raw["trigger"]) <= set(EventTrigger.model_fields)
+    automation = AutomationCore.model_validate(raw)
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                              "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    assert trigger.for_each == {"prefect.resource.id"} and trigger.threshold == 1
+    heartbeat = int(configmap_data()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    assert heartbeat >= 30 and trigger.within >= timedelta(seconds=3 * heartbeat)
+    assert trigger.within > timedelta(seconds=180), "runs on Prefect's default heartbeat (180 s) must not be crashed"
+    (action,) = automation.actions
+    assert action.type == "change-flow-run-state" and action.state.value == "CRASHED"
+    assert "prefect automation create --from-file infra/prefect/zombie-flow-runs.yaml" in (ROOT / "docs" / "cluster.md").read_text()
+
+
+def test_readme_calls_no_stage_an_open_issue():
+    assert "open issue" not in readme()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trecflow.lease import Lease, LeaseLost, Owner
+from trecflow.lease import JOB, Lease, LeaseLost, Owner
 from trecflow.store import Store
 
 from ..conftest import BUCKET, CONFIGS, ROOT, environment
@@ -56,6 +56,23 @@ def test_a_lease_is_exclusive_expires_and_is_taken_over(where, tmp_path, s3_endp
     output.write_bytes("data.bin", b"x")
     output.invalidate()  # the holder clears the data, never the lease
     assert third.current().generation == 3
+
+
+def test_an_expired_lease_of_a_running_job_stays_the_jobs(tmp_path):
+    output = Store(str(tmp_path / "store")).output("train", "0123456789abcdef")
+    job = Lease(output, Owner(JOB, "train-0123456789abcdef-1"), seconds=0.5)
+    assert job.try_acquire() is None
+    time.sleep(0.7)  # the job's heartbeat lapsed (its flow died, or the store was unreachable)
+    asked: list[str] = []
+
+    def running(submission: str) -> bool:
+        asked.append(submission)
+        return True
+
+    newcomer = Lease(output, Owner.this_process(), seconds=0.5)
+    holder = newcomer.try_acquire(running)
+    assert holder is not None and holder.owner == job.owner and asked == ["train-0123456789abcdef-1"]
+    assert newcomer.try_acquire(lambda submission: False) is None and newcomer.generation == 2  # the job ended: taken over
 
 
 def test_two_threads_on_a_cold_store_compute_each_shared_stage_once(staged_test, tmp_path):
