@@ -64,11 +64,24 @@ def calibrated(recipe: Recipe) -> Recipe:
         raise fail(str(error)) from None
 
 
-def stage_text(stage: str, summary: dict) -> str:
+def stage_result(stage: str, payload: dict):
+    """A stage's result from a flow's JSON view of it (`StageResult.as_dict`), its summary typed."""
+    from tasks.graph import GRAPH
+    from trecflow.stage import StageResult
+
+    return StageResult.from_dict(stage, payload, GRAPH[stage].summary_type)
+
+
+def stage_text(result) -> str:
     """A stage's summary as aligned text: the stage's own rows (the Prefect artifacts show the same)."""
     from tasks.graph import GRAPH
 
-    return aligned(GRAPH[stage].rows(summary))
+    return aligned(GRAPH[result.stage].rows(result.summary))
+
+
+def output_line(result, label: str = "store output") -> str:
+    """Where a stage's output is, and whether this run reused or computed it."""
+    return f"{label} {result.uri} ({'reused' if result.reused else 'computed'})"
 
 
 @app.command()
@@ -81,6 +94,7 @@ def predict(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write the prediction plot (PNG) here")] = None,
 ) -> None:
     """Predict the TREC of a recipe: tau, valley and the best high-quality window."""
+    from tasks.predict import PREDICT, PredictSummary
     from training.trec import predict as predict_trec
     from training.trec import recipe_summary
 
@@ -89,8 +103,8 @@ def predict(
     if not 0.0 < fraction < 1.0:
         raise fail(f"--hq-fraction: must be in (0, 1), got {fraction:g}")
     prediction = predict_trec(recipe)
-    summary = recipe_summary(recipe, prediction, fraction)
-    for warning in summary["warnings"]:
+    summary = PredictSummary.from_json(recipe_summary(recipe, prediction, fraction))
+    for warning in summary.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if plot is not None:
         from training.trec_plot import plot_prediction
@@ -100,10 +114,8 @@ def predict(
         except OSError as error:
             raise fail(f"--plot: cannot write {plot} ({error.strerror})") from None
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary.as_json()))
     else:
-        from tasks.predict import PREDICT
-
         typer.echo(aligned([row for row in PREDICT.rows(summary) if row[0] != "warning"]))
 
 
@@ -214,13 +226,14 @@ def score(
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
     check_sources(recipe)
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "score", force=force))
-    stats = result["score"]
+    payload = result["score"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
         keys = ("documents", "dropped", "classifier_accuracy", "tiers", "tier_totals", "thresholds", "classifier_training")
-        typer.echo(json.dumps({key: stats.get(key) for key in keys} | {"uri": stats["uri"], "reused": stats["reused"]}))
+        typer.echo(json.dumps({key: payload.get(key) for key in keys} | {"uri": payload["uri"], "reused": payload["reused"]}))
     else:
-        typer.echo(stage_text("score", stats))
-        typer.echo(f"\nstore output         {stats['uri']} ({'reused' if stats['reused'] else 'computed'})")
+        scored = stage_result("score", payload)
+        typer.echo(stage_text(scored))
+        typer.echo("\n" + output_line(scored, "store output        "))
 
 
 def stage_flow():
@@ -276,14 +289,15 @@ def place(
     stages it needs)."""
     variant = checked_variant(recipe_path, variant, "place")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "place", variant, force))
-    summary = result["place"]
+    payload = result["place"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
         keys = ("variant", "strategy", "seed", "steps", "sequences", "hq_fraction", "hq_tokens", "window", "window_steps",
                 "hq_in_window", "repeated_sequences", "unplaced_sequences", "tiers", "fingerprint", "uri", "reused")
-        typer.echo(json.dumps({key: summary[key] for key in keys} | {"mlflow_run_id": result["mlflow_run_id"]}))
+        typer.echo(json.dumps({key: payload[key] for key in keys} | {"mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(stage_text("place", summary))
-        typer.echo(f"store output          {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+        placed = stage_result("place", payload)
+        typer.echo(stage_text(placed))
+        typer.echo(output_line(placed, "store output         "))
 
 
 @app.command()
@@ -296,13 +310,14 @@ def train(
     """Run stage 4: the DeepSpeed job on Ray Train for one variant (placement first if needed)."""
     variant = checked_variant(recipe_path, variant, "train")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "train", variant, force))
-    summary = result["train"]
+    payload = result["train"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
         keys = ("steps", "final_loss", "tokens_per_second", "resumed_from_step", "model_uri", "audit", "checkpoints", "workers", "fingerprint", "uri", "reused")
-        typer.echo(json.dumps({key: summary[key] for key in keys} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
+        typer.echo(json.dumps({key: payload[key] for key in keys} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(stage_text("train", summary))
-        typer.echo(f"store output       {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+        trained = stage_result("train", payload)
+        typer.echo(stage_text(trained))
+        typer.echo(output_line(trained, "store output      "))
 
 
 REEVALUATE_KEYS = (
@@ -324,12 +339,13 @@ def reevaluate(
     the stages before it first, if not cached)."""
     variant = checked_variant(recipe_path, variant, "reevaluate")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "reevaluate", variant, force))
-    summary = result["reevaluate"]
+    payload = result["reevaluate"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
-        typer.echo(json.dumps({key: summary.get(key) for key in REEVALUATE_KEYS} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
+        typer.echo(json.dumps({key: payload.get(key) for key in REEVALUATE_KEYS} | {"variant": result["variant"], "mlflow_run_id": result["mlflow_run_id"]}))
     else:
-        typer.echo(stage_text("reevaluate", summary))
-        typer.echo(f"store output         {summary['uri']} ({'reused' if summary['reused'] else 'computed'})")
+        measured = stage_result("reevaluate", payload)
+        typer.echo(stage_text(measured))
+        typer.echo(output_line(measured, "store output        "))
 
 
 @app.command()
@@ -389,8 +405,8 @@ def base(
         raise fail(f"{recipe_path}: base: building a tiny base needs base.tiny and base.pretrain sections")
     check_sources(recipe)
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "base", force=force))
-    summary = result["base"]
-    typer.echo(json.dumps(summary) if as_json else stage_text("base", summary))
+    payload = result["base"]  # the JSON view (StageResult.as_dict)
+    typer.echo(json.dumps(payload) if as_json else stage_text(stage_result("base", payload)))
 
 
 @app.command()
@@ -433,11 +449,14 @@ def run(
     from tasks.graph import GRAPH
 
     for name in GRAPH.names:
-        if name in result and GRAPH[name].rows(result[name]):
+        if name not in result:
+            continue
+        stage_outcome = stage_result(name, result[name])
+        if GRAPH[name].rows(stage_outcome.summary):
             typer.echo("")
-            typer.echo(stage_text(name, result[name]))
-            if result[name]["uri"]:
-                typer.echo(f"store output  {result[name]['uri']} ({'reused' if result[name]['reused'] else 'computed'})")
+            typer.echo(stage_text(stage_outcome))
+            if stage_outcome.uri:
+                typer.echo(output_line(stage_outcome, "store output "))
     typer.echo(f"\nmlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
 
 

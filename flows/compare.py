@@ -32,9 +32,11 @@ from prefect.artifacts import create_table_artifact
 from flows.params import Comparison, PipelineRun
 from flows.pipeline import cpt_pipeline, load_run, tracked_run
 from flows.reporters import artifact_key
+from tasks.graph import GRAPH
 from tasks.predict import read_curve
 from trecflow.ray_runtime import ensure_ray
 from trecflow.recipe import CurriculumSection, RecipeError
+from trecflow.stage import StageResult
 from training.trec_plot import plot_comparison
 
 # The comparison table's columns, in order.
@@ -57,18 +59,26 @@ def compared_variants(comparison: Comparison, curriculum: CurriculumSection) -> 
     return names
 
 
+def outcome_summary(outcome: dict[str, Any], stage: str) -> Any:
+    """The typed summary of ``stage`` in a `cpt_pipeline` outcome (its JSON view), None if it did not run."""
+    payload = outcome.get(stage)
+    return None if payload is None else StageResult.from_dict(stage, payload, GRAPH[stage].summary_type).summary
+
+
 def comparison_row(variant: str, outcome: dict[str, Any]) -> dict[str, Any]:
     """One variant's row; a variant whose recipe stops before re-evaluation has None there."""
-    measured = outcome.get("reevaluate", {})
+    measured = outcome_summary(outcome, "reevaluate")
+    placed = outcome_summary(outcome, "place")
+    trained = outcome_summary(outcome, "train")
     return {
         "variant": variant,
-        "val_loss_hq": measured.get("val_loss_hq"),
-        "val_loss_general": measured.get("val_loss_general"),
-        "trec_pearson": measured.get("trec_pearson"),
-        "trec_valley_measured": measured.get("trec_valley_measured"),
-        "hq_window": outcome.get("place", {}).get("window"),
-        "content_confounded": measured.get("content_confounded"),
-        "final_loss": outcome.get("train", {}).get("final_loss"),
+        "val_loss_hq": measured.val_loss_hq if measured else None,
+        "val_loss_general": measured.val_loss_general if measured else None,
+        "trec_pearson": measured.trec_pearson if measured else None,
+        "trec_valley_measured": measured.trec_valley_measured if measured else None,
+        "hq_window": None if placed is None or placed.window is None else list(placed.window),
+        "content_confounded": measured.content_confounded if measured else None,
+        "final_loss": trained.final_loss if trained else None,
         "mlflow_run_id": outcome["mlflow_run_id"],
     }
 

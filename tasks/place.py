@@ -15,6 +15,7 @@ The same inputs and seed give byte-identical index files (no timestamps, fixed c
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from tasks.placement import Plan, PlanRequest, check_request, make_plan
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe
-from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageContext, StageResult, Target
+from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.sample_index import COMPOSITION_FILE, INDEX_META, PACK_STAGE, PLACE_STAGE, chunk_name, npy_bytes
 
@@ -30,6 +31,39 @@ STAGE = PLACE_STAGE
 STAGE_VERSION = 1  # the summary.json it writes is unchanged, so is the fingerprint
 CHUNK_BYTES = 64 * 1024**2  # index chunk files of at most this size (whole steps)
 PLOT_FILE = "placement.png"
+
+
+@dataclass(frozen=True)
+class PlacedTier(Summary):
+    """One tier in the index: sequences packed (supply), slots given to it, repeated and never placed."""
+
+    supply: int
+    slots: int
+    repeated: int
+    unplaced: int
+
+
+@dataclass(frozen=True)
+class PlaceSummary(Summary):
+    """A variant's sample index: its shape, hq share and window (fractions of training and steps;
+    None for a strategy without one), repeats and leftovers per tier, strategy and seed. ``variant``
+    is not stored (one index can serve several variants): the runner's view adds it, last."""
+
+    steps: int
+    sequences_per_step: int
+    sequences: int
+    hq_fraction: float
+    window: tuple[float, float] | None
+    window_steps: tuple[int, int] | None
+    hq_in_window: float | None
+    repeated_sequences: int
+    unplaced_sequences: int
+    tiers: Mapping[str, PlacedTier]
+    strategy: str
+    seed: int
+    hq_tokens: int
+    fingerprint: str
+    variant: str | None = omitted_when_none()
 
 
 def plan_request(recipe: Recipe, variant: str) -> PlanRequest:
@@ -103,9 +137,9 @@ def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> 
 
 
 class PlaceStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "pack", "predict"), scope=VARIANT_SCOPE,
+    Stage[PlaceSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "pack", "predict"), scope=VARIANT_SCOPE,
     sections=("corpus", "tokenizer"), title="Curriculum placement", task_name="place_curriculum", purpose="placement",
-    figure=PLOT_FILE
+    figure=PLOT_FILE, summary_type=PlaceSummary
 ):
     """Stage 3c: the global sample index of one curriculum variant (for every optimizer step,
     which packed sequences it trains on). Its manifest records `index_inputs`, which training and
@@ -118,48 +152,48 @@ class PlaceStage(
         return index_inputs(target.recipe, target.variant, upstream["pack"].fingerprint, upstream["score"].fingerprint,
                             upstream["tokenizer"].fingerprint, upstream["predict"].fingerprint)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> PlaceSummary:
         return place(target.recipe, target.variant, context.store, upstream["pack"].fingerprint, upstream["predict"].fingerprint,
                      output, context.progress)
 
-    def view(self, target: Target, summary: dict[str, Any]) -> dict[str, Any]:
-        return {**summary, "variant": target.variant}
+    def view(self, target: Target, summary: PlaceSummary) -> PlaceSummary:
+        return replace(summary, variant=target.variant)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"steps": summary["steps"], "sequences": summary["sequences"], "repeated": summary["repeated_sequences"]}
+    def counts(self, summary: PlaceSummary) -> dict[str, Any]:
+        return {"steps": summary.steps, "sequences": summary.sequences, "repeated": summary.repeated_sequences}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        window = summary["window"]
+    def rows(self, summary: PlaceSummary) -> list[tuple[str, str]]:
+        window = summary.window
         rows = [
-            ("variant", f"{summary['variant']} ({summary['strategy']}, seed {summary['seed']})"),
-            ("index", f"{summary['steps']:,} steps x {summary['sequences_per_step']:,} sequences = {summary['sequences']:,}"),
-            ("hq share", f"{summary['hq_fraction']:.4f} ({summary['hq_tokens']:,} tokens)"),
+            ("variant", f"{summary.variant} ({summary.strategy}, seed {summary.seed})"),
+            ("index", f"{summary.steps:,} steps x {summary.sequences_per_step:,} sequences = {summary.sequences:,}"),
+            ("hq share", f"{summary.hq_fraction:.4f} ({summary.hq_tokens:,} tokens)"),
             ("window", "none (the strategy has none)" if window is None else
-             f"[{window[0]:.4f}, {window[1]:.4f}] (steps {summary['window_steps'][0]:,}..{summary['window_steps'][1] - 1:,})"),
-            ("hq inside the window", "n/a" if summary["hq_in_window"] is None else f"{summary['hq_in_window']:.4f}"),
-            ("repeated sequences", f"{summary['repeated_sequences']:,}"),
-            ("unplaced sequences", f"{summary['unplaced_sequences']:,}"),
+             f"[{window[0]:.4f}, {window[1]:.4f}] (steps {summary.window_steps[0]:,}..{summary.window_steps[1] - 1:,})"),
+            ("hq inside the window", "n/a" if summary.hq_in_window is None else f"{summary.hq_in_window:.4f}"),
+            ("repeated sequences", f"{summary.repeated_sequences:,}"),
+            ("unplaced sequences", f"{summary.unplaced_sequences:,}"),
         ]
         rows += [
-            (f"  {tier}", f"{entry['slots']:,} placed of {entry['supply']:,} packed; {entry['repeated']:,} repeated, {entry['unplaced']:,} unplaced")
-            for tier, entry in summary["tiers"].items()
+            (f"  {tier}", f"{entry.slots:,} placed of {entry.supply:,} packed; {entry.repeated:,} repeated, {entry.unplaced:,} unplaced")
+            for tier, entry in summary.tiers.items()
         ]
         return rows
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: PlaceSummary) -> dict[str, float]:
         metrics = {
-            "hq_fraction_placed": summary["hq_fraction"],
-            "hq_tokens": summary["hq_tokens"],
-            "repeated_sequences": summary["repeated_sequences"],
-            "unplaced_sequences": summary["unplaced_sequences"],
+            "hq_fraction_placed": summary.hq_fraction,
+            "hq_tokens": summary.hq_tokens,
+            "repeated_sequences": summary.repeated_sequences,
+            "unplaced_sequences": summary.unplaced_sequences,
         }
-        if summary["window"] is not None:
-            metrics |= {"placement_window_start": summary["window"][0], "placement_window_end": summary["window"][1]}
-        if summary["hq_in_window"] is not None:
-            metrics["hq_in_window"] = summary["hq_in_window"]
+        if summary.window is not None:
+            metrics |= {"placement_window_start": summary.window[0], "placement_window_end": summary.window[1]}
+        if summary.hq_in_window is not None:
+            metrics["hq_in_window"] = summary.hq_in_window
         return metrics
 
-    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+    def artifacts(self, summary: PlaceSummary) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE, INDEX_META]
 
 
@@ -168,7 +202,7 @@ PLACE = PlaceStage()
 
 def run_place(
     recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: str, force: bool = False, progress: Callable[[str], None] = print
-) -> StageResult:
+) -> StageResult[PlaceSummary]:
     """The sample index of ``variant`` alone, from the committed pack and predict outputs."""
     from trecflow.runner import run_stage, stored
 
@@ -178,7 +212,7 @@ def run_place(
     return run_stage(PLACE, Target(recipe, variant), store, upstream, force=force, progress=progress)
 
 
-def place(recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: str, output: StageOutput, progress: Callable[[str], None]) -> dict[str, Any]:
+def place(recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: str, output: StageOutput, progress: Callable[[str], None]) -> PlaceSummary:
     """Plan the variant's index from the packed catalog and the predicted curve; write it."""
     from tasks.pack import read_catalog
     from tasks.predict import read_curve
@@ -191,23 +225,23 @@ def place(recipe: Recipe, variant: str, store: Store, pack_fp: str, predict_fp: 
     trec = curve["trec_pred"].to_numpy()
     progress(f"place: {variant} ({request.strategy}): {request.slots:,} slots from {tiers.size:,} packed sequences")
     plan = make_plan(request, tiers, scores, trec)
-    summary = {
+    summary = PlaceSummary(
         **plan.summary(),
-        "strategy": request.strategy,
-        "seed": request.seed,
-        "hq_tokens": plan.hq_slots * recipe.data.seq_len,
-        "fingerprint": output.fingerprint,
-    }
+        strategy=request.strategy,
+        seed=request.seed,
+        hq_tokens=plan.hq_slots * recipe.data.seq_len,
+        fingerprint=output.fingerprint,
+    )
     write_index(plan, output, progress)
     output.write_bytes(
         PLOT_FILE,
         plot_placement(
-            curve["fraction"].to_numpy(), trec, plan.hq_share_per_step(), summary["window"], summary["hq_fraction"],
+            curve["fraction"].to_numpy(), trec, plan.hq_share_per_step(), summary.window, summary.hq_fraction,
             title=f"{recipe.name} / {variant}: {request.strategy} placement",
         ),
     )
     progress(
-        f"place: hq share {summary['hq_fraction']:.4f}, window {summary['window']}, hq in window {summary['hq_in_window']}, "
-        f"repeated {summary['repeated_sequences']:,}, unplaced {summary['unplaced_sequences']:,}"
+        f"place: hq share {summary.hq_fraction:.4f}, window {None if summary.window is None else list(summary.window)}, hq in window {summary.hq_in_window}, "
+        f"repeated {summary.repeated_sequences:,}, unplaced {summary.unplaced_sequences:,}"
     )
     return summary

@@ -20,10 +20,9 @@ per sampled step: loss, per-tier loss, reference loss, corrected, smoothed, pred
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -32,13 +31,13 @@ import pyarrow.parquet as pq
 
 from tasks.calibrate import record_run
 from tasks.evalset import EvalSet, load_evalset
-from tasks.predict import read_curve
+from tasks.predict import PredictSummary, read_curve
 from tasks.reference import REFERENCE, Reference, reference_losses, reference_of
 from tasks.train import BaseModel, base_result, stored_index
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, ReevaluationSection, RecipeError
 from trecflow.report import reevaluation_rows
-from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Target
+from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.calibration import CalibrationRun
 from training.reevaluation import ActorPool, ModelSpec, Unit
@@ -54,6 +53,91 @@ PLOT_FILE = "trec_overlay.png"
 EXECUTION_ONLY = ("actors", "cpus_per_actor", "steps_per_task", "max_retries", "micro_batch")
 # Sparser samplings whose agreement is reported when every step was evaluated.
 SAMPLING_STUDY = (5, 10)
+
+
+@dataclass(frozen=True)
+class AgreementSummary(Summary):
+    """One measured curve's agreement with the prediction (`training.trec_measure.Agreement.as_dict`)."""
+
+    trec_pearson: float
+    trec_pearson_m0: float
+    trec_pearson_fit: float
+    m_fit: float
+    trec_valley_measured: float
+    trec_valley_error: float
+
+
+@dataclass(frozen=True)
+class HeldOutSequences(Summary):
+    """Held-out sequences of hq-tier documents and of all others."""
+
+    hq: int
+    general: int
+
+
+@dataclass(frozen=True)
+class ReferenceUse(Summary):
+    """The reference model a re-evaluation used and its losses: needed, from the cache, evaluated
+    now, and units retried (only when some were evaluated)."""
+
+    kind: str
+    fingerprint: str
+    uri: str
+    sequences: int
+    from_cache: int
+    evaluated: int
+    retried_units: int | None = omitted_when_none()
+
+
+@dataclass(frozen=True)
+class Sampling(Summary):
+    """Which steps and sequences were evaluated: every k-th step or a random subset, k sequences each (None: all)."""
+
+    every: int
+    random_steps: int | None
+    sequences_per_step: int | None
+
+
+@dataclass(frozen=True)
+class ReevaluateSummary(Summary):
+    """The measured TREC of one run against the prediction: the primary curve's agreement (the
+    corrected one with a reference, else raw) first, then raw and corrected in full, the sparser
+    samplings' r_p, whether the tier mix moves (content_confounded), held-out losses, what was
+    evaluated, the reference, the model, the HQ window and the calibration entry (None when
+    confounded)."""
+
+    trec_pearson: float
+    trec_pearson_m0: float
+    trec_pearson_fit: float
+    m_fit: float
+    trec_valley_measured: float
+    trec_valley_error: float
+    trec_pearson_raw: float
+    trec_pearson_corrected: float | None
+    trec_valley_predicted: float
+    m: float
+    curve: str
+    raw: AgreementSummary
+    corrected: AgreementSummary | None
+    sampling_study: Mapping[str, Mapping[str, float]] | None  # every_k -> raw / corrected r_p
+    content_confounded: bool
+    val_loss_hq: float | None
+    val_loss_general: float | None
+    val_loss_by_source: Mapping[str, float]
+    val_sequences: HeldOutSequences
+    variant: str
+    steps: int
+    steps_evaluated: int
+    sequences_per_step: int
+    tokens_evaluated: int
+    tokens_per_second: float | None
+    retried_units: int
+    reference: ReferenceUse | None
+    sampling: Sampling
+    model_uri: str
+    hq_window: tuple[float, float] | None
+    fingerprint: str
+    calibration_entry: str | None
 
 
 def reevaluate_fingerprint(recipe: Recipe, train_fp: str, place_fp: str, predict_fp: str, reference_fp: str | None, evalset_fp: str) -> str:
@@ -144,9 +228,9 @@ def held_out_losses(evalset: EvalSet, losses: np.ndarray) -> dict[str, Any]:
 
 
 class ReevaluateStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("pack", "predict", "place", "train", "reference", "evalset"),
+    Stage[ReevaluateSummary], name=STAGE, version=STAGE_VERSION, inputs=("pack", "predict", "place", "train", "reference", "evalset"),
     scope=VARIANT_SCOPE, sections=("corpus", "tokenizer", "base"), title="Measured TREC", task_name="reevaluate_trec",
-    purpose="re-evaluation", figure=PLOT_FILE, resumable=True
+    purpose="re-evaluation", figure=PLOT_FILE, resumable=True, summary_type=ReevaluateSummary
 ):
     """Stage 5: the final weights' loss on the batches of (a sample of) the training steps, on Ray
     actors, corrected by the reference model's loss on the same sequences; compared with the
@@ -165,36 +249,41 @@ class ReevaluateStage(
         return {"train": upstream["train"].fingerprint, "place": upstream["place"].fingerprint, "predict": upstream["predict"].fingerprint,
                 "reference": reference.fingerprint if reference else "", "evalset": upstream["evalset"].fingerprint}
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> ReevaluateSummary:
         reference = upstream.get("reference")
         return reevaluate(target.recipe, target.variant, context.store, upstream["place"], upstream["train"], upstream["predict"],
                           reference_of(reference) if reference else None, load_evalset(context.store, upstream["evalset"]), output, context.progress)
 
-    def view(self, target: Target, summary: dict[str, Any]) -> dict[str, Any]:
-        return {**summary, "variant": target.variant}
+    def view(self, target: Target, summary: ReevaluateSummary) -> ReevaluateSummary:
+        return replace(summary, variant=target.variant)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"steps_evaluated": summary["steps_evaluated"], "tokens_evaluated": summary["tokens_evaluated"], "retried_units": summary["retried_units"]}
+    def counts(self, summary: ReevaluateSummary) -> dict[str, Any]:
+        return {"steps_evaluated": summary.steps_evaluated, "tokens_evaluated": summary.tokens_evaluated, "retried_units": summary.retried_units}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    def rows(self, summary: ReevaluateSummary) -> list[tuple[str, str]]:
         return reevaluation_rows(summary)
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: ReevaluateSummary) -> dict[str, float]:
         """The stage's MLflow metrics (None values, e.g. no hq held-out text, are left out)."""
-        keys = ("trec_pearson", "trec_pearson_raw", "trec_pearson_m0", "trec_pearson_fit", "m_fit", "trec_valley_measured",
-                "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general", "steps_evaluated", "retried_units")
-        metrics = {key: summary[key] for key in keys if summary.get(key) is not None}
-        metrics["content_confounded"] = float(summary["content_confounded"])
-        if summary.get("tokens_per_second"):
-            metrics["reevaluate_tokens_per_second"] = summary["tokens_per_second"]
-        for source, loss in summary["val_loss_by_source"].items():
+        values = {
+            "trec_pearson": summary.trec_pearson, "trec_pearson_raw": summary.trec_pearson_raw, "trec_pearson_m0": summary.trec_pearson_m0,
+            "trec_pearson_fit": summary.trec_pearson_fit, "m_fit": summary.m_fit, "trec_valley_measured": summary.trec_valley_measured,
+            "trec_valley_predicted": summary.trec_valley_predicted, "trec_valley_error": summary.trec_valley_error,
+            "val_loss_hq": summary.val_loss_hq, "val_loss_general": summary.val_loss_general, "steps_evaluated": summary.steps_evaluated,
+            "retried_units": summary.retried_units,
+        }
+        metrics = {key: value for key, value in values.items() if value is not None}
+        metrics["content_confounded"] = float(summary.content_confounded)
+        if summary.tokens_per_second:
+            metrics["reevaluate_tokens_per_second"] = summary.tokens_per_second
+        for source, loss in summary.val_loss_by_source.items():
             metrics[f"val_loss_{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"] = loss
         return metrics
 
-    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
-        return {"trecflow.content_confounded": str(summary["content_confounded"]).lower()}
+    def tags(self, summary: ReevaluateSummary) -> dict[str, str]:
+        return {"trecflow.content_confounded": str(summary.content_confounded).lower()}
 
-    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+    def artifacts(self, summary: ReevaluateSummary) -> list[str]:
         return [PLOT_FILE, SUMMARY_FILE]
 
 
@@ -202,7 +291,7 @@ REEVALUATE = ReevaluateStage()
 
 
 def run_reevaluate(recipe: Recipe, store: Store, *, index_fp: str, expected_inputs: dict[str, str], train_fp: str, predict_fp: str,
-                   base: BaseModel, variant: str, force: bool = False, progress: Callable[[str], None] = print) -> StageResult:
+                   base: BaseModel, variant: str, force: bool = False, progress: Callable[[str], None] = print) -> StageResult[ReevaluateSummary]:
     """Measure (or reuse) the TREC of the committed run ``train_fp`` on the index ``index_fp`` alone
     (building the reference and the held-out set first if needed)."""
     from tasks.evalset import EVALSET
@@ -218,7 +307,7 @@ def run_reevaluate(recipe: Recipe, store: Store, *, index_fp: str, expected_inpu
 
 
 def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, trained_result: StageResult, predicted: StageResult,
-               reference: Reference | None, evalset: EvalSet, output: StageOutput, progress: Callable[[str], None]) -> dict[str, Any]:
+               reference: Reference | None, evalset: EvalSet, output: StageOutput, progress: Callable[[str], None]) -> ReevaluateSummary:
     """Evaluate the sampled steps' batches with the trained model on Ray actors into ``output``."""
     section = recipe.reevaluation
     index_fp, expected_inputs, train_fp, predict_fp = placed.fingerprint, placed.inputs, trained_result.fingerprint, predicted.fingerprint
@@ -227,7 +316,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     trained_on = trained.manifest()["inputs"].get("place")
     if trained_on != index_fp:
         raise RecipeError(f"{trained.uri}: the model was trained on the index {trained_on!r}, not on {index_fp!r}")
-    model_uri = trained_result.summary["model_uri"]
+    model_uri = trained_result.summary.model_uri
     pack_fp = expected_inputs["pack"]
     fp = output.fingerprint
     seq_len = recipe.data.seq_len
@@ -281,34 +370,33 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         raise RuntimeError(f"{output.uri}: the parts hold {table.num_rows} steps, not the {steps.size} sampled ones")
     validation = held_out_losses(evalset, np.concatenate([held_out[key] for key in sorted(held_out)]))
     curve = read_curve(store, predict_fp)
-    prediction = json.loads(store.output("predict", predict_fp).read_bytes("summary.json"))
+    prediction: PredictSummary = predicted.summary
     composition = read_npy(index.output, COMPOSITION_FILE)
-    placement = json.loads(index.output.read_bytes("summary.json"))
     measured = Measured.compute(table, reference_step_loss, curve, prediction, section, index.steps)
 
     evaluated_tokens = int(table["tokens"].to_numpy().sum())
-    summary: dict[str, Any] = {
+    summary = ReevaluateSummary(
         **measured.summary(),
-        "content_confounded": not constant_mix(composition),
+        content_confounded=not constant_mix(composition),
         **{key: validation[key] for key in ("val_loss_hq", "val_loss_general", "val_loss_by_source", "val_sequences")},
-        "variant": variant,
-        "steps": index.steps,
-        "steps_evaluated": int(steps.size),
-        "sequences_per_step": int(ids.shape[1]),
-        "tokens_evaluated": evaluated_tokens,
-        "tokens_per_second": sum(unit.tokens for unit in units) / seconds if units and seconds > 0 else None,
-        "retried_units": retried + reference_counts.get("retried_units", 0),
-        "reference": {"kind": reference.kind, "fingerprint": reference.fingerprint, "uri": reference.uri, **reference_counts} if reference else None,
-        "sampling": {"every": section.every, "random_steps": section.random_steps, "sequences_per_step": section.sequences_per_step},
-        "model_uri": model_uri,
-        "hq_window": placement.get("window"),
-        "fingerprint": fp,
-    }
-    summary["calibration_entry"] = None
-    if not summary["content_confounded"]:
-        entry = CalibrationRun(fp, recipe.name, variant, recipe.schedule.kind, prediction["tpp"], prediction["tau"],
-                               summary["m_fit"], summary["trec_pearson_fit"], index.steps)
-        summary["calibration_entry"] = record_run(store, entry)
+        variant=variant,
+        steps=index.steps,
+        steps_evaluated=int(steps.size),
+        sequences_per_step=int(ids.shape[1]),
+        tokens_evaluated=evaluated_tokens,
+        tokens_per_second=sum(unit.tokens for unit in units) / seconds if units and seconds > 0 else None,
+        retried_units=retried + reference_counts.get("retried_units", 0),
+        reference=ReferenceUse(kind=reference.kind, fingerprint=reference.fingerprint, uri=reference.uri, **reference_counts) if reference else None,
+        sampling=Sampling(every=section.every, random_steps=section.random_steps, sequences_per_step=section.sequences_per_step),
+        model_uri=model_uri,
+        hq_window=placed.summary.window,
+        fingerprint=fp,
+        calibration_entry=None,
+    )
+    if not summary.content_confounded:
+        entry = CalibrationRun(fp, recipe.name, variant, recipe.schedule.kind, prediction.tpp, prediction.tau,
+                               summary.m_fit, summary.trec_pearson_fit, index.steps)
+        summary = replace(summary, calibration_entry=record_run(store, entry))
 
     buffer = io.BytesIO()
     pq.write_table(measured.table(table, curve), buffer)
@@ -317,10 +405,10 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     for path in store.fs.glob(f"{output.path}/steps/part-*.parquet"):
         output.record_file("steps/" + path.rsplit("/", 1)[1])
     progress(
-        f"reevaluate: r_p {summary['trec_pearson']:.3f} (raw {summary['trec_pearson_raw']:.3f}, m = 0 {summary['trec_pearson_m0']:.3f}, "
-        f"best m {summary['m_fit']:g}: {summary['trec_pearson_fit']:.3f}); valley {summary['trec_valley_measured']:.3f} vs predicted "
-        f"{summary['trec_valley_predicted']:.3f}; val_loss_hq {validation['val_loss_hq']}, val_loss_general {validation['val_loss_general']}"
-        + ("; content-confounded (tier mix changes over training): not used for calibration" if summary["content_confounded"] else "")
+        f"reevaluate: r_p {summary.trec_pearson:.3f} (raw {summary.trec_pearson_raw:.3f}, m = 0 {summary.trec_pearson_m0:.3f}, "
+        f"best m {summary.m_fit:g}: {summary.trec_pearson_fit:.3f}); valley {summary.trec_valley_measured:.3f} vs predicted "
+        f"{summary.trec_valley_predicted:.3f}; val_loss_hq {validation['val_loss_hq']}, val_loss_general {validation['val_loss_general']}"
+        + ("; content-confounded (tier mix changes over training): not used for calibration" if summary.content_confounded else "")
     )
     return summary
 
@@ -350,11 +438,12 @@ class Measured:
     study: dict[str, Any]
 
     @classmethod
-    def compute(cls, table: pa.Table, reference: np.ndarray | None, curve: pa.Table, prediction: dict, section: ReevaluationSection, total: int) -> Measured:
+    def compute(cls, table: pa.Table, reference: np.ndarray | None, curve: pa.Table, prediction: PredictSummary, section: ReevaluationSection,
+                total: int) -> Measured:
         steps = table["step"].to_numpy()
         raw = table["loss"].to_numpy()
         coefficients = curve["c"].to_numpy()
-        p, m = float(prediction["p"]), float(prediction["m"])
+        p, m = float(prediction.p), float(prediction.m)
         raw_smoothed = smooth(steps, raw, total, section.smoothing)
         corrected = corrected_smoothed = corrected_agreement = None
         if reference is not None:
@@ -378,6 +467,7 @@ class Measured:
         return self.corrected_agreement or self.raw_agreement
 
     def summary(self) -> dict[str, Any]:
+        """The agreement fields of `ReevaluateSummary`, in its order."""
         primary = self.primary
         out = {
             **primary.as_dict(),
@@ -402,15 +492,16 @@ class Measured:
             parts = parts.append_column(name, pa.array(values, pa.float64()))
         return parts
 
-    def plot(self, curve: pa.Table, summary: dict[str, Any], title: str) -> bytes:
+    def plot(self, curve: pa.Table, summary: ReevaluateSummary, title: str) -> bytes:
         total = curve.num_rows
         primary = self.primary
         return plot_measured(
             (self.steps + 1) / total, self.raw, self.raw_smoothed, self.corrected_smoothed,
             curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy(),
-            {"measured": primary.valley_measured, "predicted": primary.valley_predicted}, summary.get("hq_window"),
+            {"measured": primary.valley_measured, "predicted": primary.valley_predicted},
+            None if summary.hq_window is None else list(summary.hq_window),
             title + f"  (r_p {primary.r_p:.3f}, m {primary.m:g})",
         )
 
 
-__all__ = ["REEVALUATE", "reevaluate", "run_reevaluate"]
+__all__ = ["REEVALUATE", "ReevaluateSummary", "reevaluate", "run_reevaluate"]

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.fingerprint import fingerprint
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, SummaryError, Target
 from trecflow.store import StageOutput, Store
 from training.reevaluation import ActorPool, ModelSpec, Unit
 
@@ -39,6 +39,32 @@ class Reference:
     uri: str
 
 
+@dataclass(frozen=True)
+class ReferenceSummary(Summary):
+    """The reference model: ``kind`` (``base``: the CPT run's base model, not stored; ``trained``:
+    see `TrainedReferenceSummary`) and its checkpoint."""
+
+    kind: str
+    model_uri: str
+
+    @classmethod
+    def concrete(cls, data: Mapping[str, Any]) -> type[Summary]:
+        if cls is not ReferenceSummary:
+            return cls
+        kinds = {"base": ReferenceSummary, "trained": TrainedReferenceSummary}
+        if data.get("kind") not in kinds:
+            raise SummaryError(f"ReferenceSummary: kind {data.get('kind')!r} is none of {', '.join(kinds)}")
+        return kinds[data["kind"]]
+
+
+@dataclass(frozen=True)
+class TrainedReferenceSummary(ReferenceSummary):
+    """A reference trained on the reference split (``kind`` "trained"): its training run and final loss."""
+
+    train_fingerprint: str
+    final_loss: float
+
+
 def reference_recipe(recipe: Recipe) -> Recipe:
     """The CPT recipe with one ``uniform`` variant, for the run on the reference split."""
     data = recipe.model_dump(mode="json")
@@ -48,8 +74,8 @@ def reference_recipe(recipe: Recipe) -> Recipe:
 
 
 class ReferenceStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "base"), sections=("corpus", "tokenizer", "base"),
-    title="Reference model", task_name="train_reference"
+    Stage[ReferenceSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer", "base"), sections=("corpus", "tokenizer", "base"),
+    title="Reference model", task_name="train_reference", summary_type=ReferenceSummary
 ):
     """The reference model of the difficulty correction. ``base``: the base model itself (nothing to
     compute; forcing it is a no-op). ``trained``: the graph run on the reference recipe and the
@@ -69,35 +95,35 @@ class ReferenceStage(
         return fingerprint(STAGE, STAGE_VERSION, config, {name: result.fingerprint for name, result in upstream.items()})
 
     def resolve(self, target: Target, upstream: Mapping[str, StageResult], store: Store, fp: str) -> StageResult | None:
-        base = upstream["base"]
-        if base.summary.get("model_uri") is None:
+        model_uri = upstream["base"].summary.model_uri
+        if model_uri is None:
             raise RecipeError("reevaluation.reference: the base model has no checkpoint to evaluate with")
         if target.recipe.reevaluation.reference != "base":
             return None
-        return StageResult(STAGE, fp, base.summary["model_uri"], {"kind": "base", "model_uri": base.summary["model_uri"]}, True)
+        return StageResult(STAGE, fp, model_uri, ReferenceSummary(kind="base", model_uri=model_uri), True)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TrainedReferenceSummary:
         recipe = target.recipe
         if recipe.corpus.splits.get("reference", 0.0) <= 0:
             raise RecipeError("reevaluation.reference: trained needs a reference split with a positive share (corpus.splits.reference)")
         runner = context.runner.derived(forced=("train",) if context.force else ())
         derived = Target(reference_recipe(recipe), "uniform", split="reference")
         results = runner.run(derived, until="pack", given=dict(upstream))
-        if results["pack"].summary["sequences"] == 0:
+        if results["pack"].summary.sequences == 0:
             raise RecipeError("reevaluation.reference: the reference split packed into no sequences")
         trained = runner.run(derived, until="train", given=results)["train"]
-        return {"kind": "trained", "model_uri": trained.summary["model_uri"], "train_fingerprint": trained.fingerprint,
-                "final_loss": trained.summary["final_loss"]}
+        return TrainedReferenceSummary(kind="trained", model_uri=trained.summary.model_uri, train_fingerprint=trained.fingerprint,
+                                       final_loss=trained.summary.final_loss)
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [("reference", f"{summary['kind']}: {summary['model_uri']}")]
+    def rows(self, summary: ReferenceSummary) -> list[tuple[str, str]]:
+        return [("reference", f"{summary.kind}: {summary.model_uri}")]
 
 
 REFERENCE = ReferenceStage()
 
 
-def reference_of(result: StageResult) -> Reference:
-    return Reference(result.summary["kind"], result.fingerprint, result.summary["model_uri"])
+def reference_of(result: StageResult[ReferenceSummary]) -> Reference:
+    return Reference(result.summary.kind, result.fingerprint, result.summary.model_uri)
 
 
 def cache_folder(store: Store, reference: Reference, pack_fp: str) -> str:

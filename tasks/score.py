@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -30,12 +31,53 @@ from tasks.scoring.classifier import train_classifier
 from tasks.scoring.workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
-from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
+from tasks.ingest import Dropped
+from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 
 STAGE = "score"
 STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json); ingest is its own stage
 HISTOGRAM_FILE = "score_histogram.png"
+
+
+@dataclass(frozen=True)
+class Thresholds(Summary):
+    """The tier thresholds: hq is score >= hq, lq is score < lq."""
+
+    hq: float
+    lq: float
+
+
+@dataclass(frozen=True)
+class ScoredSource(Summary):
+    """One source's scored documents: count, mean score, documents per tier and per split, and what ingest dropped."""
+
+    documents: int
+    mean_score: float
+    tier_counts: Mapping[str, int]
+    splits: Mapping[str, int]
+    dropped_empty: int
+    dropped_duplicate: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSummary(Summary):
+    """The scored corpus: totals, the classifier's held-out accuracy (None without a classifier; its
+    document counts only with one), tier thresholds, tier shares and counts, per-source statistics,
+    score histograms (per source, 0..1 in equal bins) and the scored shard files."""
+
+    documents: int
+    dropped: Dropped
+    classifier_training: int
+    classifier_accuracy: float | None
+    classifier_train_documents: int | None = omitted_when_none()
+    classifier_holdout_documents: int | None = omitted_when_none()
+    thresholds: Thresholds
+    tiers: Mapping[str, Mapping[str, float]]  # source -> tier -> share of its documents
+    tier_totals: Mapping[str, int]
+    sources: Mapping[str, ScoredSource]
+    histograms: Mapping[str, tuple[int, ...]]
+    shards: tuple[str, ...]
 
 
 def require_sections(recipe: Recipe) -> ScoringSection:
@@ -52,7 +94,7 @@ def score_fingerprint(recipe: Recipe, ingest_fp: str) -> str:
 def ingest_tables(store: Store, ingest: StageResult, columns: list[str]) -> Iterator[pa.Table]:
     """The ingest shards in order, one table (of ``columns``) at a time."""
     output = store.output("ingest", ingest.fingerprint)
-    for name in ingest.summary["shards"]:
+    for name in ingest.summary.shards:
         with store.fs.open(output.file_path(name), "rb") as handle:
             yield pq.read_table(handle, columns=columns)
 
@@ -94,7 +136,7 @@ def quantile_thresholds(scores: np.ndarray, hq_share: float, lq_share: float) ->
     return float(np.quantile(scores, 1.0 - hq_share)), float(np.quantile(scores, lq_share))
 
 
-def histogram_png(stats: dict[str, Any]) -> bytes:
+def histogram_png(stats: ScoreSummary) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,10 +145,10 @@ def histogram_png(stats: dict[str, Any]) -> bytes:
     edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for source, histogram in sorted(stats["histograms"].items()):
+    for source, histogram in sorted(stats.histograms.items()):
         counts = np.asarray(histogram, dtype=np.float64)
         axis.plot(centers, counts / max(counts.sum(), 1), label=source, linewidth=1.3)
-    hq_min, lq_max = stats["thresholds"]["hq"], stats["thresholds"]["lq"]
+    hq_min, lq_max = stats.thresholds.hq, stats.thresholds.lq
     axis.axvline(hq_min, color="green", linestyle="--", linewidth=0.9, label=f"hq >= {hq_min:.3f}")
     axis.axvline(lq_max, color="red", linestyle="--", linewidth=0.9, label=f"lq < {lq_max:.3f}")
     axis.set_xlabel("combined quality score")
@@ -122,57 +164,57 @@ def histogram_png(stats: dict[str, Any]) -> bytes:
 
 
 class ScoreStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("corpus",), title="Quality scores",
-    task_name="score_corpus", figure=HISTOGRAM_FILE
+    Stage[ScoreSummary], name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("corpus",), title="Quality scores",
+    task_name="score_corpus", figure=HISTOGRAM_FILE, summary_type=ScoreSummary
 ):
     """Stage 1b: train the quality classifier, score and tier every ingested document."""
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return score_fingerprint(target.recipe, upstream["ingest"].fingerprint)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> ScoreSummary:
         return _score(target.recipe, require_sections(target.recipe), context.store, upstream["ingest"], output, context.progress)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"documents": summary["documents"], "dropped": summary["dropped"], "classifier_training": summary["classifier_training"]}
+    def counts(self, summary: ScoreSummary) -> dict[str, Any]:
+        return {"documents": summary.documents, "dropped": summary.dropped.as_json(), "classifier_training": summary.classifier_training}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        rows = [(source, f"{entry['documents']:,} documents; hq {summary['tiers'][source]['hq']:.3f}, mid {summary['tiers'][source]['mid']:.3f}, "
-                         f"lq {summary['tiers'][source]['lq']:.3f}; mean score {entry['mean_score']:.3f}")
-                for source, entry in summary["sources"].items()]
+    def rows(self, summary: ScoreSummary) -> list[tuple[str, str]]:
+        rows = [(source, f"{entry.documents:,} documents; hq {summary.tiers[source]['hq']:.3f}, mid {summary.tiers[source]['mid']:.3f}, "
+                         f"lq {summary.tiers[source]['lq']:.3f}; mean score {entry.mean_score:.3f}")
+                for source, entry in summary.sources.items()]
         rows += [
-            ("documents scored", f"{summary['documents']:,} (tiers {summary['tier_totals']})"),
-            ("dropped", str(summary["dropped"])),
-            ("classifier training", f"{summary['classifier_training']:,} documents reserved"),
+            ("documents scored", f"{summary.documents:,} (tiers {dict(summary.tier_totals)})"),
+            ("dropped", str(summary.dropped.as_json())),
+            ("classifier training", f"{summary.classifier_training:,} documents reserved"),
         ]
-        if summary.get("classifier_accuracy") is not None:
-            rows.append(("classifier accuracy", f"{summary['classifier_accuracy']:.4f} on {summary['classifier_holdout_documents']:,} held-out documents"))
-        rows.append(("tier thresholds", f"hq >= {summary['thresholds']['hq']:.4f}, lq < {summary['thresholds']['lq']:.4f}"))
+        if summary.classifier_accuracy is not None:
+            rows.append(("classifier accuracy", f"{summary.classifier_accuracy:.4f} on {summary.classifier_holdout_documents:,} held-out documents"))
+        rows.append(("tier thresholds", f"hq >= {summary.thresholds.hq:.4f}, lq < {summary.thresholds.lq:.4f}"))
         return rows
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: ScoreSummary) -> dict[str, float]:
         metrics = {
-            "documents": summary["documents"],
-            "dropped_empty": summary["dropped"]["empty"],
-            "dropped_duplicate": summary["dropped"]["duplicate"],
-            "classifier_training_documents": summary["classifier_training"],
+            "documents": summary.documents,
+            "dropped_empty": summary.dropped.empty,
+            "dropped_duplicate": summary.dropped.duplicate,
+            "classifier_training_documents": summary.classifier_training,
         }
-        if summary.get("classifier_accuracy") is not None:
-            metrics["classifier_accuracy"] = summary["classifier_accuracy"]
-        for source, fractions in summary["tiers"].items():
+        if summary.classifier_accuracy is not None:
+            metrics["classifier_accuracy"] = summary.classifier_accuracy
+        for source, fractions in summary.tiers.items():
             for tier, fraction in fractions.items():
                 metrics[f"tier_fraction.{source}.{tier}"] = fraction
         return metrics
 
-    def artifacts(self, summary: Mapping[str, Any]) -> list[str]:
+    def artifacts(self, summary: ScoreSummary) -> list[str]:
         files = [SUMMARY_FILE, HISTOGRAM_FILE]
-        return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.get("classifier_accuracy") is not None else [])
+        return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.classifier_accuracy is not None else [])
 
 
 SCORE = ScoreStage()
 
 
-def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult:
+def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult[ScoreSummary]:
     """Ingest and score the recipe's corpus alone (the runner: reuse, or compute under a lease)."""
     from tasks.ingest import INGEST
     from trecflow.runner import run_stage
@@ -182,7 +224,7 @@ def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print)
     return run_stage(SCORE, target, store, {"ingest": ingested}, force=force, progress=progress)
 
 
-def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> dict[str, Any]:
+def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> ScoreSummary:
     import ray
 
     from trecflow.ray_runtime import ensure_ray
@@ -209,8 +251,8 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageR
 
     ensure_ray()
     ingest_output = store.output("ingest", ingest.fingerprint)
-    shards = [ingest_output.file_path(name) for name in ingest.summary["shards"]]
-    progress(f"score: scoring {ingest.summary['documents']:,} documents in {len(shards)} shards with {scoring.workers} actors")
+    shards = [ingest_output.file_path(name) for name in ingest.summary.shards]
+    progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {scoring.workers} actors")
     partial = (
         ray.data.from_items([{"path": path} for path in shards], override_num_blocks=len(shards))
         .map_batches(
@@ -232,14 +274,14 @@ def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageR
     files = sorted({row["file"] for row in partial})
     for name in files:
         output.record_file(name)
-    stats = _combine(partial, ingest, thresholds, classifier_metrics)
-    stats["shards"] = files
+    stats = ScoreSummary.from_json(_combine(partial, ingest, thresholds, classifier_metrics) | {"shards": files})
     output.write_bytes(HISTOGRAM_FILE, histogram_png(stats))
-    progress(f"score: {stats['documents']:,} documents scored; tiers {stats['tier_totals']}")
+    progress(f"score: {stats.documents:,} documents scored; tiers {dict(stats.tier_totals)}")
     return stats
 
 
 def _combine(partial: list[dict], ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
+    """The summary as JSON (without the shard files)."""
     per_source: dict[str, dict[str, Any]] = {}
     histograms: dict[str, np.ndarray] = {}
     for row in partial:
@@ -253,12 +295,11 @@ def _combine(partial: list[dict], ingest: StageResult, thresholds: tuple[float, 
         source: {tier: entry["tiers"][tier] / entry["documents"] for tier in TIERS} for source, entry in sorted(per_source.items())
     }
     documents = sum(entry["documents"] for entry in per_source.values())
-    classifier_training = sum(
-        entry.get("splits", {}).get("classifier", 0) for entry in ingest.summary["sources"].values()
-    )
+    ingested = ingest.summary.sources
+    classifier_training = sum(entry.splits.get("classifier", 0) for entry in ingested.values())
     return {
         "documents": documents,
-        "dropped": dict(ingest.summary["dropped"]),
+        "dropped": ingest.summary.dropped.as_json(),
         "classifier_training": classifier_training,
         "classifier_accuracy": classifier_metrics.get("classifier_accuracy"),
         **{key: value for key, value in classifier_metrics.items() if key != "classifier_accuracy"},
@@ -271,8 +312,8 @@ def _combine(partial: list[dict], ingest: StageResult, thresholds: tuple[float, 
                 "mean_score": entry["score_sum"] / entry["documents"],
                 "tier_counts": entry["tiers"],
                 "splits": entry["splits"],
-                "dropped_empty": ingest.summary["sources"][source]["dropped_empty"],
-                "dropped_duplicate": ingest.summary["sources"][source]["dropped_duplicate"],
+                "dropped_empty": ingested[source].dropped_empty,
+                "dropped_duplicate": ingested[source].dropped_duplicate,
             }
             for source, entry in sorted(per_source.items())
         },

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError, TokenizerSection
 from trecflow.settings import expand_path
-from trecflow.stage import Stage, StageContext, StageResult, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 
 STAGE = "tokenizer"
@@ -33,6 +34,21 @@ STAGE_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 INFO_FILE = "tokenizer_info.json"
+
+
+@dataclass(frozen=True)
+class TokenizerSummary(Summary):
+    """The tokenizer built: its vocabulary, end-of-text token and how it was made (``train_bpe``:
+    the documents it was trained on and the ingest output; ``from_base``: the folder it came from);
+    the same object as ``tokenizer_info.json``."""
+
+    vocab_size: int
+    eos_token: str
+    eos_id: int
+    method: str
+    documents: int | None = omitted_when_none()
+    ingest: str | None = omitted_when_none()
+    from_base: str | None = omitted_when_none()
 
 
 def require_tokenizer(recipe: Recipe) -> TokenizerSection:
@@ -119,8 +135,8 @@ def hf_files(tokenizer, eos_token: str) -> dict[str, bytes]:
 
 
 class TokenizerStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("tokenizer",), title="Tokenizer",
-    task_name="build_tokenizer"
+    Stage[TokenizerSummary], name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("tokenizer",), title="Tokenizer",
+    task_name="build_tokenizer", summary_type=TokenizerSummary
 ):
     """Stage 3a: the tokenizer, trained on the base split (``train_bpe``) or copied from a base."""
 
@@ -135,23 +151,23 @@ class TokenizerStage(
     def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
         return {"ingest": upstream["ingest"].fingerprint} if target.recipe.tokenizer.train_bpe is not None else {}
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TokenizerSummary:
         return build(target.recipe, context.store, upstream.get("ingest"), output, context.progress)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"vocab_size": summary["vocab_size"], "eos_id": summary["eos_id"]}
+    def counts(self, summary: TokenizerSummary) -> dict[str, Any]:
+        return {"vocab_size": summary.vocab_size, "eos_id": summary.eos_id}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [("vocabulary", f"{summary['vocab_size']:,} tokens ({summary['method']}); end of text {summary['eos_token']!r} = {summary['eos_id']}")]
+    def rows(self, summary: TokenizerSummary) -> list[tuple[str, str]]:
+        return [("vocabulary", f"{summary.vocab_size:,} tokens ({summary.method}); end of text {summary.eos_token!r} = {summary.eos_id}")]
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
-        return {"tokenizer_vocab_size": summary["vocab_size"]}
+    def metrics(self, summary: TokenizerSummary) -> dict[str, float]:
+        return {"tokenizer_vocab_size": summary.vocab_size}
 
 
 TOKENIZER = TokenizerStage()
 
 
-def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult:
+def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=print) -> StageResult[TokenizerSummary]:
     """Build (or reuse) the recipe's tokenizer alone (ingesting the corpus first for a BPE)."""
     from tasks.ingest import INGEST
     from trecflow.runner import run_stage
@@ -165,7 +181,7 @@ def run_tokenizer(recipe: Recipe, store: Store, force: bool = False, progress=pr
     return run_stage(TOKENIZER, Target(recipe), store, upstream, force=force, progress=progress)
 
 
-def build(recipe: Recipe, store: Store, ingest: StageResult | None, output: StageOutput, progress) -> dict[str, Any]:
+def build(recipe: Recipe, store: Store, ingest: StageResult | None, output: StageOutput, progress) -> TokenizerSummary:
     """Train or copy the tokenizer into ``output``; returns its info."""
     from tokenizers import Tokenizer
 
@@ -192,7 +208,7 @@ def build(recipe: Recipe, store: Store, ingest: StageResult | None, output: Stag
     for name, data in hf_files(tokenizer, section.eos_token).items():
         output.write_bytes(name, data)
     output.write_bytes(INFO_FILE, json.dumps(info, indent=2).encode())
-    return info
+    return TokenizerSummary.from_json(info)
 
 
 def load_tokenizer(store: Store, fp: str):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError
 from trecflow.settings import tracking_uri
-from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Target
+from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
 from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
@@ -45,6 +45,37 @@ class BaseModel:
     config: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class AuditSummary(Summary):
+    """What the audit log shows (`training.audit.AuditReport.summary`): records over attempts,
+    re-executed steps, the first missing or wrong steps and whether every planned batch ran once."""
+
+    steps: int
+    records: int
+    attempts: tuple[int, ...]
+    reexecuted_steps: int
+    missing_steps: tuple[int, ...]
+    wrong_batches: tuple[int, ...]
+    out_of_order: bool
+    exactly_once: bool
+
+
+@dataclass(frozen=True)
+class TrainSummary(Summary):
+    """A trained run: final loss, throughput, where it resumed (None: it did not), the model and
+    the checkpoints kept (store URIs), the audit, the workers and the output's fingerprint."""
+
+    steps: int
+    final_loss: float
+    tokens_per_second: float | None
+    resumed_from_step: int | None
+    model_uri: str
+    audit: AuditSummary
+    checkpoints: tuple[str, ...]
+    workers: int
+    fingerprint: str
+
+
 def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
     config = recipe.section("optimizer", "schedule", "training")
     for key in NOT_FINGERPRINTED:
@@ -64,12 +95,15 @@ def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | 
 
 def base_model(result: StageResult) -> BaseModel:
     """The model a ``base`` result names: its checkpoint folder, or a from-scratch config."""
-    return BaseModel(result.fingerprint, uri=result.summary.get("model_uri"), config=result.summary.get("config"))
+    return BaseModel(result.fingerprint, uri=result.summary.model_uri, config=result.summary.config)
 
 
 def base_result(base: BaseModel) -> StageResult:
     """``base`` as the ``base`` stage's result (what a stage run alone is given)."""
-    return StageResult("base", base.fingerprint, base.uri, {"model_uri": base.uri, "config": base.config}, True)
+    from tasks.base_model import ConfigBaseSummary, PathBaseSummary
+
+    summary = PathBaseSummary(kind="path", model_uri=base.uri) if base.uri is not None else ConfigBaseSummary(kind="config", config=base.config)
+    return StageResult("base", base.fingerprint, base.uri, summary, True)
 
 
 def stored_index(store: Store, index_fp: str, expected_inputs: dict[str, str]) -> StageResult:
@@ -81,8 +115,9 @@ def stored_index(store: Store, index_fp: str, expected_inputs: dict[str, str]) -
 
 
 class TrainStage(
-    Stage, name=STAGE, version=STAGE_VERSION, inputs=("tokenizer", "place", "base"), scope=VARIANT_SCOPE,
-    sections=("corpus", "tokenizer", "base"), title="Training", task_name="train_cpt", purpose="training", resumable=True
+    Stage[TrainSummary], name=STAGE, version=STAGE_VERSION, inputs=("tokenizer", "place", "base"), scope=VARIANT_SCOPE,
+    sections=("corpus", "tokenizer", "base"), title="Training", task_name="train_cpt", purpose="training", resumable=True,
+    summary_type=TrainSummary
 ):
     """Stage 4: the DeepSpeed job on Ray Train for one variant's index, from the base model.
     Resumable: an incomplete output (the audit log of earlier attempts) is continued from the
@@ -98,46 +133,46 @@ class TrainStage(
         if store.fs.exists(checkpoint_root(store, fingerprint)):
             store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
 
-    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> dict[str, Any]:
+    def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TrainSummary:
         return train(target.recipe, context.store, upstream["place"], base_model(upstream["base"]), output, context.progress, context.tracking_run_id)
 
-    def counts(self, summary: Mapping[str, Any]) -> dict[str, Any]:
-        return {"steps": summary["steps"], "records": summary["audit"]["records"], "reexecuted_steps": summary["audit"]["reexecuted_steps"]}
+    def counts(self, summary: TrainSummary) -> dict[str, Any]:
+        return {"steps": summary.steps, "records": summary.audit.records, "reexecuted_steps": summary.audit.reexecuted_steps}
 
-    def rows(self, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-        audit = summary["audit"]
+    def rows(self, summary: TrainSummary) -> list[tuple[str, str]]:
+        audit = summary.audit
         return [
-            ("steps", f"{summary['steps']:,} on {summary['workers']} workers"),
-            ("final loss", f"{summary['final_loss']:.4f}"),
-            ("tokens/s", f"{summary['tokens_per_second'] or 0:,.0f}"),
-            ("resumed from step", "-" if summary["resumed_from_step"] is None else f"{summary['resumed_from_step']:,}"),
-            ("audit", f"{audit['records']:,} records over {len(audit['attempts'])} attempt(s); {audit['reexecuted_steps']:,} re-executed steps; "
-                      f"every planned batch exactly once: {audit['exactly_once']}"),
-            ("model", summary["model_uri"]),
-            ("checkpoints", ", ".join(summary["checkpoints"]) or "-"),
+            ("steps", f"{summary.steps:,} on {summary.workers} workers"),
+            ("final loss", f"{summary.final_loss:.4f}"),
+            ("tokens/s", f"{summary.tokens_per_second or 0:,.0f}"),
+            ("resumed from step", "-" if summary.resumed_from_step is None else f"{summary.resumed_from_step:,}"),
+            ("audit", f"{audit.records:,} records over {len(audit.attempts)} attempt(s); {audit.reexecuted_steps:,} re-executed steps; "
+                      f"every planned batch exactly once: {audit.exactly_once}"),
+            ("model", summary.model_uri),
+            ("checkpoints", ", ".join(summary.checkpoints) or "-"),
         ]
 
-    def metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: TrainSummary) -> dict[str, float]:
         """The end-of-run metrics (per-step ones come from the job)."""
         metrics = {
-            "final_loss": summary["final_loss"],
-            "train_tokens_per_second": summary["tokens_per_second"] or 0.0,
-            "reexecuted_steps": summary["audit"]["reexecuted_steps"],
-            "attempts": len(summary["audit"]["attempts"]),
+            "final_loss": summary.final_loss,
+            "train_tokens_per_second": summary.tokens_per_second or 0.0,
+            "reexecuted_steps": summary.audit.reexecuted_steps,
+            "attempts": len(summary.audit.attempts),
         }
-        if summary["resumed_from_step"] is not None:
-            metrics["resumed_from_step"] = summary["resumed_from_step"]
+        if summary.resumed_from_step is not None:
+            metrics["resumed_from_step"] = summary.resumed_from_step
         return metrics
 
-    def tags(self, summary: Mapping[str, Any]) -> dict[str, str]:
-        return {"trecflow.model_uri": summary["model_uri"], "trecflow.checkpoints": " ".join(summary["checkpoints"])[:5000]}
+    def tags(self, summary: TrainSummary) -> dict[str, str]:
+        return {"trecflow.model_uri": summary.model_uri, "trecflow.checkpoints": " ".join(summary.checkpoints)[:5000]}
 
 
 TRAIN = TrainStage()
 
 
 def run_train(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict[str, str], base: BaseModel, force: bool = False,
-              progress: Callable[[str], None] = print) -> StageResult:
+              progress: Callable[[str], None] = print) -> StageResult[TrainSummary]:
     """Train (or resume, or reuse) the run of ``recipe`` on the committed index ``index_fp`` from
     ``base`` alone; the index must carry ``expected_inputs``."""
     from trecflow.runner import run_stage
@@ -147,7 +182,7 @@ def run_train(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict
 
 
 def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, output: StageOutput, progress: Callable[[str], None],
-          mlflow_run_id: str | None = None) -> dict[str, Any]:
+          mlflow_run_id: str | None = None) -> TrainSummary:
     """Run the job on the index ``placed`` from ``base`` into ``output``, then check its audit log."""
     index_fp, expected_inputs = placed.fingerprint, placed.inputs
     index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
@@ -187,23 +222,23 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
     first_of_last = last_attempt[0]["step"] if last_attempt else index.steps
     seconds = sum(record["seconds"] for record in final)
     checkpoints = sorted(path for path in store.fs.glob(f"{checkpoint_root(store, fp)}/*/checkpoint_*") if not path.endswith(".json"))
-    summary = {
-        "steps": index.steps,
-        "final_loss": final[-1]["loss"],
-        "tokens_per_second": sum(record["tokens"] for record in final) / seconds if seconds else None,
-        "resumed_from_step": first_of_last if first_of_last > 0 else None,
-        "model_uri": output.file_uri(MODEL_DIR),
-        "audit": report.summary(),
-        "checkpoints": [store.uri(path[len(store.root.rstrip("/")) + 1 :]) for path in checkpoints],
-        "workers": training.workers,
-        "fingerprint": fp,
-    }
+    summary = TrainSummary(
+        steps=index.steps,
+        final_loss=final[-1]["loss"],
+        tokens_per_second=sum(record["tokens"] for record in final) / seconds if seconds else None,
+        resumed_from_step=first_of_last if first_of_last > 0 else None,
+        model_uri=output.file_uri(MODEL_DIR),
+        audit=report.summary(),
+        checkpoints=[store.uri(path[len(store.root.rstrip("/")) + 1 :]) for path in checkpoints],
+        workers=training.workers,
+        fingerprint=fp,
+    )
     for path in store.fs.find(output.path):
         name = path[len(output.path.rstrip("/")) + 1 :]
         if name.startswith((f"{MODEL_DIR}/", "audit/")):
             output.record_file(name)
     progress(
-        f"train: final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s, "
+        f"train: final loss {summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, "
         f"{report.reexecuted_steps} re-executed steps over {len(report.attempts)} attempt(s)"
     )
     return summary
@@ -244,4 +279,4 @@ class ProgressReporter:
                 )
 
 
-__all__ = ["BaseModel", "JobError", "TRAIN", "base_model", "run_train", "train_fingerprint"]
+__all__ = ["AuditSummary", "BaseModel", "JobError", "TRAIN", "TrainSummary", "base_model", "run_train", "train_fingerprint"]

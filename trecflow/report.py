@@ -11,32 +11,33 @@ def number(value: float | None, missing: str = "n/a") -> str:
     return missing if value is None else f"{value:.4f}"
 
 
-def window_text(window: list[float] | None) -> str:
+def window_text(window: tuple[float, float] | list[float] | None) -> str:
     """An HQ window as ``[start, end]`` (fractions of training), or what spreading the data means."""
     return "spread (none)" if window is None else f"[{window[0]:.3f}, {window[1]:.3f}]"
 
 
-def reevaluation_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """Stage 5's summary as (quantity, value) rows: agreement, valley, held-out losses, sampling."""
-    reference = summary["reference"]
+def reevaluation_rows(summary: Any) -> list[tuple[str, str]]:
+    """Stage 5's summary (`tasks.reevaluate.ReevaluateSummary`) as (quantity, value) rows:
+    agreement, valley, held-out losses, sampling."""
+    reference = summary.reference
     rows = [
-        ("steps evaluated", f"{summary['steps_evaluated']:,} of {summary['steps']:,} ({summary['sequences_per_step']} sequences each)"),
-        ("reference", "none" if reference is None else f"{reference['kind']} ({reference['from_cache']:,} of {reference['sequences']:,} losses cached)"),
-        ("r_p", f"{number(summary['trec_pearson'])} ({summary['curve']} curve, m = {summary['m']:g})"),
-        ("r_p raw", number(summary["trec_pearson_raw"])),
-        ("r_p with m = 0", number(summary["trec_pearson_m0"])),
-        ("r_p with the best m", f"{number(summary['trec_pearson_fit'])} (m_fit = {summary['m_fit']:g})"),
-        ("valley", f"measured {number(summary['trec_valley_measured'])}, predicted {number(summary['trec_valley_predicted'])}, "
-                   f"error {number(summary['trec_valley_error'])}"),
-        ("val_loss_hq", number(summary["val_loss_hq"])),
-        ("val_loss_general", number(summary["val_loss_general"])),
+        ("steps evaluated", f"{summary.steps_evaluated:,} of {summary.steps:,} ({summary.sequences_per_step} sequences each)"),
+        ("reference", "none" if reference is None else f"{reference.kind} ({reference.from_cache:,} of {reference.sequences:,} losses cached)"),
+        ("r_p", f"{number(summary.trec_pearson)} ({summary.curve} curve, m = {summary.m:g})"),
+        ("r_p raw", number(summary.trec_pearson_raw)),
+        ("r_p with m = 0", number(summary.trec_pearson_m0)),
+        ("r_p with the best m", f"{number(summary.trec_pearson_fit)} (m_fit = {summary.m_fit:g})"),
+        ("valley", f"measured {number(summary.trec_valley_measured)}, predicted {number(summary.trec_valley_predicted)}, "
+                   f"error {number(summary.trec_valley_error)}"),
+        ("val_loss_hq", number(summary.val_loss_hq)),
+        ("val_loss_general", number(summary.val_loss_general)),
     ]
-    rows += [(f"  val_loss {source}", number(loss)) for source, loss in summary["val_loss_by_source"].items()]
-    for name, entry in (summary.get("sampling_study") or {}).items():
+    rows += [(f"  val_loss {source}", number(loss)) for source, loss in summary.val_loss_by_source.items()]
+    for name, entry in (summary.sampling_study or {}).items():
         rows.append((f"r_p {name.replace('_', ' ')}", ", ".join(f"{kind} {number(value)}" for kind, value in entry.items())))
-    rows.append(("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary["content_confounded"] else "no"))
-    if summary["retried_units"]:
-        rows.append(("retried units", f"{summary['retried_units']:,} (an actor died; their steps were evaluated again)"))
+    rows.append(("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary.content_confounded else "no"))
+    if summary.retried_units:
+        rows.append(("retried units", f"{summary.retried_units:,} (an actor died; their steps were evaluated again)"))
     return rows
 
 

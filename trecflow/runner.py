@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from trecflow.lease import Lease, Owner
 from trecflow.recipe import RecipeError
-from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Target
+from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, SummaryError, Target, read_summary, summary_json
 from trecflow.store import Store
 
 STARTED, PROGRESS, WAITING, REUSED, FINISHED, FAILED, SKIPPED, NOTE = (
@@ -199,7 +199,9 @@ class Runner:
                                  annotations=started.annotations, message=f"{stage.name}: failed: {type(error).__name__}: {error}"))
             raise
         # an executor's cache returns the result of the run that computed it: report this run's view
-        result = replace(result, reused=result.reused or (existed and not force), summary=stage.view(target, result.summary))
+        # (a result cached by an older version holds its summary as a JSON dict: typed here)
+        summary = stage.view(target, read_summary(stage.summary_type, result.summary))
+        result = replace(result, reused=result.reused or (existed and not force), summary=summary)
         seconds = time.perf_counter() - began
         self.seconds[stage.name] = round(seconds, 2)
         self.emit(StageEvent(REUSED if result.reused else FINISHED, stage, target, fingerprint, result=result, seconds=seconds,
@@ -210,7 +212,7 @@ class Runner:
         return lambda message: self.emit(StageEvent(PROGRESS, stage, target, fingerprint, message=message))
 
     def load(self, stage: Stage, fingerprint: str) -> StageResult:
-        return stored(self.store, stage.name, fingerprint)
+        return stored(self.store, stage, fingerprint)
 
     def compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
                 annotations: Mapping[str, Any] | None = None) -> StageResult:
@@ -245,7 +247,9 @@ class Runner:
                 stage.clear(target, fingerprint, self.store)
             context = StageContext(self.store, progress, force, (annotations or {}).get("mlflow_run_id"), self)
             summary = stage.run(target, upstream, output, context)
-            output.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+            if stage.summary_type is not None and not isinstance(summary, stage.summary_type):
+                raise TypeError(f"{stage.name}: run returned {type(summary).__name__}, not its summary type {stage.summary_type.__name__}")
+            output.write_bytes(SUMMARY_FILE, json.dumps(summary_json(summary), indent=2).encode())
             inputs = stage.manifest_inputs(target, upstream, fingerprint)
             output.commit(inputs=inputs, counts=stage.counts(summary))
         return StageResult(stage.name, fingerprint, output.uri, summary, False, inputs)
@@ -260,8 +264,9 @@ def run_stage(stage: Stage, target: Target, store: Store, upstream: Mapping[str,
         if progress is not None and event.kind in (PROGRESS, WAITING, NOTE) and event.message:
             progress(event.message)
 
-    loaded = {name: stored(store, name, value) if isinstance(value, str) else value for name, value in (upstream or {}).items()}
-    runner = Runner(graph or default_graph(), store, forced={stage.name} if force else (), reporters=[report])
+    graph = graph or default_graph()
+    loaded = {name: stored(store, graph[name], value) if isinstance(value, str) else value for name, value in (upstream or {}).items()}
+    runner = Runner(graph, store, forced={stage.name} if force else (), reporters=[report])
     return runner.materialize(stage, target, loaded)
 
 
@@ -272,8 +277,16 @@ def default_graph() -> Graph:
     return GRAPH
 
 
-def stored(store: Store, stage: str, fingerprint: str) -> StageResult:
-    """The committed output of ``stage`` with ``fingerprint`` as a reused result (StoreError if incomplete)."""
-    output = store.output(stage, fingerprint)
+def stored(store: Store, stage: Stage | str, fingerprint: str) -> StageResult:
+    """The committed output of ``stage`` (a stage, or the name of one of the pipeline's) with
+    ``fingerprint`` as a reused result, its summary read back into the stage's summary type
+    (StoreError if incomplete; SummaryError if the stored summary lacks a field)."""
+    if isinstance(stage, str):
+        stage = default_graph()[stage]
+    output = store.output(stage.name, fingerprint)
     manifest = output.manifest()
-    return StageResult(stage, fingerprint, output.uri, json.loads(output.read_bytes(SUMMARY_FILE)), True, manifest["inputs"])
+    try:
+        summary = read_summary(stage.summary_type, json.loads(output.read_bytes(SUMMARY_FILE)))
+    except SummaryError as error:
+        raise SummaryError(f"{output.file_uri(SUMMARY_FILE)}: {error}") from None
+    return StageResult(stage.name, fingerprint, output.uri, summary, True, manifest["inputs"])

@@ -80,7 +80,7 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
     assert {k: v["sha256"] for k, v in remote_index.items() if k.startswith("index/")} == {
         k: v["sha256"] for k, v in local_index.items() if k.startswith("index/")}
     # training from the base and the index in S3 ends exactly where the local run ended
-    assert uniform["train"]["final_loss"] == pytest.approx(trained_test["train"].summary["final_loss"], abs=1e-4)
+    assert uniform["train"]["final_loss"] == pytest.approx(trained_test["train"].summary.final_loss, abs=1e-4)
     assert uniform["train"]["model_uri"].startswith("s3://") and store.fs.exists(uniform["train"]["model_uri"] + "/config.json")
     assert uniform["reevaluate"]["steps_evaluated"] == 48 and uniform["reevaluate"]["content_confounded"] is False
     assert result["outcomes"]["trec_valley"]["reevaluate"]["content_confounded"] is True

@@ -50,9 +50,9 @@ def test_tokenizer_trains_on_the_base_split_and_loads_with_transformers(staged):
     from transformers import AutoTokenizer
 
     info = staged["tokenizer"].summary
-    assert info["method"] == "train_bpe" and info["vocab_size"] == 1024 and info["eos_id"] == 0
-    assert info["documents"] == staged["score"].summary["sources"]["stdlib-docs"]["splits"].get("base", 0) + staged["score"].summary["sources"][
-        "debian-copyright"]["splits"].get("base", 0)
+    assert info.method == "train_bpe" and info.vocab_size == 1024 and info.eos_id == 0
+    assert info.documents == staged["score"].summary.sources["stdlib-docs"].splits.get("base", 0) + staged["score"].summary.sources[
+        "debian-copyright"].splits.get("base", 0)
     folder = staged["store"].output("tokenizer", staged["tokenizer"].fingerprint).path
     hf = AutoTokenizer.from_pretrained(folder)
     assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == 0 and len(hf) == 1024
@@ -73,7 +73,7 @@ def test_from_base_reads_a_checkpoints_tokenizer_and_checks_the_vocabulary(stage
     recipe = parse_recipe(data)
     store = Store(str(tmp_path / "store"))
     copied = run_tokenizer(recipe, store, **QUIET)
-    assert copied.summary["method"] == "from_base" and copied.summary["vocab_size"] == 1024
+    assert copied.summary.method == "from_base" and copied.summary.vocab_size == 1024
     # the content decides the fingerprint, not the folder it was read from
     moved = tmp_path / "moved"
     base.rename(moved)
@@ -97,22 +97,22 @@ def test_packing_gives_one_tier_per_sequence_scored_by_its_documents(staged):
     stats = staged["pack"].summary
     store = staged["store"]
     tiers, scores = read_catalog(store, staged["pack"].fingerprint)
-    assert tiers.size == scores.size == stats["sequences"] > 0
-    thresholds = staged["score"].summary["thresholds"]
+    assert tiers.size == scores.size == stats.sequences > 0
+    thresholds = staged["score"].summary.thresholds
     # every document of an hq sequence scored >= the hq threshold, so the token-weighted mean does too
-    assert scores[tiers == 0].min() >= thresholds["hq"] - 1e-6
-    assert scores[tiers == 2].max() < thresholds["lq"]
+    assert scores[tiers == 0].min() >= thresholds.hq - 1e-6
+    assert scores[tiers == 2].max() < thresholds.lq
     sequences = PackedSequences(store.output("pack", staged["pack"].fingerprint))
     tokenizer = load_tokenizer(store, staged["tokenizer"].fingerprint)
     for code, tier in enumerate(("hq", "mid", "lq")):
-        entry = stats["tiers"][tier]
-        assert entry["tokens"] == entry["sequences"] * 64 + entry["tail_tokens_dropped"]
-        assert 0 <= entry["tail_tokens_dropped"] < 64 * stats["groups"]
+        entry = stats.tiers[tier]
+        assert entry.tokens == entry.sequences * 64 + entry.tail_tokens_dropped
+        assert 0 <= entry.tail_tokens_dropped < 64 * stats.groups
         ids = np.flatnonzero(tiers == code)
-        assert ids.size == entry["sequences"]
+        assert ids.size == entry.sequences
         tokens = sequences.tokens(ids)
         separators = int((tokens == 0).sum())
-        assert 0 <= entry["documents"] - separators <= entry["tail_tokens_dropped"]  # one per document
+        assert 0 <= entry.documents - separators <= entry.tail_tokens_dropped  # one per document
     # the first hq sequence starts with the first cpt hq document, in shard order
     score_output = store.output("score", staged["score"].fingerprint)
     first_shard = sorted(name for name in score_output.manifest()["files"] if name.startswith("shards/"))[0]
@@ -128,8 +128,8 @@ def test_index_is_deterministic_exact_and_refuses_other_inputs(staged):
     store = staged["store"]
     result = place(staged, "trec_valley")
     summary = result.summary
-    assert summary["steps"] == 48 and summary["sequences"] == 384 and summary["hq_fraction"] == 0.25
-    assert summary["hq_in_window"] >= 0.95 and summary["repeated_sequences"] == 0
+    assert summary.steps == 48 and summary.sequences == 384 and summary.hq_fraction == 0.25
+    assert summary.hq_in_window >= 0.95 and summary.repeated_sequences == 0
     output = store.output("place", result.fingerprint)
     manifest = output.manifest()
     assert set(manifest["inputs"]) == {"recipe", "score", "tokenizer", "pack", "predict", "strategy", "seed"}
@@ -145,7 +145,7 @@ def test_index_is_deterministic_exact_and_refuses_other_inputs(staged):
     _, counts = np.unique(ids, return_counts=True)
     assert counts.max() == 1 and ids.size == 384  # every planned sequence exactly once
     assert np.count_nonzero(tiers[ids] == 0) == 96
-    start, end = summary["window_steps"]
+    start, end = summary.window_steps
     assert sum(index.composition(step)["hq"] for step in range(start, end)) >= 0.95 * 96
     assert np.array_equal(index.tokens(7, rank=1, world_size=2), index.sequences.tokens(index.batch(7)[4:]))
 
@@ -172,7 +172,7 @@ def test_other_seed_gives_other_order_and_short_hq_is_repeated_or_fails(staged):
     assert not np.array_equal(base.batch(0), seeded.batch(0))
     assert [base.composition(s)["hq"] for s in range(48)] == [seeded.composition(s)["hq"] for s in range(48)]  # same hq slots
 
-    supply = staged["pack"].summary["tiers"]["hq"]["sequences"]
+    supply = staged["pack"].summary.tiers["hq"].sequences
     need = supply + 100  # more hq than was packed
     data["data"]["tokens"] = 512 * 400
     data["curriculum"]["hq_fraction"] = need / (400 * 8)
@@ -181,8 +181,8 @@ def test_other_seed_gives_other_order_and_short_hq_is_repeated_or_fails(staged):
     short = parse_recipe(data)
     predicted = run_predict(short, staged["store"])
     repeated = run_place(short, "end", staged["store"], staged["pack"].fingerprint, predicted.fingerprint, **QUIET).summary
-    assert repeated["tiers"]["hq"] == {"supply": supply, "slots": need, "repeated": 100, "unplaced": 0}
-    assert repeated["repeated_sequences"] == 100 + repeated["tiers"]["lq"]["repeated"]
+    assert repeated.tiers["hq"].as_json() == {"supply": supply, "slots": need, "repeated": 100, "unplaced": 0}
+    assert repeated.repeated_sequences == 100 + repeated.tiers["lq"].repeated
     data["curriculum"]["on_shortage"] = "fail"
     failing = parse_recipe(data)
     with pytest.raises(ValueError, match=f"needs {need:,} hq sequences but the packed data has {supply:,}"):
@@ -263,19 +263,19 @@ def test_every_demo_sequence_is_placed_the_planned_number_of_times(demo_corpus, 
         index = SampleIndex(store, result.fingerprint)
         ids = np.concatenate([index.batch(step) for step in range(index.steps)])
         used, counts = np.unique(ids, return_counts=True)
-        assert ids.size == recipe.steps * recipe.sequences_per_step == summary["sequences"]
+        assert ids.size == recipe.steps * recipe.sequences_per_step == summary.sequences
         for code, tier in enumerate(("hq", "mid", "lq")):
-            entry = summary["tiers"][tier]
+            entry = summary.tiers[tier]
             in_tier = tiers[used] == code
             # used once each, plus the counted repetitions; the rest of the supply is counted unplaced
-            assert counts[in_tier].sum() == entry["slots"]
-            assert counts[in_tier].sum() - in_tier.sum() == entry["repeated"]
-            assert entry["supply"] - in_tier.sum() == entry["unplaced"]
-            if entry["slots"] <= entry["supply"]:
+            assert counts[in_tier].sum() == entry.slots
+            assert counts[in_tier].sum() - in_tier.sum() == entry.repeated
+            assert entry.supply - in_tier.sum() == entry.unplaced
+            if entry.slots <= entry.supply:
                 assert counts[in_tier].max() == 1
-        assert summary["hq_fraction"] == 0.1
+        assert summary.hq_fraction == 0.1
         if variant == "trec_valley":
-            assert summary["hq_in_window"] >= 0.95 and summary["window"][0] < predicted.summary["valley_fraction"] <= summary["window"][1]
+            assert summary.hq_in_window >= 0.95 and summary.window[0] < predicted.summary.valley_fraction <= summary.window[1]
         if variant == "uniform":
             share = np.array([index.composition(step)["hq"] for step in range(index.steps)]) / recipe.sequences_per_step
             assert all(abs(segment.mean() - 0.1) <= 0.02 for segment in np.array_split(share, 10))

@@ -31,7 +31,7 @@ def test_curve_file_holds_every_step(tmp_path):
     np.testing.assert_array_equal(table["fraction"].to_numpy(), np.arange(1, RECIPE.steps + 1) / RECIPE.steps)
     np.testing.assert_array_equal(table["trec_pred"].to_numpy(), expected.trec)
     np.testing.assert_array_equal(table["lr"].to_numpy(), expected.lrs)
-    assert result.summary["valley_step"] == expected.valley_step
+    assert result.summary.valley_step == expected.valley_step
     assert store.output(STAGE, result.fingerprint).read_bytes(PLOT_FILE).startswith(b"\x89PNG")
 
 

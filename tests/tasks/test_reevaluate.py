@@ -58,14 +58,14 @@ def measured(trained_test):
 def test_the_measured_trec_is_the_final_models_loss_on_each_training_batch(trained_test, measured):
     store = trained_test["store"]
     summary = measured.summary
-    assert not measured.reused and summary["steps_evaluated"] == 48 and summary["sequences_per_step"] == 8
+    assert not measured.reused and summary.steps_evaluated == 48 and summary.sequences_per_step == 8
     output = store.output("reevaluate", measured.fingerprint)
     table = pq.read_table(io.BytesIO(output.read_bytes(CURVE_FILE)))
     assert table["step"].to_pylist() == list(range(48))
     index = SampleIndex(store, trained_test["place"].fingerprint)
     for step in (0, 23, 47):  # an independent forward pass over the batch the index names
         tokens = index.tokens(step)
-        assert table["loss"][step].as_py() == pytest.approx(forward_loss(summary["model_uri"], tokens), abs=2e-4)
+        assert table["loss"][step].as_py() == pytest.approx(forward_loss(summary.model_uri, tokens), abs=2e-4)
         assert table["reference_loss"][step].as_py() == pytest.approx(forward_loss(trained_test["base"].uri, tokens), abs=2e-4)
     corrected = table["loss"].to_numpy() - table["reference_loss"].to_numpy()
     assert np.allclose(table["corrected"].to_numpy(), corrected)
@@ -73,19 +73,19 @@ def test_the_measured_trec_is_the_final_models_loss_on_each_training_batch(train
     assert np.all(counts == 8)
 
     # the comparison: a number in range, the prediction's own m, and the in-sample fit at least as good
-    assert -1.0 <= summary["trec_pearson"] <= 1.0 and summary["curve"] == "corrected"
-    assert summary["m"] == trained_test["recipe"].trec.m and summary["trec_pearson_fit"] >= summary["trec_pearson"] - 1e-9
-    assert summary["trec_pearson_raw"] == summary["raw"]["trec_pearson"]
-    assert 0 < summary["trec_valley_measured"] <= 1 and summary["trec_valley_error"] == pytest.approx(
-        abs(summary["trec_valley_measured"] - summary["trec_valley_predicted"]))
-    assert set(summary["sampling_study"]) == {"every_5", "every_10"}
+    assert -1.0 <= summary.trec_pearson <= 1.0 and summary.curve == "corrected"
+    assert summary.m == trained_test["recipe"].trec.m and summary.trec_pearson_fit >= summary.trec_pearson - 1e-9
+    assert summary.trec_pearson_raw == summary.raw.trec_pearson
+    assert 0 < summary.trec_valley_measured <= 1 and summary.trec_valley_error == pytest.approx(
+        abs(summary.trec_valley_measured - summary.trec_valley_predicted))
+    assert set(summary.sampling_study) == {"every_5", "every_10"}
     # held-out: both tiers present in the eval split, the hq docs (docstrings) differ from the lq ones
-    assert set(summary["val_loss_by_source"]) == {"stdlib-docs", "debian-copyright"}
-    assert summary["val_loss_hq"] > 0 and summary["val_loss_general"] > 0
+    assert set(summary.val_loss_by_source) == {"stdlib-docs", "debian-copyright"}
+    assert summary.val_loss_hq > 0 and summary.val_loss_general > 0
     # uniform: the same tier mix at every step, so the run enters the calibration table
-    assert summary["content_confounded"] is False
+    assert summary.content_confounded is False
     (entry,) = [run for run in read_runs(store) if run.key == measured.fingerprint]
-    assert entry.m_star == summary["m_fit"] and entry.schedule == "linear" and entry.steps == 48
+    assert entry.m_star == summary.m_fit and entry.schedule == "linear" and entry.steps == 48
     assert output.read_bytes(PLOT_FILE)[:8] == b"\x89PNG\r\n\x1a\n"
     assert reevaluate(trained_test).reused
 
@@ -96,15 +96,15 @@ def test_a_dying_actor_is_retried_and_reference_losses_come_from_the_cache(train
     again = reevaluate(trained_test, recipe=recipe, force=True)
     assert (tmp_path / "died-once").exists()
     summary = again.summary
-    assert again.fingerprint == measured.fingerprint and summary["retried_units"] >= 1
-    reference = summary["reference"]
-    assert reference["from_cache"] == reference["sequences"] and reference["evaluated"] == 0
+    assert again.fingerprint == measured.fingerprint and summary.retried_units >= 1
+    reference = summary.reference
+    assert reference.from_cache == reference.sequences and reference.evaluated == 0
     store = trained_test["store"]
     table = pq.read_table(io.BytesIO(store.output("reevaluate", again.fingerprint).read_bytes(CURVE_FILE)))
     first = measured.summary
     assert table.num_rows == 48
-    assert summary["trec_pearson"] == pytest.approx(first["trec_pearson"], abs=1e-6)
-    assert summary["val_loss_hq"] == pytest.approx(first["val_loss_hq"], abs=1e-6)
+    assert summary.trec_pearson == pytest.approx(first.trec_pearson, abs=1e-6)
+    assert summary.val_loss_hq == pytest.approx(first.val_loss_hq, abs=1e-6)
 
 
 def test_sampling_every_kth_step_and_a_subset_of_each_batch(trained_test):
@@ -123,9 +123,9 @@ def test_sampling_every_kth_step_and_a_subset_of_each_batch(trained_test):
     assert drawn.size == 10 and np.all(np.diff(drawn) > 0) and np.array_equal(drawn, sampled_steps(random, 48))
 
     sparse = reevaluate(trained_test, recipe=recipe)
-    assert sparse.summary["steps_evaluated"] == 11 and sparse.summary["sequences_per_step"] == 3
-    assert sparse.summary["sampling_study"] is None
-    assert sparse.summary["reference"]["evaluated"] == 0  # the subset's reference losses were cached
+    assert sparse.summary.steps_evaluated == 11 and sparse.summary.sequences_per_step == 3
+    assert sparse.summary.sampling_study is None
+    assert sparse.summary.reference.evaluated == 0  # the subset's reference losses were cached
 
 
 def test_a_curriculum_that_moves_data_in_time_is_content_confounded(trained_test):
@@ -162,7 +162,7 @@ def test_reevaluate_and_calibrate_commands(trained_test, measured, tmp_path):
     summary = json.loads(result.stdout)
     for key in ("trec_pearson", "trec_pearson_raw", "trec_pearson_m0", "trec_pearson_fit", "m_fit", "content_confounded",
                 "trec_valley_measured", "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general", "steps_evaluated"):
-        assert summary[key] == measured.summary[key], key
+        assert summary[key] == getattr(measured.summary, key), key
     assert summary["reused"] and summary["fingerprint"] == measured.fingerprint
 
     # one measured run: calibrate says why it cannot fit, and fits nothing

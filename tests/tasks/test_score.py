@@ -76,7 +76,7 @@ def corpus(tmp_path, **sources) -> CorpusSection:
 
 def read_shards(store: Store, result) -> pa.Table:
     output = store.output("ingest", result.fingerprint)
-    return pa.concat_tables(pq.read_table(output.file_path(name)) for name in result.summary["shards"])
+    return pa.concat_tables(pq.read_table(output.file_path(name)) for name in result.summary.shards)
 
 
 def test_ingest_formats_dedup_and_empty_documents(tmp_path):
@@ -98,11 +98,11 @@ def test_ingest_formats_dedup_and_empty_documents(tmp_path):
     store = Store(str(tmp_path / "store"))
     result = run_ingest(spec, store)
     stats = result.summary
-    assert stats["sources"]["folder"]["dropped_empty"] == 2 and stats["sources"]["saved"]["dropped_empty"] == 1
-    assert stats["sources"]["table"]["dropped_duplicate"] == 10  # the first occurrence (source order) is kept
-    assert stats["dropped"] == {"empty": 3, "duplicate": 10}
-    assert stats["documents"] == 60
-    assert {name: entry["documents"] for name, entry in stats["sources"].items()} == {
+    assert stats.sources["folder"].dropped_empty == 2 and stats.sources["saved"].dropped_empty == 1
+    assert stats.sources["table"].dropped_duplicate == 10  # the first occurrence (source order) is kept
+    assert stats.dropped.as_json() == {"empty": 3, "duplicate": 10}
+    assert stats.documents == 60
+    assert {name: entry.documents for name, entry in stats.sources.items()} == {
         "folder": 30, "table": 20, "saved": 5, "stream": 5
     }
     table = read_shards(store, result)
@@ -188,18 +188,18 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
 
     result = run_score(recipe, store)
     stats = result.summary
-    assert stats["classifier_accuracy"] >= 0.9
-    assert stats["tiers"]["stdlib-docs"]["hq"] >= 0.9 and stats["tiers"]["debian-copyright"]["lq"] >= 0.9
+    assert stats.classifier_accuracy >= 0.9
+    assert stats.tiers["stdlib-docs"]["hq"] >= 0.9 and stats.tiers["debian-copyright"]["lq"] >= 0.9
     output = store.output("score", result.fingerprint)
-    scored = pa.concat_tables(pq.read_table(store.fs.open(output.file_path(name), "rb")) for name in stats["shards"])
-    assert scored.num_rows == stats["documents"]
+    scored = pa.concat_tables(pq.read_table(store.fs.open(output.file_path(name), "rb")) for name in stats.shards)
+    assert scored.num_rows == stats.documents
     assert "classifier" not in set(scored["split"].to_pylist())  # never scores its own training data
     for column in ("score", "score_rules", "score_classifier", "tier", *(f"rule_{name}" for name in RULE_NAMES)):
         assert column in scored.column_names
     assert all(0.0 <= value <= 1.0 for value in scored["score"].to_pylist())
     manifest = output.manifest()
-    assert set(manifest["files"]) >= {"summary.json", "score_histogram.png", "classifier/weights.npz", *stats["shards"]}
-    assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats["classifier_accuracy"]
+    assert set(manifest["files"]) >= {"summary.json", "score_histogram.png", "classifier/weights.npz", *stats.shards}
+    assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats.classifier_accuracy
     assert run_score(recipe, store).reused  # same inputs: a hit, nothing recomputed
 
 

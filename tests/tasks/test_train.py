@@ -38,13 +38,13 @@ def test_tiny_base_is_pretrained_on_the_base_split_and_saved_in_hf_format(traina
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     summary = trainable["pretrained"].summary
-    assert summary["steps"] == 16 and summary["audit"]["exactly_once"]
+    assert summary.steps == 16 and summary.audit.exactly_once
     folder = Path(trainable["base"].uri)
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.vocab_size == len(tokenizer) == 1024 and model.config.hidden_size == 64
     # the pretraining is a derived run of the graph: its audit is in its own train/ output
-    records = read_audit(trainable["store"], trainable["store"].output("train", summary["pretrain_fingerprint"]).path)
+    records = read_audit(trainable["store"], trainable["store"].output("train", summary.pretrain_fingerprint).path)
     assert records[0]["loss"] > records[-1]["loss"] + 0.5  # it learned something
 
 
@@ -86,10 +86,10 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     store = trainable["store"]
     clean = train(trainable)
     summary = clean.summary
-    assert summary["audit"]["exactly_once"] and summary["audit"]["reexecuted_steps"] == 0
-    assert summary["resumed_from_step"] is None and summary["steps"] == 48
-    clean_loss = summary["final_loss"]
-    assert len(summary["checkpoints"]) == 2  # keep_checkpoints
+    assert summary.audit.exactly_once and summary.audit.reexecuted_steps == 0
+    assert summary.resumed_from_step is None and summary.steps == 48
+    clean_loss = summary.final_loss
+    assert len(summary.checkpoints) == 2  # keep_checkpoints
 
     # the applied LR is the predictor's schedule at every step
     schedule = LRSchedule.from_recipe(trainable["recipe"])
@@ -103,17 +103,17 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     killed = Killer(store, output.path, step=20)
     resumed = train(trainable)
     assert killed.wait(5), "the worker was never killed"
-    audit = resumed.summary["audit"]
-    assert audit["exactly_once"] and audit["attempts"] == [1, 2]
-    assert audit["reexecuted_steps"] > 0  # steps after the last checkpoint ran twice, and the log shows it
+    audit = resumed.summary.audit
+    assert audit.exactly_once and audit.attempts == (1, 2)
+    assert audit.reexecuted_steps > 0  # steps after the last checkpoint ran twice, and the log shows it
     # it resumed from a checkpoint (every 8 steps) that Ray Train had registered before the kill
-    resumed_from = resumed.summary["resumed_from_step"]
+    resumed_from = resumed.summary.resumed_from_step
     assert resumed_from % 8 == 0 and 0 < resumed_from <= killed.info["step"]
-    assert resumed.summary["final_loss"] == pytest.approx(clean_loss, abs=1e-4)
+    assert resumed.summary.final_loss == pytest.approx(clean_loss, abs=1e-4)
     records = read_audit(store, output.path)
     first = [record for record in records if record["attempt"] == 1]
     assert 20 <= first[-1]["step"] < 47
-    assert audit["reexecuted_steps"] == sum(1 for record in first if record["step"] >= resumed_from)
+    assert audit.reexecuted_steps == sum(1 for record in first if record["step"] >= resumed_from)
 
 
 def test_a_failed_run_resumes_from_the_store_when_the_task_is_retried(trainable):
@@ -130,10 +130,10 @@ def test_a_failed_run_resumes_from_the_store_when_the_task_is_retried(trainable)
         run_train(no_retries, store, trainable["place"].fingerprint, trainable["expected"], trainable["base"], **QUIET)
     assert killed.wait(5) and not output.exists()
     retried = train(trainable)  # the retry: resumes from the latest checkpoint in the store
-    audit = retried.summary["audit"]
-    assert audit["exactly_once"] and audit["attempts"] == [1, 2]
-    assert 0 < retried.summary["resumed_from_step"] <= killed.info["step"]
-    assert retried.summary["final_loss"] == pytest.approx(expected.summary["final_loss"], abs=1e-4)
+    audit = retried.summary.audit
+    assert audit.exactly_once and audit.attempts == (1, 2)
+    assert 0 < retried.summary.resumed_from_step <= killed.info["step"]
+    assert retried.summary.final_loss == pytest.approx(expected.summary.final_loss, abs=1e-4)
 
 
 def test_train_command_prints_the_documented_json(trainable):
@@ -145,7 +145,7 @@ def test_train_command_prints_the_documented_json(trainable):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["reused"] and summary["fingerprint"] == expected.fingerprint
-    assert summary["steps"] == 48 and summary["final_loss"] == pytest.approx(expected.summary["final_loss"])
+    assert summary["steps"] == 48 and summary["final_loss"] == pytest.approx(expected.summary.final_loss)
     assert summary["tokens_per_second"] > 0 and summary["model_uri"].endswith("/model")
     assert "resumed_from_step" in summary and summary["audit"]["exactly_once"]
 

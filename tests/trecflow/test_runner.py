@@ -50,7 +50,7 @@ def test_forcing_a_base_given_as_a_path_is_a_no_op_with_a_note(tmp_path):
     events = []
     runner = Runner(GRAPH, Store(str(tmp_path / "store")), forced=["base"], reporters=[events.append])
     result = runner.materialize(BASE, Target(recipe), {})
-    assert result.uri == str(model) and result.reused and result.summary["model_uri"] == str(model)
+    assert result.uri == str(model) and result.reused and result.summary.model_uri == str(model)
     assert [event.kind for event in events] == [NOTE, REUSED]
     assert "nothing to compute" in events[0].message and "--force base changes nothing" in events[0].message
     assert not (tmp_path / "store").exists()  # nothing written
