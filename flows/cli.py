@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +26,28 @@ app = typer.Typer(
 )
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverlayOpt = Annotated[Optional[list[Path]], typer.Option("--overlay", help="overlay YAML merged into the recipe (repeatable, in order)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="KEY.PATH=VALUE applied after the overlays (repeatable)")]
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe file with its overlays and ``--set`` edits, as every command takes them."""
+
+    path: Path
+    overlays: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, path: Path, overlays: list[Path] | None, sets: list[str] | None) -> RecipeFile:
+        return cls(path, tuple(str(item) for item in overlays or ()), tuple(sets or ()))
+
+    def params(self) -> dict[str, object]:
+        """The flow parameters that name this recipe (`flows.params.RecipeSource`)."""
+        return {"recipe_path": str(self.path), "overlays": list(self.overlays), "set": list(self.sets)}
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -43,9 +66,11 @@ def run_stage_flow(flow_fn, **parameters) -> dict:
         raise fail(f"flow run failed: {type(error).__name__}: {error}", code=1) from None
 
 
-def load_or_exit(path: Path) -> Recipe:
+def load_or_exit(source: RecipeFile | Path) -> Recipe:
+    if not isinstance(source, RecipeFile):
+        source = RecipeFile(source)
     try:
-        return load_recipe(path)
+        return load_recipe(source.path, source.overlays, source.sets)
     except RecipeError as error:
         raise fail(str(error)) from None
 
@@ -87,6 +112,8 @@ def output_line(result, label: str = "store output") -> str:
 @app.command()
 def predict(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     hq_fraction: Annotated[
         Optional[float], typer.Option("--hq-fraction", help="high-quality share w (default: curriculum.hq_fraction)")
     ] = None,
@@ -94,6 +121,7 @@ def predict(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write the prediction plot (PNG) here")] = None,
 ) -> None:
     """Predict the TREC of a recipe: tau, valley and the best high-quality window."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     from tasks.predict import PREDICT, PredictSummary
     from training.trec import predict as predict_trec
     from training.trec import recipe_summary
@@ -152,6 +180,8 @@ def format_plan(sized: dict) -> str:
 @app.command()
 def plan(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     gpus: Annotated[int, typer.Option(help="number of GPUs (data-parallel world size)")] = 128,
     gpu_type: Annotated[str, typer.Option("--gpu-type", help="H100 | H200 | A100")] = "H100",
     mfu: Annotated[float, typer.Option(help="model FLOP utilization")] = 0.4,
@@ -162,6 +192,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Size a recipe's job on a cluster: compute, memory per ZeRO stage, checkpoints, storage."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     from training.sizing import SizingError
     from training.sizing import plan as size_job
 
@@ -217,10 +248,13 @@ def check_sources(recipe: Recipe) -> None:
 @app.command()
 def score(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="ingest and score again even if cached")] = False,
 ) -> None:
     """Run stage 1 alone (ingest and score the corpus) through the pipeline's Prefect task."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     recipe = load_or_exit(recipe_path)
     if recipe.corpus is None:
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
@@ -243,10 +277,10 @@ def stage_flow():
     return flow
 
 
-def stage_run(recipe_path: Path, stage: str, variant: str | None = None, force: bool = False):
+def stage_run(recipe_path: RecipeFile, stage: str, variant: str | None = None, force: bool = False):
     from flows.params import StageRun
 
-    return StageRun(recipe_path=str(recipe_path), stage=stage, variant=variant, force=force)
+    return StageRun(**recipe_path.params(), stage=stage, variant=variant, force=force)
 
 
 def check_placement(recipe: Recipe, variant: str) -> None:
@@ -257,7 +291,7 @@ def check_placement(recipe: Recipe, variant: str) -> None:
     check_request(plan_request(recipe, variant))
 
 
-def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
+def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) -> str:
     """Everything ``place``/``train`` can check before any work: the recipe, its sections, the
     variant and its plan, the corpus sources. Returns the variant (default: the first declared)."""
     recipe = load_or_exit(recipe_path)
@@ -281,12 +315,15 @@ def checked_variant(recipe_path: Path, variant: str | None, stage: str) -> str:
 @app.command()
 def place(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="build the index again even if cached")] = False,
 ) -> None:
     """Run stage 3 alone: tokenizer, packing and the sample index of one variant (and the cached
     stages it needs)."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     variant = checked_variant(recipe_path, variant, "place")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "place", variant, force))
     payload = result["place"]  # the JSON view (StageResult.as_dict): --json selects from it
@@ -303,11 +340,14 @@ def place(
 @app.command()
 def train(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="train again from the base, discarding this run's checkpoints")] = False,
 ) -> None:
     """Run stage 4: the DeepSpeed job on Ray Train for one variant (placement first if needed)."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     variant = checked_variant(recipe_path, variant, "train")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "train", variant, force))
     payload = result["train"]  # the JSON view (StageResult.as_dict): --json selects from it
@@ -331,12 +371,15 @@ REEVALUATE_KEYS = (
 @app.command()
 def reevaluate(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="evaluate again even if cached")] = False,
 ) -> None:
     """Run stage 5: the measured TREC of a trained variant against the prediction (training and
     the stages before it first, if not cached)."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     variant = checked_variant(recipe_path, variant, "reevaluate")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "reevaluate", variant, force))
     payload = result["reevaluate"]  # the JSON view (StageResult.as_dict): --json selects from it
@@ -385,10 +428,13 @@ def calibrate(
 def base(
     kind: Annotated[str, typer.Argument(help="tiny (build and pretrain the recipe's base.tiny) or smollm2 (convert SmolLM2-135M)")],
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="tiny: pretrain again")] = False,
 ) -> None:
     """Build a base model into the store: a tiny pretrained Llama, or SmolLM2-135M as a plain checkpoint."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     recipe = load_or_exit(recipe_path)
     if kind == "smollm2":
         from tasks.base_model import convert_smollm2
@@ -410,15 +456,23 @@ def base(
 
 
 @app.command()
-def validate(recipe_path: RecipeArg) -> None:
-    """Check a recipe without running anything."""
-    recipe = load_or_exit(recipe_path)
+def validate(recipe_path: RecipeArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
+    """Check a recipe without running anything: its fields, and the DeepSpeed JSON it names."""
+    from training.deepspeed_config import check_deepspeed_config
+
+    recipe = load_or_exit(RecipeFile.of(recipe_path, overlay, set_))
+    try:
+        check_deepspeed_config(recipe)
+    except RecipeError as error:
+        raise fail(str(error)) from None
     typer.echo(f"ok: {recipe.name}: {recipe.steps:,} steps of {recipe.batch.tokens:,} tokens")
 
 
 @app.command()
 def run(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared)")] = None,
     force: Annotated[
         Optional[list[str]], typer.Option(help="recompute this stage and everything downstream (repeatable)")
@@ -426,8 +480,11 @@ def run(
     until: Annotated[Optional[str], typer.Option(help="run only the stages this stage needs, and it")] = None,
 ) -> None:
     """Run the cpt_pipeline flow for a recipe (embedded Prefect, MLflow and store by default)."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     recipe = load_or_exit(recipe_path)
+    from tasks.graph import GRAPH
     from tasks.placement import PlacementError
+    from trecflow.stage import Target
 
     try:
         from flows.pipeline import default_variant, forced_stages
@@ -436,6 +493,7 @@ def run(
         forced_stages(force)
         if until is not None:
             forced_stages([until])  # an unknown stage: one line, exit 2
+        GRAPH.check_runnable(Target(recipe, variant or default_variant(recipe)), until, str(recipe_path))
         if recipe.corpus is not None and recipe.tokenizer is not None:
             check_placement(recipe, variant or default_variant(recipe))
     except (RecipeError, PlacementError) as error:
@@ -445,7 +503,7 @@ def run(
     from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline
 
-    result = run_stage_flow(cpt_pipeline, run=PipelineRun(recipe_path=str(recipe_path), variant=variant, force=force or [], until=until))
+    result = run_stage_flow(cpt_pipeline, run=PipelineRun(**recipe_path.params(), variant=variant, force=force or [], until=until))
     from tasks.graph import GRAPH
 
     for name in GRAPH.names:
@@ -485,11 +543,14 @@ def format_comparison(result: dict) -> str:
 @app.command()
 def compare(
     recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
     variants: Annotated[Optional[str], typer.Option(help="comma-separated variants (default: all of the recipe's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Compare curriculum variants: the whole pipeline for each (cached stages shared), then one
     MLflow comparison run and table."""
+    recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     recipe = load_or_exit(recipe_path)
     from flows.compare import compared_variants
     from flows.params import Comparison
@@ -497,7 +558,7 @@ def compare(
     from tasks.placement import PlacementError
     from trecflow.stage import Target
 
-    comparison = Comparison(recipe_path=str(recipe_path), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
+    comparison = Comparison(**recipe_path.params(), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
     try:
         problem = GRAPH["reevaluate"].requirement(Target(recipe), str(recipe_path))
         if problem:

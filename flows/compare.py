@@ -30,10 +30,11 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact
 
 from flows.params import Comparison, PipelineRun
-from flows.pipeline import cpt_pipeline, load_run, tracked_run
+from flows.pipeline import cpt_pipeline, load_run, source_tags, tracked_run
 from flows.reporters import artifact_key
 from tasks.graph import GRAPH
 from tasks.predict import read_curve
+from trecflow.ray_jobs import jobs_address
 from trecflow.ray_runtime import ensure_ray
 from trecflow.recipe import CurriculumSection, RecipeError
 from trecflow.stage import StageResult
@@ -95,7 +96,7 @@ def comparison_csv(rows: list[dict[str, Any]]) -> bytes:
 def run_variants(comparison: Comparison, variants: list[str], parent_id: str, concurrent: bool) -> dict[str, Any]:
     """`cpt_pipeline` for each variant (subflows), in order or concurrently."""
     logger = get_run_logger()
-    runs = {variant: PipelineRun(recipe_path=comparison.recipe_path, variant=variant, mlflow_parent_run_id=parent_id) for variant in variants}
+    runs = {variant: PipelineRun(recipe_path=comparison.recipe_path, overlays=comparison.overlays, set=comparison.set, variant=variant, mlflow_parent_run_id=parent_id) for variant in variants}
     if not concurrent or len(variants) == 1:
         outcomes = {}
         for number, (variant, run) in enumerate(runs.items(), start=1):
@@ -103,9 +104,11 @@ def run_variants(comparison: Comparison, variants: list[str], parent_id: str, co
             outcomes[variant] = cpt_pipeline(run)
         return outcomes
     logger.info("variants %s, concurrently (Ray at %s)", ", ".join(variants), os.environ.get("RAY_ADDRESS") or "a local Ray")
-    # Ray from this thread: a local Ray's processes die with the thread that started them (Linux's
-    # parent-death signal follows the thread), so no variant's thread may be the one to start it
-    ensure_ray()
+    # A local Ray from this thread: its processes die with the thread that started them (Linux's
+    # parent-death signal follows the thread), so no variant's thread may be the one to start it.
+    # On a cluster the variants' Ray stages are jobs, and this process never joins Ray.
+    if jobs_address() is None:
+        ensure_ray()
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         futures = {variant: pool.submit(contextvars.copy_context().run, cpt_pipeline, run) for variant, run in runs.items()}
         return {variant: future.result() for variant, future in futures.items()}
@@ -114,10 +117,10 @@ def run_variants(comparison: Comparison, variants: list[str], parent_id: str, co
 @flow(name="compare_curricula")
 def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     """Run ``cpt_pipeline`` for each variant under one MLflow comparison run; write the table."""
-    recipe, store = load_run(comparison.recipe_path)
+    recipe, store = load_run(comparison)
     variants = compared_variants(comparison, recipe.curriculum)
     concurrent = comparison.concurrent if comparison.concurrent is not None else bool(os.environ.get("RAY_ADDRESS"))
-    tags = {"trecflow.kind": "compare", "trecflow.recipe_path": comparison.recipe_path, "trecflow.variants": ",".join(variants)}
+    tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants)}
     with tracked_run(store, recipe, f"compare-{recipe.name}", tags) as (tracker, parent_id):
         outcomes = run_variants(comparison, variants, parent_id, concurrent)
         rows = [comparison_row(variant, outcomes[variant]) for variant in variants]

@@ -25,10 +25,11 @@ from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from flows.executor import PrefectExecutor
-from flows.params import PipelineRun, StageRun
+from flows.params import PipelineRun, RecipeSource, StageRun
 from flows.reporters import EventLog, LogReporter, MlflowReporter, PrefectArtifactReporter, artifact_key
 from tasks.calibrate import resolve_m
 from tasks.graph import GRAPH
+from trecflow.ray_jobs import JobLauncher, jobs_address
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 from trecflow.runner import Runner
 from trecflow.settings import store_endpoint, store_url
@@ -47,11 +48,23 @@ def forced_stages(force: list[str] | None) -> set[str]:
     return GRAPH.forced_closure(force or [])
 
 
-def load_run(recipe_path: str) -> tuple[Recipe, Store]:
-    """The recipe (with ``trec.m: calibrated`` resolved from the store's law) and its store."""
-    recipe = load_recipe(recipe_path)
+def load_run(source: RecipeSource) -> tuple[Recipe, Store]:
+    """The recipe with its overlays and ``set`` edits (``trec.m: calibrated`` resolved from the
+    store's law) and its store."""
+    recipe = load_recipe(source.recipe_path, source.overlays, source.set)
     store = Store(store_url(recipe), store_endpoint(recipe))
     return resolve_m(recipe, store), store
+
+
+def source_tags(source: RecipeSource) -> dict[str, str]:
+    """MLflow tags naming the recipe file, its overlays and ``set`` edits (the merged recipe is
+    logged as parameters)."""
+    tags = {"trecflow.recipe_path": source.recipe_path}
+    if source.overlays:
+        tags["trecflow.overlays"] = ", ".join(source.overlays)
+    if source.set:
+        tags["trecflow.set"] = "; ".join(source.set)
+    return tags
 
 
 def mlflow_run_url(tracker: Tracker, run_id: str) -> str:
@@ -80,7 +93,9 @@ def run_graph(target: Target, store: Store, forced: set[str], tracker: Tracker, 
                  PrefectArtifactReporter(store)]
     if (events := EventLog.from_environment()) is not None:
         reporters.append(events)
-    runner = Runner(GRAPH, store, forced=forced, reporters=reporters, executor=PrefectExecutor(store, retries))
+    address = jobs_address()
+    runner = Runner(GRAPH, store, forced=forced, reporters=reporters, executor=PrefectExecutor(store, retries),
+                    launcher=JobLauncher(address, store) if address else None)
     results = runner.run(target, until=until)
     if "reevaluate" in results:  # the headline numbers on the variant's own run too, where MLflow compares runs
         reevaluate = GRAPH["reevaluate"]
@@ -91,14 +106,15 @@ def run_graph(target: Target, store: Store, forced: set[str], tracker: Tracker, 
 @flow(name="cpt_pipeline")
 def cpt_pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:
     """Run the pipeline for ``run.recipe_path`` and one curriculum variant."""
-    recipe, store = load_run(run.recipe_path)
+    recipe, store = load_run(run)
     variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)  # unknown variant: RecipeError before any work
+    GRAPH.check_runnable(Target(recipe, variant), run.until.value if run.until else None, run.recipe_path)
     forced = forced_stages([stage.value for stage in run.force])
     until = run.until.value if run.until else None
     get_run_logger().info("recipe %s, variant %s, store %s, forced stages: %s%s", recipe.name, variant, store.url, sorted(forced) or "none",
                           f", until {until}" if until else "")
-    tags = {"trecflow.variant": variant, "trecflow.recipe_path": run.recipe_path}
+    tags = {"trecflow.variant": variant, **source_tags(run)}
     if run.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = run.mlflow_parent_run_id
     with tracked_run(store, recipe, f"{recipe.name}-{variant}", tags) as (tracker, run_id):
@@ -110,7 +126,7 @@ def cpt_pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:
 def stage_flow(run: StageRun) -> dict[str, Any]:
     """Run one stage (the CLI's ``score``, ``place``, ``train``, ``reevaluate``, ``base tiny``):
     the cached stages it needs, then the stage itself (forced when asked)."""
-    recipe, store = load_run(run.recipe_path)
+    recipe, store = load_run(run)
     stage = GRAPH[run.stage.value]
     variant = run.variant or default_variant(recipe)
     recipe.curriculum.variant(variant)
@@ -118,7 +134,7 @@ def stage_flow(run: StageRun) -> dict[str, Any]:
     problem = stage.requirement(target, run.recipe_path)
     if problem:
         raise RecipeError(problem)
-    tags = {"trecflow.stage": stage.name, "trecflow.variant": variant, "trecflow.recipe_path": run.recipe_path}
+    tags = {"trecflow.stage": stage.name, "trecflow.variant": variant, **source_tags(run)}
     name = f"{recipe.name}-{variant}-{stage.name}" if stage.scope == "variant" else f"{recipe.name}-{stage.name}"
     with tracked_run(store, recipe, name, tags) as (tracker, run_id):
         outcome = run_graph(target, store, {stage.name} if run.force else set(), tracker, run_id, until=stage.name, retries=run.retries)

@@ -167,6 +167,9 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
             for batch in dataset.iter(batch_size=READ_BATCH):
                 yield batch[source.text_field]
             return
+        if source.format == "jsonl" and path.startswith("s3://") and path.endswith(COMPRESSED):
+            yield from _compressed_jsonl_texts(source, path, options)
+            return
         builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}[source.format]
         dataset = datasets.load_dataset(
             builder, data_files=[path], split="train", streaming=True, storage_options=copy.deepcopy(options)
@@ -187,6 +190,33 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
         if "utf-8" in message.lower() or "utf8" in message.lower():
             raise IngestError(f"corpus source {source.name}: {path} is not valid UTF-8 text ({message})") from None
         raise IngestError(f"corpus source {source.name}: cannot read {path} ({type(error).__name__}: {message})") from None
+
+
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _compressed_jsonl_texts(source: SourceSection, path: str, options: dict[str, Any]) -> Iterator[list[Any]]:
+    """Batches of text values of a compressed JSON-lines file in S3, decompressed as it streams.
+    (``datasets`` opens compressed files with HTTP client options that S3's client refuses.)"""
+    import fsspec
+
+    batch: list[Any] = []
+    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **copy.deepcopy(options)) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise IngestError(f"corpus source {source.name}: {path} line {number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or source.text_field not in record:
+                raise IngestError(f"corpus source {source.name}: {path} line {number} has no text field {source.text_field!r}")
+            batch.append(record[source.text_field])
+            if len(batch) == READ_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 def _as_text(value: Any, source: SourceSection, path: str) -> str | None:
@@ -318,7 +348,7 @@ def _merge(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
-class IngestStage(Stage[IngestSummary], name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus",
+class IngestStage(Stage[IngestSummary], name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus", ray=True,
                   summary_type=IngestSummary):
     """Stage 1a: read every source, normalize, deduplicate exactly and split into shards.
 

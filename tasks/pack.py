@@ -166,7 +166,7 @@ def pack_group(
 
 class PackStage(
     Stage[PackSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("corpus", "tokenizer"),
-    title="Packed sequences", task_name="pack_sequences", summary_type=PackSummary
+    title="Packed sequences", task_name="pack_sequences", ray=True, summary_type=PackSummary
 ):
     """Stage 3b: tokenize the target's split of the scored documents and pack them into
     fixed-length sequences, grouped by tier, with a per-sequence score and tier catalog."""

@@ -229,7 +229,7 @@ def held_out_losses(evalset: EvalSet, losses: np.ndarray) -> dict[str, Any]:
 
 class ReevaluateStage(
     Stage[ReevaluateSummary], name=STAGE, version=STAGE_VERSION, inputs=("pack", "predict", "place", "train", "reference", "evalset"),
-    scope=VARIANT_SCOPE, sections=("corpus", "tokenizer", "base"), title="Measured TREC", task_name="reevaluate_trec",
+    scope=VARIANT_SCOPE, sections=("corpus", "tokenizer", "base"), title="Measured TREC", task_name="reevaluate_trec", ray=True,
     purpose="re-evaluation", figure=PLOT_FILE, resumable=True, summary_type=ReevaluateSummary
 ):
     """Stage 5: the final weights' loss on the batches of (a sample of) the training steps, on Ray

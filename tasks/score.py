@@ -165,7 +165,7 @@ def histogram_png(stats: ScoreSummary) -> bytes:
 
 class ScoreStage(
     Stage[ScoreSummary], name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("corpus",), title="Quality scores",
-    task_name="score_corpus", figure=HISTOGRAM_FILE, summary_type=ScoreSummary
+    task_name="score_corpus", ray=True, figure=HISTOGRAM_FILE, summary_type=ScoreSummary
 ):
     """Stage 1b: train the quality classifier, score and tier every ingested document."""
 

@@ -27,13 +27,17 @@ from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Summ
 from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
 from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
+from training.deepspeed_config import fingerprint_part
 from training.models import model_vocab_size
 from training.sample_index import PLACE_STAGE, SampleIndex, batch_hash
 
 STAGE = "train"
 STAGE_VERSION = 1
 # Settings that do not change the trained weights: left out of the fingerprint.
-NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker")
+# Settings that change neither the numbers nor the resumability of a run; the DeepSpeed JSON enters
+# through `fingerprint_part` (only its keys that change results).
+NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker",
+                     "deepspeed_config", "activation_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
     for key in NOT_FINGERPRINTED:
         config["training"].pop(key)
     config["steps"] = recipe.steps
+    deepspeed = fingerprint_part(recipe)
+    if deepspeed:
+        config["deepspeed"] = deepspeed
     return fingerprint(STAGE, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
 
 
@@ -116,7 +123,7 @@ def stored_index(store: Store, index_fp: str, expected_inputs: dict[str, str]) -
 
 class TrainStage(
     Stage[TrainSummary], name=STAGE, version=STAGE_VERSION, inputs=("tokenizer", "place", "base"), scope=VARIANT_SCOPE,
-    sections=("corpus", "tokenizer", "base"), title="Training", task_name="train_cpt", purpose="training", resumable=True,
+    sections=("corpus", "tokenizer", "base"), title="Training", task_name="train_cpt", ray=True, purpose="training", resumable=True,
     summary_type=TrainSummary
 ):
     """Stage 4: the DeepSpeed job on Ray Train for one variant's index, from the base model.

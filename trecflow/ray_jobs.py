@@ -116,8 +116,12 @@ class JobSpec:
 
         return Target(parse_recipe(self.recipe, source=f"job {self.submission_id}"), self.variant, self.split)
 
-    def upstream_results(self) -> dict[str, StageResult]:
-        return {name: StageResult(**data) for name, data in self.upstream.items()}
+    def upstream_results(self, graph) -> dict[str, StageResult]:
+        """The upstream results, their summaries typed by the graph's stages."""
+        from dataclasses import replace
+
+        return {name: replace(StageResult.from_dict(name, data["result"], graph[name].summary_type), inputs=data["inputs"])
+                for name, data in self.upstream.items()}
 
 
 def spec_path(store: Store, submission: str) -> str:
@@ -185,10 +189,9 @@ class JobLauncher:
 
     def submit(self, submission: str, stage_name: str, target: Target, upstream: Mapping[str, StageResult], fingerprint: str,
                force: bool, tracking_run_id: str | None) -> None:
-        from dataclasses import asdict
-
+        upstream_json = {name: {"result": result.as_dict(), "inputs": dict(result.inputs)} for name, result in upstream.items()}
         spec = JobSpec(stage_name, fingerprint, target.recipe.model_dump(mode="json"), target.variant, target.split,
-                       {name: asdict(result) for name, result in upstream.items()}, force, tracking_run_id, submission)
+                       upstream_json, force, tracking_run_id, submission)
         write_spec(self.store, spec)
         entrypoint = " ".join(shlex.quote(part) for part in ("python", "-m", "trecflow.stage_job", self.store.url, submission))
         environment = runtime_env()

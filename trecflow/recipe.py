@@ -20,17 +20,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Iterable, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trecflow.recipe_yaml import RecipeError, compose, read_file, read_yaml  # noqa: F401 (RecipeError, read_yaml: re-exported)
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step", "wsd", "inverse_sqrt")
 STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used. ``str(err)`` is one line naming the file and field."""
 
 
 class _Section(BaseModel):
@@ -657,29 +654,6 @@ class _FieldError(ValueError):
         self.message = message
 
 
-class _NumberLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``3.9e9`` and ``1e-3`` as floats (YAML 1.2 style)."""
-
-
-_NumberLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str) -> Any:
-    """Parse YAML with the recipe loader (``3.9e9`` is a number). Raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_NumberLoader)
-
-
 def _integral_floats(value: Any) -> Any:
     """Turn floats with no fractional part (9.0e11) into ints so int fields accept them."""
     if isinstance(value, dict):
@@ -723,20 +697,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_describe(error)}") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file. The recipe's ``name`` defaults to the file's stem."""
+def load_recipe(path: str | Path, overlays: Iterable[str | Path] = (), sets: Iterable[str] = ()) -> Recipe:
+    """Read and validate a recipe file, with ``overlays`` merged in order and then each ``--set``
+    applied (`trecflow.recipe_yaml`). The recipe's ``name`` defaults to the file's stem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise RecipeError(f"{path}: cannot read recipe ({error.strerror})") from None
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError(f"{path}:{where} invalid YAML: {problem}") from None
+    data = read_file(path)
     if isinstance(data, dict) and "name" not in data:
         data = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem), **data}
-    return parse_recipe(data, source=str(path))
+    overlays, sets = list(overlays), list(sets)
+    source = " + ".join([str(path), *map(str, overlays), *(f"--set {item}" for item in sets)])
+    return parse_recipe(compose(data, overlays, sets), source=source)

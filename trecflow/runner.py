@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from trecflow.lease import Lease, Owner
+from trecflow.ray_jobs import job_alive
 from trecflow.recipe import RecipeError
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, SummaryError, Target, read_summary, summary_json
 from trecflow.store import Store
@@ -59,6 +60,14 @@ class Reporter(Protocol):
 
 
 Compute = Callable[[bool], StageResult]
+
+
+class Launcher(Protocol):
+    """Computes a stage elsewhere (a Ray job on a cluster: `trecflow.ray_jobs.JobLauncher`) and
+    returns once its output is committed in the store."""
+
+    def compute(self, stage: str, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
+                tracking_run_id: str | None, progress: Callable[[str], None]) -> None: ...
 # executor(stage, target, upstream, fingerprint, force, compute) -> StageResult; compute(force) does the work
 Executor = Callable[[Stage, Target, Mapping[str, StageResult], str, bool, Compute], StageResult]
 
@@ -104,6 +113,34 @@ class Graph:
                 forced.add(stage.name)
         return forced
 
+    def needed(self, target: Target, until: str | None = None) -> list[str]:
+        """The stages a run up to ``until`` (every stage when None) cannot do without, in order:
+        ``until`` (or every final stage) and, transitively, the inputs each requires for ``target``."""
+        users = {name for stage in self.stages for name in stage.inputs}
+        pending = [until] if until is not None else [name for name in self.names if name not in users]
+        needed: set[str] = set()
+        while pending:
+            name = pending.pop()
+            if name not in needed:
+                needed.add(name)
+                stage = self.by_name[name]
+                pending.extend(stage.required_inputs(target) if stage.applies(target) else stage.inputs)
+        return [name for name in self.names if name in needed]
+
+    def check_runnable(self, target: Target, until: str | None, source: str) -> None:
+        """A RecipeError of one line when the recipe lacks sections that a stage the run needs
+        requires: a run never ends Completed having silently skipped what it was asked to do."""
+        if until is not None:
+            self.check([until], "until")
+        blocked = [self.by_name[name] for name in self.needed(target, until) if not self.by_name[name].applies(target)]
+        if blocked:
+            missing = list(dict.fromkeys(section for stage in blocked for section in stage.missing(target)))
+            scope = f"up to {until}" if until else "every stage"
+            raise RecipeError(
+                f"{source}: cannot run {scope}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''} "
+                f"(needed by {', '.join(stage.name for stage in blocked)}); add them, or run up to a stage with --until"
+            )
+
     def ancestors(self, until: str | None, given: Iterable[str] = ()) -> list[str]:
         """The stages needed to produce ``until`` (all of them when None), in order; stages in
         ``given`` and what only they need are left out."""
@@ -136,13 +173,16 @@ class Runner:
         lease_seconds: float | None = None,
         poll_seconds: float | None = None,
         depth: int = 0,
+        owner: Owner | None = None,
+        launcher: Launcher | None = None,
     ):
         self.graph = graph
         self.store = store
         self.forced = set(forced)
         self.reporters = list(reporters)
         self.executor = executor
-        self.owner = Owner.this_process()
+        self.owner = owner or Owner.this_process()
+        self.launcher = launcher
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.depth = depth
@@ -153,7 +193,7 @@ class Runner:
         reference): same store, lease settings and reporters (its events one level deeper),
         computed in this process."""
         return Runner(self.graph, self.store, forced=forced, reporters=self.reporters, lease_seconds=self.lease_seconds,
-                      poll_seconds=self.poll_seconds, depth=self.depth + 1)
+                      poll_seconds=self.poll_seconds, depth=self.depth + 1, launcher=self.launcher)
 
     def emit(self, event: StageEvent) -> StageEvent:
         event.depth = self.depth
@@ -220,12 +260,15 @@ class Runner:
         output = self.store.output(stage.name, fingerprint)
         if output.exists() and not force:
             return self.load(stage, fingerprint)
-        lease = Lease(output, self.owner, self.lease_seconds)
         progress = self._progress(stage, target, fingerprint)
+        if self.launcher is not None and stage.ray:  # a job on the cluster computes it (and holds the lease)
+            self.launcher.compute(stage.name, target, upstream, fingerprint, force, (annotations or {}).get("mlflow_run_id"), progress)
+            return replace(self.load(stage, fingerprint), reused=False)
+        lease = Lease(output, self.owner, self.lease_seconds)
         poll = self.poll_seconds if self.poll_seconds is not None else min(5.0, lease.seconds / 4)
         announced = None
         while True:
-            holder = lease.try_acquire()
+            holder = lease.try_acquire(job_alive)
             if holder is None:
                 break
             if output.exists():  # the holder committed while we looked: its output is as fresh as ours would be

@@ -233,6 +233,7 @@ class Stage(Generic[S]):
     purpose: ClassVar[str] = ""  # how errors name what it does ("placement needs corpus, tokenizer sections")
     figure: ClassVar[str | None] = None  # an output file (PNG) reports show with the rows
     resumable: ClassVar[bool] = False  # an incomplete output is continued, not cleared, when not forced
+    ray: ClassVar[bool] = False  # its work runs on Ray: on a cluster, as a Ray job (`trecflow.ray_jobs`)
     summary_type: ClassVar[type[Summary] | None] = None  # what `run` returns and summary.json holds (None: a plain JSON dict)
 
     def __init_subclass__(cls, **declaration: Any) -> None:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner = Runner(graph, store, forced={stage.name} if spec.force else (), reporters=[report],
                     owner=Owner(JOB, submission))
-    result = runner.compute(stage, target, spec.upstream_results(), spec.fingerprint, spec.force,
+    result = runner.compute(stage, target, spec.upstream_results(graph), spec.fingerprint, spec.force,
                             {"mlflow_run_id": spec.tracking_run_id} if spec.tracking_run_id else None)
     print(f"{stage.name}: committed {result.uri}", flush=True)
     return 0
