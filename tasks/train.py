@@ -36,7 +36,7 @@ STAGE_VERSION = 1
 # Settings that do not change the trained weights: left out of the fingerprint.
 # Settings that change neither the numbers nor the resumability of a run; the DeepSpeed JSON enters
 # through `fingerprint_part` (only its keys that change results).
-NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker",
+NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker", "placement",
                      "deepspeed_config", "activation_checkpointing")
 
 

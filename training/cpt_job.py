@@ -213,7 +213,11 @@ def train_worker(config: dict[str, Any]) -> None:
     schedule = LRSchedule.from_recipe(recipe)
 
     store.fs.makedirs(f"{spec.output_path}/{PID_DIR}", exist_ok=True)
-    store.fs.pipe_file(f"{spec.output_path}/{PID_DIR}/rank-{rank}.json", json.dumps({"pid": os.getpid(), "rank": rank}).encode())
+    import importlib.util
+
+    where = {"pid": os.getpid(), "rank": rank, "node": ray.get_runtime_context().get_node_id(), "host": os.uname().nodename,
+             "code": importlib.util.find_spec("tasks").origin}  # where this worker runs, and which code it imports
+    store.fs.pipe_file(f"{spec.output_path}/{PID_DIR}/rank-{rank}.json", json.dumps(where).encode())
 
     _skip_inference_shm_op()
     torch.manual_seed(training.seed)
@@ -322,7 +326,8 @@ def run_job(spec: JobSpec, progress: Callable[[str], None] = print):
         train_worker,
         train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(
-            num_workers=training.workers, use_gpu=training.use_gpu, resources_per_worker={"CPU": training.cpus_per_worker}
+            num_workers=training.workers, use_gpu=training.use_gpu, resources_per_worker={"CPU": training.cpus_per_worker},
+            placement_strategy=training.placement,
         ),
         run_config=RunConfig(
             name="ray",

@@ -424,6 +424,9 @@ class TrainingSection(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 turns on DeepSpeed's bf16 mode")
     use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs Ray reserves per worker")
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Ray Train's placement of the workers: PACK fills a node first (GPU nodes), SPREAD puts them on different nodes"
+    )
     gradient_clipping: float = Field(1.0, ge=0.0, description="0 turns clipping off")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints Ray Train keeps (the newest)")
