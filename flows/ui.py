@@ -134,16 +134,19 @@ def child_environment(prefect_api_url: str) -> dict[str, str]:
     return env
 
 
-def start_child(name: str, args: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT_ROOT) -> Child:
-    """Start ``args`` in a new session (its own process group; a terminal's Ctrl-C reaches only us)."""
-    with open(log, "wb") as sink:
+def start_child(name: str, args: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT_ROOT, append: bool = False,
+                kind: type[Child] | None = None) -> Child:
+    """Start ``args`` in a new session (its own process group; a terminal's Ctrl-C reaches only us),
+    its output to ``log`` (appended to with ``append``); ``kind``: a subclass of `Child` to return."""
+    with open(log, "ab" if append else "wb") as sink:
         process = subprocess.Popen(
             args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Child(name, process, log)
+    return (kind or Child)(name, process, log)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group ``pgid`` is alive."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -161,7 +164,7 @@ def stop_child(child: Child, grace_s: float = STOP_GRACE_S) -> None:
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         child.process.poll()
-        if child.process.returncode is not None and not _group_alive(pgid):
+        if child.process.returncode is not None and not group_alive(pgid):
             break
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):

@@ -30,7 +30,7 @@ from tasks.train import NOT_FINGERPRINTED, BaseModel, TrainSummary, base_model
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.settings import expand_path
-from trecflow.stage import Stage, StageContext, StageResult, Summary, SummaryError, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 
 STAGE = "base"
@@ -48,15 +48,6 @@ class BaseSummary(Summary):
     kind: str
     model_uri: str | None
     config: Mapping[str, Any] | None
-
-    @classmethod
-    def concrete(cls, data: Mapping[str, Any]) -> type[Summary]:
-        if cls is not BaseSummary:
-            return cls
-        kinds = {"path": PathBaseSummary, "config": ConfigBaseSummary, "tiny": TinyBaseSummary}
-        if data.get("kind") not in kinds:
-            raise SummaryError(f"BaseSummary: kind {data.get('kind')!r} is none of {', '.join(kinds)}")
-        return kinds[data["kind"]]
 
 
 @dataclass(frozen=True)
@@ -94,6 +85,9 @@ class TinyBaseSummary(TrainSummary, BaseSummary):
     @property
     def config(self) -> None:
         return None
+
+
+BaseSummary.forms = {"path": PathBaseSummary, "config": ConfigBaseSummary, "tiny": TinyBaseSummary}
 
 
 def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:

@@ -99,19 +99,13 @@ class Sampling(Summary):
 
 
 @dataclass(frozen=True)
-class ReevaluateSummary(Summary):
+class ReevaluateSummary(AgreementSummary):
     """The measured TREC of one run against the prediction: the primary curve's agreement (the
-    corrected one with a reference, else raw) first, then raw and corrected in full, the sparser
+    corrected one with a reference, else raw: the inherited fields) first, then raw and corrected in full, the sparser
     samplings' r_p, whether the tier mix moves (content_confounded), held-out losses, what was
     evaluated, the reference, the model, the HQ window and the calibration entry (None when
     confounded)."""
 
-    trec_pearson: float
-    trec_pearson_m0: float
-    trec_pearson_fit: float
-    m_fit: float
-    trec_valley_measured: float
-    trec_valley_error: float
     trec_pearson_raw: float
     trec_pearson_corrected: float | None
     trec_valley_predicted: float

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.fingerprint import fingerprint
-from trecflow.stage import Stage, StageContext, StageResult, Summary, SummaryError, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.reevaluation import ActorPool, ModelSpec, Unit
 
@@ -47,15 +47,6 @@ class ReferenceSummary(Summary):
     kind: str
     model_uri: str
 
-    @classmethod
-    def concrete(cls, data: Mapping[str, Any]) -> type[Summary]:
-        if cls is not ReferenceSummary:
-            return cls
-        kinds = {"base": ReferenceSummary, "trained": TrainedReferenceSummary}
-        if data.get("kind") not in kinds:
-            raise SummaryError(f"ReferenceSummary: kind {data.get('kind')!r} is none of {', '.join(kinds)}")
-        return kinds[data["kind"]]
-
 
 @dataclass(frozen=True)
 class TrainedReferenceSummary(ReferenceSummary):
@@ -63,6 +54,9 @@ class TrainedReferenceSummary(ReferenceSummary):
 
     train_fingerprint: str
     final_loss: float
+
+
+ReferenceSummary.forms = {"base": ReferenceSummary, "trained": TrainedReferenceSummary}
 
 
 def reference_recipe(recipe: Recipe) -> Recipe:

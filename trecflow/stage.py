@@ -122,10 +122,20 @@ class Summary:
             out[item.name] = _as_json(value)
         return out
 
+    # A summary with several forms (the base model: a path, a config or a pretrained tiny model)
+    # maps each ``kind`` to its class; `concrete` picks the form of the data.
+    forms: ClassVar[Mapping[str, type[Summary]]] = {}
+
     @classmethod
     def concrete(cls, data: Mapping[str, Any]) -> type[Summary]:
-        """The class that reads ``data`` (a summary with several forms picks one, e.g. by ``kind``)."""
-        return cls
+        """The class that reads ``data``: this one, or for a summary with several `forms` the one
+        its ``kind`` names (SummaryError for another kind)."""
+        forms = cls.__dict__.get("forms")
+        if not forms:
+            return cls
+        if data.get("kind") not in forms:
+            raise SummaryError(f"{cls.__name__}: kind {data.get('kind')!r} is none of {', '.join(forms)}")
+        return forms[data["kind"]]
 
     @classmethod
     def from_json(cls: type[SummaryT], data: Mapping[str, Any]) -> SummaryT:
