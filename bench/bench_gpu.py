@@ -53,7 +53,7 @@ Without CUDA it prints one line and returns (exit status 0).
 
 Smoke mode (``python -m bench gpu --smoke``): the same three parts (DeepSpeed ZeRO-2 bf16, the
 loop, re-evaluation through `training.reevaluation` with the bf16/fp32 check) on a 2-layer
-hidden-64 Llama (`SMOKE_SHAPE`), sequences of `SMOKE_SEQ_LEN` tokens, 1 warm-up + 3 measured
+hidden-64 Llama (`SMOKE_SHAPE`), sequences of `SMOKE_SEQ_LEN` (64) tokens, 1 warm-up + 2 measured
 steps, micro-batch 2 (re-evaluation 2 and 4). On a CUDA device it runs there (NCCL); without one
 it runs on the CPU (gloo; the re-evaluation loads with ``use_gpu=False``), so it checks the code
 paths, the FLOP and MFU arithmetic (no MFU on a CPU: unknown peak) and the printed report, but
@@ -98,8 +98,8 @@ PEAK_FLOPS = (
 NO_CUDA = "no CUDA device: the GPU benchmark needs one"
 SMOKE_SHAPE = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 4}
-SMOKE_SEQ_LEN = 128
-SMOKE_WARMUP, SMOKE_STEPS, SMOKE_MICRO, SMOKE_REEVAL_MICROS = 1, 3, 2, [2, 4]
+SMOKE_SEQ_LEN = 64
+SMOKE_WARMUP, SMOKE_STEPS, SMOKE_MICRO, SMOKE_REEVAL_MICROS = 1, 2, 2, [2, 4]
 
 
 def llama_config(**overrides):

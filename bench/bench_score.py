@@ -17,8 +17,9 @@ partitions grow with the corpus, the classifier's training set is capped (`max_d
 ingestion buffers at most `buffer_mb` = 4 MB of text per task (the 1x files are smaller than that,
 the 10x files larger, so the bound is exercised).
 
-Smoke mode (``python -m bench score --smoke``): corpora of 1x and 2x (`SMOKE_COPIES`), the loop
-baseline on the 2x one; the same figures, from one local Ray.
+Smoke mode (``python -m bench score --smoke``): corpora of 1x and 2x (`SMOKE_COPIES`) of the first
+`SMOKE_DOCUMENTS` documents of each source, the loop baseline on the 2x one; the same figures, from
+one local Ray. The local Ray this benchmark started is shut down at its end.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.common import start_ray, summary_dict
 from tests.corpus_builder import debian_copyright, stdlib_docstrings, write_jsonl
 
 CORES = 2
@@ -38,6 +40,7 @@ CORES = 2
 # working set (10 MB chunks, pyarrow's pool) that a 1x file is too small to fill.
 COPIES = (1, 10, 30)
 SMOKE_COPIES = (1, 2)
+SMOKE_DOCUMENTS = 100  # per source at 1x in smoke mode (of 578 docstrings and 400 copyright files, ~14 MB)
 
 
 class PeakRss:
@@ -72,10 +75,11 @@ class PeakRss:
         self._thread.join()
 
 
-def write_corpus(folder: Path, copies: int) -> dict[str, Path]:
+def write_corpus(folder: Path, copies: int, limit: int | None = None) -> dict[str, Path]:
     """Each source as a folder of ``copies`` jsonl shards of the 1x size (as real corpora come:
-    many bounded files), copy k marking its documents so that deduplication keeps every one."""
-    sources = {"stdlib-docs": stdlib_docstrings(), "debian-copyright": debian_copyright()}
+    many bounded files), copy k marking its documents so that deduplication keeps every one;
+    ``limit``: the first that many documents of each source make the 1x size (smoke mode)."""
+    sources = {"stdlib-docs": stdlib_docstrings()[:limit], "debian-copyright": debian_copyright()[:limit]}
     for name, texts in sources.items():
         for k in range(copies):
             marked = texts if k == 0 else [f"{text}\n\n(copy {k})" for text in texts]
@@ -126,7 +130,7 @@ def run_stage(recipe, store_dir: Path) -> tuple[dict, float, PeakRss]:
 
     with PeakRss() as memory:
         result = run_score(recipe, Store(str(store_dir)), progress=progress)
-    return result.summary, marks["end"] - marks["start"], memory
+    return summary_dict(result.summary), marks["end"] - marks["start"], memory
 
 
 def loop_baseline(recipe, store_dir: Path, stats: dict) -> tuple[int, float]:
@@ -147,21 +151,26 @@ def loop_baseline(recipe, store_dir: Path, stats: dict) -> tuple[int, float]:
 
 
 def run(smoke: bool = False) -> None:
-    from trecflow.ray_runtime import ensure_ray
-
     copies_run = SMOKE_COPIES if smoke else COPIES
     baseline_copies = copies_run[1]  # 10x at full size
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ensure_ray()  # started once, outside the timed and measured regions' difference
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    start_ray()  # started once, outside the timed and measured regions' difference
     results = {}
-    with tempfile.TemporaryDirectory(prefix="trecflow-bench-") as folder:
-        for copies in copies_run:
-            base = Path(folder) / f"x{copies}"
-            recipe = recipe_for(write_corpus(base / "corpus", copies), copies)
-            stats, seconds, peak = run_stage(recipe, base / "store")
-            results[copies] = (stats, seconds, peak)
-        stats, seconds, _ = results[baseline_copies]
-        documents, loop_seconds = loop_baseline(recipe, Path(folder) / f"x{baseline_copies}" / "store", stats)
+    try:
+        with tempfile.TemporaryDirectory(prefix="trecflow-bench-") as folder:
+            for copies in copies_run:
+                base = Path(folder) / f"x{copies}"
+                recipe = recipe_for(write_corpus(base / "corpus", copies, SMOKE_DOCUMENTS if smoke else None), copies)
+                stats, seconds, peak = run_stage(recipe, base / "store")
+                results[copies] = (stats, seconds, peak)
+            stats, seconds, _ = results[baseline_copies]
+            documents, loop_seconds = loop_baseline(recipe, Path(folder) / f"x{baseline_copies}" / "store", stats)
+    finally:
+        if not ray_was_up:  # the next benchmark's memory figures (its process tree) without this Ray's processes
+            ray.shutdown()
     stage_per_core = stats["documents"] / seconds / CORES
     loop_per_core = documents / loop_seconds
     if smoke:
