@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from trecflow.settings import configure_environment, ensure_home, home, store_endpoint, store_url, tracking_uri
 
@@ -173,27 +173,31 @@ def stop_child(child: Child, grace_s: float = STOP_GRACE_S) -> None:
         child.process.wait(timeout=5)
 
 
-def wait_until(
-    ready: Callable[[], bool], child: Child | None, what: str, timeout_s: float, interval_s: float = 0.5
-) -> None:
-    """Poll ``ready`` until it is true; a `UIError` if ``child`` exits or the time runs out."""
+def wait_until(ready: Callable[[], Any], child: Child | None, what: str, timeout_s: float, interval_s: float = 0.5,
+               error: type[Exception] = UIError) -> Any:
+    """Poll ``ready`` until it returns something truthy (returned); ``error`` (or the child's
+    failure) naming ``what`` and the last error seen if ``child`` exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
     while True:
         try:
-            if ready():
-                return
-        except Exception:  # noqa: BLE001 - not up yet (connection refused, 503, ...)
-            pass
+            value = ready()
+            if value:
+                return value
+        except Exception as problem:  # noqa: BLE001 - not up yet (connection refused, 503, ...)
+            last_error = problem
         if child is not None and child.exited() is not None:
             raise child.failure(f"{child.name} exited with status {child.exited()} before {what}")
         if time.monotonic() > deadline:
+            detail = f" (last error: {last_error!r})" if last_error else ""
             if child is not None:
-                raise child.failure(f"{what}: not after {timeout_s:.0f} s")
-            raise UIError(f"{what}: not after {timeout_s:.0f} s")
+                raise child.failure(f"{what}: not after {timeout_s:.0f} s{detail}")
+            raise error(f"{what}: not after {timeout_s:.0f} s{detail}")
         time.sleep(interval_s)
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True when ``url`` answers 200 within 5 s."""
     import httpx
 
     return httpx.get(url, timeout=5).status_code == 200
@@ -315,7 +319,7 @@ def running_ui(
             mlflow_ui = start_mlflow_ui(host, mlflow_port, env, ui.log_dir / "mlflow.log")
             ui.children.append(mlflow_ui)
 
-        wait_until(lambda: _http_ok(f"{ui.prefect_api_url}/health"), server, "the Prefect API answering", startup_timeout_s)
+        wait_until(lambda: http_ok(f"{ui.prefect_api_url}/health"), server, "the Prefect API answering", startup_timeout_s)
         progress(f"Prefect server up ({elapsed()})")
 
         if ensure_work_pool(ui.prefect_api_url):
@@ -340,7 +344,7 @@ def running_ui(
         progress(f"deployments applied ({elapsed()})")
 
         if mlflow_ui is not None:
-            wait_until(lambda: _http_ok(f"{ui.mlflow_url}/health"), mlflow_ui, "the MLflow UI answering", startup_timeout_s)
+            wait_until(lambda: http_ok(f"{ui.mlflow_url}/health"), mlflow_ui, "the MLflow UI answering", startup_timeout_s)
             progress(f"MLflow UI up ({elapsed()})")
         wait_until(lambda: worker_online(ui.prefect_api_url), worker, "the worker polling its pool", startup_timeout_s)
         progress(f"worker online ({elapsed()})")

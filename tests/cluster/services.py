@@ -167,31 +167,8 @@ def group_cpu_seconds(child: Child) -> float:
 
 
 def wait_until(ready: Callable[[], Any], what: str, timeout_s: float, child: Child | None = None, interval_s: float = 0.25):
-    """Poll ``ready`` until it returns something truthy (returned); `BoxError` if ``child`` exits
-    or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while True:
-        try:
-            value = ready()
-            if value:
-                return value
-        except Exception as error:  # noqa: BLE001 - not up yet (connection refused, 503, ...)
-            last_error = error
-        if child is not None and child.exited() is not None:
-            raise child.failure(f"exited with status {child.exited()} before {what}")
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            if child is not None:
-                raise child.failure(f"{what}: not after {timeout_s:.0f} s{detail}")
-            raise BoxError(f"{what}: not after {timeout_s:.0f} s{detail}")
-        time.sleep(interval_s)
-
-
-def _http_ok(url: str) -> bool:
-    import httpx
-
-    return httpx.get(url, timeout=5).status_code == 200
+    """`flows.ui.wait_until` with `BoxError`: ``ready``'s first truthy value."""
+    return ui.wait_until(ready, child, what, timeout_s, interval_s, error=BoxError)
 
 
 # --------------------------------------------------------------------------- the box
@@ -463,19 +440,19 @@ def _start(services: Services, s3_endpoint: str, bucket: str, timings: dict[str,
             services.ray_worker_args = _ray_node_args(gcs_port, WORKER_CPUS, WORKER_OBJECT_STORE_BYTES, ray_worker_temp, False)
             services.ray_worker_env = {**ray_env, "TRECFLOW_HOME": str(home("ray-worker-home"))}
             services.ray_worker = start_worker_node(services, ray_dashboard, wait=False)
-            wait_until(lambda: _http_ok(f"{ray_dashboard}/api/version"), "the Ray dashboard answering", STARTUP_TIMEOUT_S, services.ray_head)
+            wait_until(lambda: ui.http_ok(f"{ray_dashboard}/api/version"), "the Ray dashboard answering", STARTUP_TIMEOUT_S, services.ray_head)
             timings["ray dashboard"] = time.monotonic() - t0
             wait_for_worker_node(services, ray_dashboard, STARTUP_TIMEOUT_S)
             timings["ray 2 nodes"] = time.monotonic() - t0
             # the job server is a dashboard module of its own: up when it lists jobs
-            wait_until(lambda: _http_ok(f"{ray_dashboard}/api/jobs/"), "the Ray job server answering", STARTUP_TIMEOUT_S, services.ray_head)
+            wait_until(lambda: ui.http_ok(f"{ray_dashboard}/api/jobs/"), "the Ray job server answering", STARTUP_TIMEOUT_S, services.ray_head)
             timings["ray jobs api"] = time.monotonic() - t0
         except BaseException as error:  # noqa: BLE001 - re-raised by the main thread
             errors.append(error)
 
     def mlflow_server():
         try:
-            wait_until(lambda: _http_ok(f"{mlflow_uri}/health"), "the MLflow server answering /health", STARTUP_TIMEOUT_S, services.mlflow)
+            wait_until(lambda: ui.http_ok(f"{mlflow_uri}/health"), "the MLflow server answering /health", STARTUP_TIMEOUT_S, services.mlflow)
             timings["mlflow"] = time.monotonic() - t0
         except BaseException as error:  # noqa: BLE001
             errors.append(error)
@@ -500,7 +477,7 @@ def _start(services: Services, s3_endpoint: str, bucket: str, timings: dict[str,
          "--name", f"box-{marker}"],
         worker_env, log_dir / "prefect-worker.log", home("prefect-worker"),
     )
-    wait_until(lambda: _http_ok(f"{prefect_api_url}/health"), "the Prefect API answering /api/health", STARTUP_TIMEOUT_S, services.prefect_server)
+    wait_until(lambda: ui.http_ok(f"{prefect_api_url}/health"), "the Prefect API answering /api/health", STARTUP_TIMEOUT_S, services.prefect_server)
     timings["prefect server"] = time.monotonic() - t0
     wait_until(lambda: worker_online(prefect_api_url, WORK_POOL), "the Prefect worker polling its pool", STARTUP_TIMEOUT_S, services.prefect_worker)
     timings["prefect worker"] = time.monotonic() - t0

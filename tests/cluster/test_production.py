@@ -168,8 +168,8 @@ def test_training_recovers_on_the_head_after_the_worker_node_is_lost(cluster_box
                                                               "set": [], "until": "train"}})
     (job,) = wait_for(lambda: [job for job in jobs(box, "train-") if job.submission_id not in jobs_before and str(job.status) == "RUNNING"],
                       "the uniform variant's training job running", 600, box, poll_s=2.0)
-    folder = f"store/train/{job.submission_id.split('-')[1]}/"
-    wait_for(lambda: [key for key in box.s3_keys(folder) if "/audit/" in key], "the uniform run's first steps", 300, box)
+    run_fingerprint = job.submission_id.split("-")[1]
+    wait_for(lambda: box.s3_keys(f"store/checkpoints/{run_fingerprint}/"), "the uniform run's first checkpoint (step 10)", 300, box)
     kill_worker_node(box)
     assert len(ray_nodes(box)) == 1
     final = wait_for_flow_run(box, run, timeout_s=600)
@@ -178,6 +178,10 @@ def test_training_recovers_on_the_head_after_the_worker_node_is_lost(cluster_box
     summary = stage_summaries(box, "train")[new]
     assert summary["steps"] == 40 and summary["audit"]["exactly_once"], summary["audit"]
     assert len(summary["audit"]["attempts"]) >= 2, summary["audit"]  # Ray Train restarted the workers on the head
+    s3 = box.s3_client()
+    restarted = sorted(key for key in box.s3_keys(f"{new}/audit/") if "/attempt-002/" in key)
+    first = json.loads(s3.get_object(Bucket=box.bucket, Key=restarted[0])["Body"].read().decode().splitlines()[0])
+    assert first["step"] >= 10, first  # the restarted workers resumed from a checkpoint, not from step 0
     assert [j.submission_id for j in jobs(box, "train-") if j.submission_id not in jobs_before] == [job.submission_id]
     print(f"\nnode loss: {time.monotonic() - began:.0f} s, audit {summary['audit']}")
     restart_worker_node(box)

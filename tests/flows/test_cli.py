@@ -67,3 +67,31 @@ def test_bad_hq_fraction_is_exit_2(tmp_path):
     result = run_cli("predict", CPT, "--hq-fraction", "1.5", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --hq-fraction: must be in (0, 1), got 1.5"
+
+
+def test_the_paper_recipe_without_its_data_sections_is_refused_before_any_work(tmp_path):
+    """The scheduled job must never predict, skip the rest and end Completed: a run whose recipe
+    lacks what a needed stage requires exits 2 before any work, in one line naming the sections."""
+    import re
+
+    text = (CONFIGS / "cpt-3.9b-900b.yaml").read_text()
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^[a-z_]+:", line):
+            skipping = line.split(":")[0] in ("corpus", "scoring", "tokenizer", "base")
+        if not skipping:
+            kept.append(line)
+    stripped = tmp_path / "stripped.yaml"
+    stripped.write_text("".join(kept))
+    home = tmp_path / "home"
+    result = subprocess.run([str(TRECFLOW), "run", str(stripped)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TRECFLOW_HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {stripped}: cannot run every stage: no corpus, tokenizer, base sections"), lines
+    assert "--until" in lines[0] and "Traceback" not in result.stderr
+    assert not (home / "store").exists() and not (home / "mlflow.db").exists()  # nothing was started or written
+    # the recipe itself is valid, and --set edits it like any recipe (64 workers x 8 x 2 = 1,024 sequences)
+    listed = subprocess.run([str(TRECFLOW), "validate", str(stripped), "--set", "training.workers=64", "--set", "training.accumulation=2"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0 and "214,576 steps" in listed.stdout, listed.stderr

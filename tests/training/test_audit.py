@@ -52,3 +52,27 @@ def test_the_check_names_missing_steps_wrong_batches_and_disorder(tmp_path):
     write(shuffled, other, [0, 1, 3, 2, 4])
     report = check_audit(read_audit(shuffled, other), 5, planned)
     assert report.out_of_order and not report.missing_steps and not report.exactly_once
+
+
+def test_a_reader_on_s3_sees_attempts_written_after_it_last_looked(s3_endpoint):
+    """A driver polls the newest record while Ray Train restarts its workers: the attempt the new
+    workers write must be in the final read (s3fs caches listings; the audit must not use them)."""
+    import uuid
+
+    from ..conftest import BUCKET
+
+    folder_url = f"s3://{BUCKET}/audit-{uuid.uuid4().hex[:8]}"
+    reader = Store(folder_url, s3_endpoint)
+    write(reader, reader.path("train"), range(0, 4))
+    assert latest_record(reader, reader.path("train"))["step"] == 3  # the listing is now cached
+    import json
+
+    import boto3
+
+    lines = "".join(json.dumps({"step": step, "attempt": 2, "batch_hash": planned(step), "lr": 1e-3, "loss": 2.0, "tokens": 512,
+                                "seconds": 0.1}) + "\n" for step in range(8))
+    key = f"{reader.path('train').split('/', 1)[1]}/audit/attempt-002/part-000000000.jsonl"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=lines.encode())
+    assert attempts(reader, reader.path("train")) == [1, 2]
+    assert latest_record(reader, reader.path("train"))["attempt"] == 2
+    assert len(read_audit(reader, reader.path("train"))) == 12
