@@ -54,6 +54,17 @@ def wait_for(condition, what: str, timeout_s: float, box: ClusterBox, poll_s: fl
         time.sleep(poll_s)
 
 
+def flow_run_logs(box: ClusterBox, flow_run_id: str) -> list[str]:
+    """The log messages of a flow run, as the Prefect UI shows them."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with SyncPrefectClient(api=box.prefect_api_url) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))]
+
+
 def stage_summaries(box: ClusterBox, stage: str) -> dict[str, dict]:
     """The committed summaries of ``stage`` in the store, by output folder."""
     s3 = box.s3_client()
@@ -86,8 +97,7 @@ def test_a_killed_flow_run_is_followed_by_one_that_reattaches_to_its_training_jo
     flow_run_pid(first, timeout_s=120)
     running = wait_for(lambda: [job for job in jobs(box, "train-") if str(job.status) == "RUNNING"],
                        "the training job running", 600, box, poll_s=2.0)
-    (training,) = running
-    wait_for(lambda: any("/audit/" in key for key in box.s3_keys("store/train/")), "a training step audited", 300, box)
+    (training,) = running  # killed while the job starts its workers: the next flow run finds it still running
     assert kill_flow_run(first), "no process of the first flow run to kill"
     crashed = wait_for_flow_run(box, first, timeout_s=120)
     assert crashed.is_crashed(), crashed  # the worker saw its process die: the deployment's slot is free
@@ -97,7 +107,9 @@ def test_a_killed_flow_run_is_followed_by_one_that_reattaches_to_its_training_jo
     assert final.is_completed(), final
     seconds = time.monotonic() - began
 
-    # one training job, which the second flow run followed; every Ray stage ran as a job
+    # one training job, which the second flow run attached to and followed; every Ray stage ran as a job
+    assert any(f"attaching to Ray job {training.submission_id} (RUNNING)" in message for message in flow_run_logs(box, second)), \
+        "the second flow run did not attach to the running training job"
     train_jobs = jobs(box, "train-")
     assert [job.submission_id for job in train_jobs] == [training.submission_id] and str(train_jobs[0].status) == "SUCCEEDED"
     stages = {job.submission_id.split("-", 1)[0] for job in jobs(box) if str(job.status) == "SUCCEEDED"}
@@ -169,7 +181,21 @@ def test_training_recovers_on_the_head_after_the_worker_node_is_lost(cluster_box
     (job,) = wait_for(lambda: [job for job in jobs(box, "train-") if job.submission_id not in jobs_before and str(job.status) == "RUNNING"],
                       "the uniform variant's training job running", 600, box, poll_s=2.0)
     run_fingerprint = job.submission_id.split("-")[1]
-    wait_for(lambda: box.s3_keys(f"store/checkpoints/{run_fingerprint}/"), "the uniform run's first checkpoint (step 10)", 300, box)
+    # Ray Train writes its run state there at once; a checkpoint is a checkpoint_* folder with our info file
+    wait_for(lambda: [key for key in box.s3_keys(f"store/checkpoints/{run_fingerprint}/") if key.endswith("/trecflow_checkpoint.json")],
+             "the uniform run's first checkpoint (step 10)", 300, box, poll_s=0.5)
+    s3 = box.s3_client()
+
+    def last_step() -> int:
+        parts = sorted(key for key in box.s3_keys(f"store/train/{run_fingerprint}/audit/attempt-001/"))
+        lines = s3.get_object(Bucket=box.bucket, Key=parts[-1])["Body"].read().decode().splitlines() if parts else []
+        return json.loads(lines[-1])["step"] if lines else -1
+
+    # a few steps past the checkpoint: Ray Train has registered it (every rank reported) before the loss
+    wait_for(lambda: last_step() >= 15, "the uniform run six steps past its checkpoint", 120, box, poll_s=0.5)
+    placed = [json.loads(s3.get_object(Bucket=box.bucket, Key=f"store/train/{run_fingerprint}/_work/pids/rank-{rank}.json")["Body"].read())
+              for rank in (0, 1)]
+    assert len({rank["node"] for rank in placed}) == 2, placed  # SPREAD: one worker on the node about to be lost
     kill_worker_node(box)
     assert len(ray_nodes(box)) == 1
     final = wait_for_flow_run(box, run, timeout_s=600)
@@ -178,7 +204,6 @@ def test_training_recovers_on_the_head_after_the_worker_node_is_lost(cluster_box
     summary = stage_summaries(box, "train")[new]
     assert summary["steps"] == 40 and summary["audit"]["exactly_once"], summary["audit"]
     assert len(summary["audit"]["attempts"]) >= 2, summary["audit"]  # Ray Train restarted the workers on the head
-    s3 = box.s3_client()
     restarted = sorted(key for key in box.s3_keys(f"{new}/audit/") if "/attempt-002/" in key)
     first = json.loads(s3.get_object(Bucket=box.bucket, Key=restarted[0])["Body"].read().decode().splitlines()[0])
     assert first["step"] >= 10, first  # the restarted workers resumed from a checkpoint, not from step 0
