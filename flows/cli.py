@@ -504,8 +504,6 @@ def run(
     from flows.pipeline import cpt_pipeline
 
     result = run_stage_flow(cpt_pipeline, run=PipelineRun(**recipe_path.params(), variant=variant, force=force or [], until=until))
-    from tasks.graph import GRAPH
-
     for name in GRAPH.names:
         if name not in result:
             continue
