@@ -98,7 +98,7 @@ def runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class StageJobSpec:
     """What the job's driver needs to compute one stage (JSON in the store under ``_jobs/``)."""
 
     stage: str
@@ -128,7 +128,7 @@ def spec_path(store: Store, submission: str) -> str:
     return store.path(SPEC_FOLDER, f"{submission}.json")
 
 
-def write_spec(store: Store, spec: JobSpec) -> str:
+def write_spec(store: Store, spec: StageJobSpec) -> str:
     from dataclasses import asdict
 
     path = spec_path(store, spec.submission_id)
@@ -137,8 +137,8 @@ def write_spec(store: Store, spec: JobSpec) -> str:
     return path
 
 
-def read_spec(store: Store, submission: str) -> JobSpec:
-    return JobSpec(**json.loads(store.fs.cat_file(spec_path(store, submission))))
+def read_spec(store: Store, submission: str) -> StageJobSpec:
+    return StageJobSpec(**json.loads(store.fs.cat_file(spec_path(store, submission))))
 
 
 class JobLauncher:
@@ -190,7 +190,7 @@ class JobLauncher:
     def submit(self, submission: str, stage_name: str, target: Target, upstream: Mapping[str, StageResult], fingerprint: str,
                force: bool, tracking_run_id: str | None) -> None:
         upstream_json = {name: {"result": result.as_dict(), "inputs": dict(result.inputs)} for name, result in upstream.items()}
-        spec = JobSpec(stage_name, fingerprint, target.recipe.model_dump(mode="json"), target.variant, target.split,
+        spec = StageJobSpec(stage_name, fingerprint, target.recipe.model_dump(mode="json"), target.variant, target.split,
                        upstream_json, force, tracking_run_id, submission)
         write_spec(self.store, spec)
         entrypoint = " ".join(shlex.quote(part) for part in ("python", "-m", "trecflow.stage_job", self.store.url, submission))
