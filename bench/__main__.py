@@ -3,7 +3,7 @@ needs a CUDA device for its measurements and runs only when named).
 
 ``--smoke`` runs each at tiny sizes: the same code paths and the same printed figures, as a check
 that the benchmarks still run (`tests/bench/test_bench.py`); its numbers are not measurements. What
-is left of a smoke's time is fixed start-up: imports, the local Ray, Ray Data actors, Ray Train
+is left of a smoke's time is fixed start-up: imports, the local Ray, scoring actors, Ray Train
 workers. ``make bench`` runs them all at full size. Benchmarks named together run in one process:
 `train` and `reevaluate` then stage their shared recipe once (`bench_train.shared_staging`)."""
 

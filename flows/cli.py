@@ -232,7 +232,8 @@ def corpus_demo(
 
 
 def check_sources(recipe: Recipe) -> None:
-    """List every corpus source (cheap): a missing path is a clear error before any work."""
+    """List every corpus source and check the perplexity scorer's model (cheap: no document or
+    weight is read): a missing path or a model that is not a causal LM is one line before any work."""
     if recipe.corpus is None:
         return
     from tasks.ingest import IngestError, list_source
@@ -241,7 +242,12 @@ def check_sources(recipe: Recipe) -> None:
     try:
         for source in recipe.corpus.sources:
             list_source(source, store_endpoint(recipe))
-    except IngestError as error:
+        scoring = recipe.scoring
+        if scoring is not None and "perplexity" in scoring.scorers:
+            from tasks.scoring.perplexity import check_perplexity_model
+
+            check_perplexity_model(scoring.perplexity.model, store_endpoint(recipe))
+    except (IngestError, RecipeError) as error:
         raise fail(str(error)) from None
 
 
@@ -262,7 +268,8 @@ def score(
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "score", force=force))
     payload = result["score"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
-        keys = ("documents", "dropped", "classifier_accuracy", "tiers", "tier_totals", "thresholds", "classifier_training")
+        keys = ("documents", "dropped", "classifier_kind", "classifier_accuracy", "tiers", "tier_totals", "thresholds",
+                "classifier_training", "sources")
         typer.echo(json.dumps({key: payload.get(key) for key in keys} | {"uri": payload["uri"], "reused": payload["reused"]}))
     else:
         scored = stage_result("score", payload)

@@ -1,21 +1,36 @@
 """Stage 1a, ingest: corpus sources -> deduplicated, split, normalized parquet shards.
 
-Two passes of Ray tasks (a local Ray, or a cluster through ``RAY_ADDRESS``); memory is bounded by
-batch and buffer sizes, never by the corpus:
+Passes of Ray tasks (a local Ray, or a cluster through ``RAY_ADDRESS``); memory is bounded by
+batch and buffer sizes and by partitions, never by the corpus:
 
-1. One task per input file reads it with Hugging Face ``datasets`` (streaming), checks it, and gives
-   every non-empty document ``doc_id`` = SHA-256 of its UTF-8 text (32 hex digits) and length
-   fields. Rows go to hash partition ``int(doc_id[:8], 16) % corpus.partitions``; every
-   ``corpus.buffer_mb`` of text, one parquet file per partition is written under ``_work/``.
-2. One task per partition drops exact duplicates (equal texts share a doc_id and so a partition;
-   the first occurrence by source order, then file order, is kept), assigns the split from the
-   doc_id hash (``int(doc_id[8:16], 16) / 2**32`` against the cumulative shares of
-   ``corpus.splits``), and writes ``shards/part-PPPPP-KKK.parquet``.
+1. `ingest_file`, one task per input file: reads it with Hugging Face ``datasets`` (streaming),
+   checks it, and gives every non-empty document ``doc_id`` = SHA-256 of its UTF-8 text (32 hex
+   digits) and length fields. Rows go to hash partition ``int(doc_id[:8], 16) % corpus.partitions``;
+   every ``corpus.buffer_mb`` of text, one parquet file per partition is written under ``_work/``.
+2. `dedup_partition`, one task per partition: drops exact duplicates (equal texts share a doc_id
+   and so a partition; the first occurrence by source order, then file order, is kept). Without
+   near-duplicate removal it writes the shards (step 5) at once. With it, it writes the unique rows
+   to ``_work/unique/`` and signs each document (`tasks.near_dedup`: MinHash of word shingles);
+   each band of a signature becomes a band row (band, key, doc_id, source rank, sketch) in band
+   partition ``key % corpus.partitions`` under ``_work/bands/``.
+3. `bucket_partition`, one task per band partition: documents sharing a (band, key) bucket are
+   candidates; a member whose estimated Jaccard similarity with its bucket's representative (first
+   by source rank, then doc_id) reaches ``near_duplicates.threshold`` gives an edge
+   (``_work/edges/``).
+4. `cluster_near_duplicates`, one task: the connected components of all edges; of each, the document
+   of the earliest source (then smallest doc_id) is kept, the others are written per partition to
+   ``_work/removed/``. Its memory grows with the number of near-duplicate documents only (the
+   documents with an edge), not with the corpus.
+5. `write_partition`, one task per partition: the unique rows less the removed ones; assigns the
+   split from the doc_id hash (``int(doc_id[8:16], 16) / 2**32`` against the cumulative shares of
+   ``corpus.splits``) and writes ``shards/part-PPPPP-KKK.parquet``.
 
+Which documents are removed does not depend on ``corpus.partitions`` or on the order tasks run in.
 Output ``<store>/ingest/<fingerprint>/``: ``shards/`` (doc_id, source, text, chars, bytes, words,
 split), ``stats.json`` (documents per source and split; dropped documents by reason) and the
 manifest last. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
-its content. Bad input raises `IngestError` naming the source and file before any output exists.
+its content; the corpus settings (near-duplicate ones included) are hashed too. Bad input raises
+`IngestError` naming the source and file before any output exists; ``_work/`` is removed at the end.
 """
 
 from __future__ import annotations
@@ -28,16 +43,18 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks import near_dedup
 from trecflow.fingerprint import fingerprint
-from trecflow.recipe import SPLITS, CorpusSection, SourceSection
+from trecflow.recipe import SPLITS, CorpusSection, NearDuplicateSection, SourceSection
 from trecflow.settings import expand_path
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 
 STAGE = "ingest"
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 READ_BATCH = 1000
 EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet",), "arrow": (".arrow",)}
 SCHEMA = pa.schema(
@@ -58,10 +75,13 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class Dropped(Summary):
-    """Documents dropped: empty (no text) and exact duplicates (a later copy of a kept text)."""
+    """Documents dropped: empty (no text), exact duplicates (a later copy of a kept text) and
+    near-duplicates (a similar document of an earlier source, or of the same source with a
+    smaller doc_id, is kept)."""
 
     empty: int
     duplicate: int
+    near_duplicate: int
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,7 @@ class IngestedSource(Summary):
     read: int
     dropped_empty: int
     dropped_duplicate: int
+    dropped_near_duplicate: int
     splits: Mapping[str, int]
     documents: int
 
@@ -302,28 +323,40 @@ def ingest_file(
     return counts
 
 
-def dedup_partition(partition: int, output_url: str, endpoint_url: str | None, shares: dict[str, float], rows_per_shard: int) -> dict[str, Any]:
-    """Pass 2 for one partition: drop repeated doc_ids (first kept), assign splits, write shards."""
-    store = Store(output_url, endpoint_url)
-    folder = store.path("_work", f"p{partition:05d}")
-    files = sorted(store.fs.ls(folder, detail=False)) if store.fs.exists(folder) else []
-    if not files:
-        return {"partition": partition, "documents": {}, "duplicates": {}, "files": []}
+def _read_parquet_files(store: Store, files: list[str]) -> pa.Table | None:
     tables = []
     for name in files:
         with store.fs.open(name, "rb") as handle:
             tables.append(pq.read_table(handle))
-    table = pa.concat_tables(tables)
-    doc_ids = table["doc_id"].to_numpy(zero_copy_only=False)
-    _, first = np.unique(doc_ids, return_index=True)
-    keep = np.sort(first)
-    duplicates: dict[str, int] = {}
-    if keep.size < table.num_rows:
-        dropped = np.ones(table.num_rows, dtype=bool)
-        dropped[keep] = False
-        for source, count in zip(*np.unique(table["source"].to_numpy(zero_copy_only=False)[dropped], return_counts=True)):
-            duplicates[str(source)] = int(count)
-    table = table.take(pa.array(keep))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _read_folder(store: Store, *parts: str) -> pa.Table | None:
+    """The parquet files of a ``_work/`` folder (sorted by name) as one table; None when absent."""
+    folder = store.path(*parts)
+    files = sorted(store.fs.ls(folder, detail=False)) if store.fs.exists(folder) else []
+    return _read_parquet_files(store, files)
+
+
+def _read_file(store: Store, *parts: str) -> pa.Table | None:
+    path = store.path(*parts)
+    return _read_parquet_files(store, [path]) if store.fs.exists(path) else None
+
+
+def _write_table(store: Store, table: pa.Table, *parts: str) -> None:
+    store.fs.makedirs(store.path(*parts[:-1]), exist_ok=True)
+    with store.fs.open(store.path(*parts), "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def _count(values: list[str] | np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(np.asarray(values, dtype=object), return_counts=True)
+    return {str(name): int(count) for name, count in zip(names, counts)}
+
+
+def _write_shards(store: Store, partition: int, table: pa.Table, shares: dict[str, float], rows_per_shard: int) -> dict[str, Any]:
+    """A partition's kept rows with their split, as ``shards/part-PPPPP-KKK.parquet``: the documents
+    per source and split, and the files written."""
     splits = assign_splits(table["doc_id"].to_pylist(), shares)
     table = table.append_column("split", pa.array(splits, type=pa.string()))
     documents: dict[str, dict[str, int]] = {}
@@ -331,13 +364,171 @@ def dedup_partition(partition: int, output_url: str, endpoint_url: str | None, s
         documents.setdefault(source, {}).setdefault(split, 0)
         documents[source][split] += 1
     written = []
-    store.fs.makedirs(store.path("shards"), exist_ok=True)
     for index, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        name = f"shards/part-{partition:05d}-{index:03d}.parquet"
-        with store.fs.open(store.path(name), "wb") as handle:
-            pq.write_table(table.slice(start, rows_per_shard), handle, compression="zstd")
-        written.append(name)
-    return {"partition": partition, "documents": documents, "duplicates": duplicates, "files": written}
+        name = f"part-{partition:05d}-{index:03d}.parquet"
+        _write_table(store, table.slice(start, rows_per_shard), "shards", name)
+        written.append(f"shards/{name}")
+    return {"documents": documents, "files": written}
+
+
+def dedup_partition(
+    partition: int,
+    output_url: str,
+    endpoint_url: str | None,
+    shares: dict[str, float],
+    rows_per_shard: int,
+    near: NearDuplicateSection | None,
+    ranks: dict[str, int],
+    band_partitions: int,
+) -> dict[str, Any]:
+    """Pass 2 for one partition: drop repeated doc_ids (first kept). Without ``near``, write the
+    shards; with it, write the unique rows to ``_work/unique/`` and each signed document's band
+    rows to ``_work/bands/qQQQQQ/pPPPPP.parquet`` (band partition ``key % band_partitions``)."""
+    store = Store(output_url, endpoint_url)
+    empty = {"partition": partition, "documents": {}, "duplicates": {}, "files": [], "signed": 0}
+    table = _read_folder(store, "_work", f"p{partition:05d}")
+    if table is None:
+        return empty
+    doc_ids = table["doc_id"].to_numpy(zero_copy_only=False)
+    _, first = np.unique(doc_ids, return_index=True)
+    keep = np.sort(first)
+    duplicates: dict[str, int] = {}
+    if keep.size < table.num_rows:
+        dropped = np.ones(table.num_rows, dtype=bool)
+        dropped[keep] = False
+        duplicates = _count(table["source"].to_numpy(zero_copy_only=False)[dropped])
+    table = table.take(pa.array(keep))
+    if near is None:
+        return {**empty, **_write_shards(store, partition, table, shares, rows_per_shard), "duplicates": duplicates}
+    _write_table(store, table, "_work", "unique", f"p{partition:05d}.parquet")
+    signed = _write_band_rows(store, partition, table, near, ranks, band_partitions)
+    return {**empty, "duplicates": duplicates, "signed": signed}
+
+
+def _write_band_rows(
+    store: Store, partition: int, table: pa.Table, near: NearDuplicateSection, ranks: dict[str, int], band_partitions: int
+) -> int:
+    """Sign the documents of ``table`` and write their band rows, grouped by band partition (one
+    file per band partition). Returns how many documents were signed (those with a word)."""
+    num_perm = near.bands * near.rows
+    signer = near_dedup.Signer(num_perm, near.seed, near.shingle)
+    texts = table["text"]
+    batches = (text for start in range(0, len(texts), READ_BATCH) for text in texts.slice(start, READ_BATCH).to_pylist())
+    signatures, has_words = signer.signatures(batches, len(texts))
+    signed = np.flatnonzero(has_words)
+    if signed.size == 0:
+        return 0
+    keys = near_dedup.band_keys(signatures[signed], near.bands, near.rows).ravel()  # document-major
+    sketches = near_dedup.sketches(signatures[signed])
+    del signatures
+    documents = np.repeat(np.arange(signed.size), near.bands)
+    bands = np.tile(np.arange(near.bands, dtype=np.int32), signed.size)
+    targets = keys % np.uint64(band_partitions)
+    order = np.argsort(targets, kind="stable")
+    doc_ids = table["doc_id"].take(pa.array(signed))
+    source_ranks = np.array([ranks[name] for name in table["source"].take(pa.array(signed)).to_pylist()], dtype=np.int32)
+    bounds = np.flatnonzero(np.diff(targets[order])) + 1
+    for rows in np.split(order, bounds):
+        target = int(targets[rows[0]])
+        members = documents[rows]
+        band_table = pa.table(
+            {
+                "band": pa.array(bands[rows]),
+                "key": pa.array(keys[rows]),
+                "doc_id": doc_ids.take(pa.array(members)),
+                "source_rank": pa.array(source_ranks[members]),
+                "sketch": _fixed_binary(sketches[members]),
+            }
+        )
+        _write_table(store, band_table, "_work", "bands", f"q{target:05d}", f"p{partition:05d}.parquet")
+    return int(signed.size)
+
+
+def _fixed_binary(matrix: np.ndarray) -> pa.Array:
+    """A (rows, width) uint8 matrix as a fixed-size binary array of ``width`` bytes per row."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(matrix.shape[1]), len(matrix), [None, pa.py_buffer(matrix.tobytes())])
+
+
+def _byte_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed-size binary column as a (rows, width) uint8 matrix."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width : (array.offset + len(array)) * width].reshape(len(array), width)
+
+
+EDGE_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("source_rank", pa.int32()), ("representative", pa.string()), ("representative_rank", pa.int32())]
+)
+
+
+def bucket_partition(band_partition: int, output_url: str, endpoint_url: str | None, near: NearDuplicateSection) -> dict[str, int]:
+    """Pass 3 for one band partition: the edges of its (band, key) buckets (`near_dedup.bucket_edges`)
+    to ``_work/edges/qQQQQQ.parquet``. Returns the band rows read and the edges written."""
+    store = Store(output_url, endpoint_url)
+    table = _read_folder(store, "_work", "bands", f"q{band_partition:05d}")
+    if table is None:
+        return {"band_rows": 0, "edges": 0}
+    doc_ids = table["doc_id"].to_numpy(zero_copy_only=False)
+    ranks = table["source_rank"].to_numpy()
+    members, representatives = near_dedup.bucket_edges(
+        table["band"].to_numpy(),
+        table["key"].to_numpy(),
+        ranks,
+        doc_ids,
+        _byte_matrix(table["sketch"], near.bands * near.rows),
+        near.threshold,
+    )
+    if members.size:
+        edges = pa.Table.from_arrays(
+            [
+                pa.array(doc_ids[members], type=pa.string()),
+                pa.array(ranks[members]),
+                pa.array(doc_ids[representatives], type=pa.string()),
+                pa.array(ranks[representatives]),
+            ],
+            schema=EDGE_SCHEMA,
+        )
+        _write_table(store, edges, "_work", "edges", f"q{band_partition:05d}.parquet")
+    return {"band_rows": table.num_rows, "edges": int(members.size)}
+
+
+def cluster_near_duplicates(output_url: str, endpoint_url: str | None, names: list[str], partitions: int) -> dict[str, int]:
+    """Clustering, one task: the connected components of every edge (`near_dedup.removed_documents`);
+    the removed doc_ids go to ``_work/removed/pPPPPP.parquet`` by doc partition. Returns the
+    removed documents per source (name). Memory grows with the documents that have an edge only."""
+    store = Store(output_url, endpoint_url)
+    edges = _read_folder(store, "_work", "edges")
+    if edges is None:
+        return {}
+    removed, ranks = near_dedup.removed_documents(
+        edges["doc_id"].to_numpy(zero_copy_only=False),
+        edges["source_rank"].to_numpy(),
+        edges["representative"].to_numpy(zero_copy_only=False),
+        edges["representative_rank"].to_numpy(),
+    )
+    del edges
+    sources = np.array(names, dtype=object)[ranks]
+    targets = np.array([partition_of(doc_id, partitions) for doc_id in removed], dtype=np.int64)
+    order = np.argsort(targets, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(targets[order])) + 1):
+        if rows.size:
+            table = pa.table({"doc_id": pa.array(removed[rows], type=pa.string()), "source": pa.array(sources[rows], type=pa.string())})
+            _write_table(store, table, "_work", "removed", f"p{int(targets[rows[0]]):05d}.parquet")
+    return _count(sources) if sources.size else {}
+
+
+def write_partition(partition: int, output_url: str, endpoint_url: str | None, shares: dict[str, float], rows_per_shard: int) -> dict[str, Any]:
+    """Final pass for one partition: its unique rows less the removed near-duplicates, split and
+    written as shards (`_write_shards`)."""
+    store = Store(output_url, endpoint_url)
+    table = _read_file(store, "_work", "unique", f"p{partition:05d}.parquet")
+    if table is None:
+        return {"partition": partition, "documents": {}, "files": []}
+    removed = _read_file(store, "_work", "removed", f"p{partition:05d}.parquet")
+    if removed is not None:
+        table = table.filter(pc.invert(pc.is_in(table["doc_id"], value_set=removed["doc_id"].combine_chunks())))
+    return {"partition": partition, **_write_shards(store, partition, table, shares, rows_per_shard)}
 
 
 def _merge(total: dict, part: dict) -> None:
@@ -406,41 +597,109 @@ class CorpusOnly:
 
 
 def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> IngestSummary:
-    """Read every listed file on Ray tasks, deduplicate per hash partition, write the shards."""
-    import ray
-
+    """Read every listed file on Ray tasks, deduplicate per hash partition, remove near-duplicates
+    (when enabled), write the shards; one function per pass."""
     from trecflow.ray_runtime import ensure_ray
 
-    endpoint = store.endpoint_url
     ensure_ray()
-    remote_file = ray.remote(ingest_file).options(max_retries=2, retry_exceptions=[OSError])
-    remote_partition = ray.remote(dedup_partition).options(max_retries=2, retry_exceptions=[OSError])
+    near = corpus.near_duplicates if corpus.near_duplicates.enabled else None
     try:
-        pending = {
-            remote_file.remote(
-                item.source, s, path, f, output.uri, endpoint, corpus.partitions, corpus.buffer_mb * 1024**2
-            ): (item.source.name, path)
-            for s, item in enumerate(listings)
-            for f, path in enumerate(item.files)
-        }
-        read: dict[str, dict[str, int]] = {}
-        for done, ref in enumerate(pending, start=1):
-            name, path = pending[ref]
-            _merge(read.setdefault(name, {}), _unwrap(ray.get, ref))
-            progress(f"ingest: read {done}/{len(pending)} files ({name}: {path.rsplit('/', 1)[-1]})")
-        for item in listings:
-            if read.get(item.source.name, {}).get("kept", 0) == 0:
-                raise IngestError(f"corpus source {item.source.name}: yielded no documents from {expand_path(item.source.path)}")
-        refs = [
-            remote_partition.remote(p, output.uri, endpoint, dict(corpus.splits), corpus.rows_per_shard)
-            for p in range(corpus.partitions)
-        ]
-        parts = [_unwrap(ray.get, ref) for ref in refs]
+        read = _read_pass(corpus, listings, store, output, progress)
+        deduplicated = _dedup_pass(corpus, listings, near, store, output, progress)
+        removed: dict[str, int] = {}
+        written = deduplicated  # without near-duplicate removal, pass 2 wrote the shards
+        if near is not None:
+            _bucket_pass(corpus, near, store, output, progress)
+            removed = _cluster_pass(corpus, listings, store, output, progress)
+            written = _write_pass(corpus, store, output)
     except BaseException:
         output.invalidate()
         raise
     store.fs.rm(output.file_path("_work"), recursive=True)
-    stats: dict[str, Any] = {"sources": {}, "dropped": {"empty": 0, "duplicate": 0}, "documents": 0, "shards": []}
+    stats = _stats(listings, read, deduplicated, removed, written)
+    for name in stats["shards"]:
+        output.record_file(name)
+    progress(f"ingest: {stats['documents']:,} documents in {len(stats['shards'])} shards; dropped {stats['dropped']}")
+    return IngestSummary.from_json(stats)
+
+
+def _remote(function):
+    import ray
+
+    return ray.remote(function).options(max_retries=2, retry_exceptions=[OSError])
+
+
+def _gather(refs: list) -> list:
+    import ray
+
+    return [_unwrap(ray.get, ref) for ref in refs]
+
+
+def _read_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, dict[str, int]]:
+    """Pass 1: every input file on its own task; IngestError if a source yields no document."""
+    import ray
+
+    task = _remote(ingest_file)
+    pending = {
+        task.remote(item.source, s, path, f, output.uri, store.endpoint_url, corpus.partitions, corpus.buffer_mb * 1024**2): (item.source.name, path)
+        for s, item in enumerate(listings)
+        for f, path in enumerate(item.files)
+    }
+    read: dict[str, dict[str, int]] = {}
+    for done, ref in enumerate(pending, start=1):
+        name, path = pending[ref]
+        _merge(read.setdefault(name, {}), _unwrap(ray.get, ref))
+        progress(f"ingest: read {done}/{len(pending)} files ({name}: {path.rsplit('/', 1)[-1]})")
+    for item in listings:
+        if read.get(item.source.name, {}).get("kept", 0) == 0:
+            raise IngestError(f"corpus source {item.source.name}: yielded no documents from {expand_path(item.source.path)}")
+    return read
+
+
+def _dedup_pass(corpus: CorpusSection, listings: list[SourceFiles], near: NearDuplicateSection | None, store: Store, output: StageOutput, progress) -> list[dict[str, Any]]:
+    """Pass 2: exact duplicates per partition (and the signatures' band rows, or the shards)."""
+    ranks = {item.source.name: rank for rank, item in enumerate(listings)}
+    task = _remote(dedup_partition)
+    parts = _gather(
+        [
+            task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard, near, ranks, corpus.partitions)
+            for p in range(corpus.partitions)
+        ]
+    )
+    duplicates = sum(sum(part["duplicates"].values()) for part in parts)
+    signed = f"; signed {sum(part['signed'] for part in parts):,} documents" if near is not None else ""
+    progress(f"ingest: {duplicates:,} exact duplicates dropped in {corpus.partitions} partitions{signed}")
+    return parts
+
+
+def _bucket_pass(corpus: CorpusSection, near: NearDuplicateSection, store: Store, output: StageOutput, progress) -> None:
+    """Pass 3: near-duplicate edges per band partition."""
+    task = _remote(bucket_partition)
+    parts = _gather([task.remote(q, output.uri, store.endpoint_url, near) for q in range(corpus.partitions)])
+    edges = sum(part["edges"] for part in parts)
+    band_rows = sum(part["band_rows"] for part in parts)
+    progress(f"ingest: near-duplicates: {edges:,} similar pairs (counted per band) among {band_rows:,} band rows")
+
+
+def _cluster_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, int]:
+    """Clustering (one task): the near-duplicates removed, per source."""
+    names = [item.source.name for item in listings]
+    (removed,) = _gather([_remote(cluster_near_duplicates).remote(output.uri, store.endpoint_url, names, corpus.partitions)])
+    progress(f"ingest: near-duplicates: removing {sum(removed.values()):,} documents {removed}")
+    return removed
+
+
+def _write_pass(corpus: CorpusSection, store: Store, output: StageOutput) -> list[dict[str, Any]]:
+    """Final pass (after near-duplicate removal): the shards of every partition."""
+    task = _remote(write_partition)
+    return _gather([task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard) for p in range(corpus.partitions)])
+
+
+def _stats(
+    listings: list[SourceFiles], read: dict[str, dict[str, int]], deduplicated: list[dict], removed: dict[str, int], written: list[dict]
+) -> dict[str, Any]:
+    """The summary's JSON: counts per source, drops by reason, documents and shard files."""
+    stats: dict[str, Any] = {"sources": {}, "dropped": {"empty": 0, "duplicate": 0, "near_duplicate": 0}, "documents": 0, "shards": []}
     for item in listings:
         name = item.source.name
         stats["sources"][name] = {
@@ -448,24 +707,24 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
             "read": read[name]["read"],
             "dropped_empty": read[name]["empty"],
             "dropped_duplicate": 0,
+            "dropped_near_duplicate": removed.get(name, 0),
             "splits": {},
         }
         stats["dropped"]["empty"] += read[name]["empty"]
-    for part in parts:
-        stats["shards"].extend(part["files"])
+        stats["dropped"]["near_duplicate"] += removed.get(name, 0)
+    for part in deduplicated:
         for name, count in part["duplicates"].items():
             stats["sources"][name]["dropped_duplicate"] += count
             stats["dropped"]["duplicate"] += count
+    for part in written:
+        stats["shards"].extend(part["files"])
         for name, splits in part["documents"].items():
             _merge(stats["sources"][name]["splits"], splits)
     for entry in stats["sources"].values():
         entry["documents"] = sum(entry["splits"].values())
         stats["documents"] += entry["documents"]
     stats["shards"].sort()
-    for name in stats["shards"]:
-        output.record_file(name)
-    progress(f"ingest: {stats['documents']:,} documents in {len(stats['shards'])} shards; dropped {stats['dropped']}")
-    return IngestSummary.from_json(stats)
+    return stats
 
 
 def _unwrap(get, ref):

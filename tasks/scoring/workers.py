@@ -1,40 +1,39 @@
-"""The scoring workers: what runs inside Ray Data's actor pool (no Prefect imported here).
+"""The scoring workers: what runs inside the Ray actors of stage 1's scoring pass (no Prefect here).
 
-`BatchScorer` loads the classifier once per actor. Ray Data hands it ingest shard paths; it reads
-each shard ``scoring.batch_size`` rows at a time, drops the ``classifier`` split, adds every rule
-value, each scorer's score, the combined score and the tier, writes the batch to
+`BatchScorer` loads its models once per actor (the classifier from the stage output, the language
+model of lid.176, the perplexity model when configured). For each ingest shard it reads
+``scoring.batch_size`` rows at a time, drops the ``classifier`` split (counted, never scored), then
+filters by language, computes the rule values, each scorer's score and the combined score, drops
+documents below ``rules.drop_below``, tiers the rest, writes them to
 ``<output>/shards/part-<first doc_id>-<rows>.parquet`` (a deterministic name, so a retried shard
-overwrites its own files), and returns partial statistics: one row per (source, split, tier) with
-a count, a score sum and a histogram. One pass over the data does both, and an actor's memory is
-bounded by the batch size, whatever the corpus size.
+overwrites its own files) and returns partial statistics (`ShardStatistics`): counts and score
+sums per (source, split, status, tier), score histograms and detected languages per source. One
+pass over the data does both; an actor's memory is bounded by the batch size, whatever the corpus.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.scoring.classifier import QualityClassifier
 from tasks.scoring.rules import rule_table, rules_score
 from trecflow.recipe import ScoringSection
 from trecflow.store import Store
 
 HISTOGRAM_BINS = 50
-CLASSIFIER_WEIGHTS = "classifier/weights.npz"
-CLASSIFIER_META = "classifier/classifier.json"
-PARTIAL_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("split", pa.string()),
-        ("tier", pa.string()),
-        ("count", pa.int64()),
-        ("score_sum", pa.float64()),
-        ("histogram", pa.list_(pa.int64())),
-        ("file", pa.string()),
-    ]
+KEPT = "kept"
+DROPPED_LANGUAGE = "language"
+DROPPED_RULES = "rules"
+COUNT_SCHEMA = pa.schema(
+    [("source", pa.string()), ("split", pa.string()), ("status", pa.string()), ("tier", pa.string()),
+     ("count", pa.int64()), ("score_sum", pa.float64())]
 )
+HISTOGRAM_SCHEMA = pa.schema([("source", pa.string()), ("bin", pa.int64()), ("count", pa.int64())])
+LANGUAGE_SCHEMA = pa.schema([("source", pa.string()), ("language", pa.string()), ("count", pa.int64())])
 
 
 def tier_of(scores: np.ndarray, hq_min: float, lq_max: float) -> np.ndarray:
@@ -42,92 +41,155 @@ def tier_of(scores: np.ndarray, hq_min: float, lq_max: float) -> np.ndarray:
     return np.where(scores >= hq_min, "hq", np.where(scores < lq_max, "lq", "mid"))
 
 
-def partial_statistics(table: pa.Table, file: str) -> pa.Table:
-    """One row per (source, split, tier) of a scored batch: count, score sum, score histogram."""
-    scores = table["score"].to_numpy()
-    bins = np.minimum((scores * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-    rows: dict[tuple[str, str, str], list] = {}
-    keys = zip(table["source"].to_pylist(), table["split"].to_pylist(), table["tier"].to_pylist())
-    for key, score, bucket in zip(keys, scores.tolist(), bins.tolist()):
-        entry = rows.setdefault(key, [0, 0.0, [0] * HISTOGRAM_BINS])
-        entry[0] += 1
-        entry[1] += score
-        entry[2][bucket] += 1
-    return pa.table(
-        {
-            "source": [key[0] for key in rows],
-            "split": [key[1] for key in rows],
-            "tier": [key[2] for key in rows],
-            "count": [value[0] for value in rows.values()],
-            "score_sum": [value[1] for value in rows.values()],
-            "histogram": [value[2] for value in rows.values()],
-            "file": [file] * len(rows),
-        },
-        schema=PARTIAL_SCHEMA,
-    )
+@dataclass
+class ShardStatistics:
+    """What one shard's scoring returns to the driver (small: grouped counts, not documents)."""
+
+    files: list[str]
+    counts: pa.Table  # COUNT_SCHEMA, one row per (source, split, status, tier)
+    histograms: pa.Table  # HISTOGRAM_SCHEMA, kept documents per (source, score bin)
+    languages: pa.Table  # LANGUAGE_SCHEMA, documents per (source, detected language), before the filter
+    documents: int  # documents read from the shard (classifier split included)
+
+
+def _grouped(table: pa.Table, keys: list[str], schema: pa.Schema, score: bool) -> pa.Table:
+    """Counts (and score sums) of ``table`` grouped by ``keys``, in ``schema``'s column order."""
+    if table.num_rows == 0:
+        return schema.empty_table()
+    aggregations = [(keys[0], "count")] + ([("score", "sum")] if score else [])
+    grouped = table.group_by(keys).aggregate(aggregations)
+    columns = {key: grouped[key] for key in keys} | {"count": grouped[f"{keys[0]}_count"]}
+    if score:
+        columns["score_sum"] = grouped["score_sum"]
+    return pa.table({name: columns[name].cast(schema.field(name).type) for name in schema.names}, schema=schema)
 
 
 class BatchScorer:
-    """A Ray Data actor: scores, tiers and writes batches; returns their partial statistics."""
+    """A Ray actor (or a plain object): scores, filters, tiers and writes shards."""
 
-    def __init__(
-        self,
-        scoring: dict,
-        store_url: str,
-        endpoint_url: str | None,
-        output_path: str | None,
-        classifier_path: str | None,
-        thresholds: tuple[float, float],
-    ):
+    def __init__(self, scoring: dict, store_url: str, endpoint_url: str | None, output_path: str | None, classifier_path: str | None):
         self.scoring = ScoringSection.model_validate(scoring)
-        self.thresholds = thresholds
         self.store = Store(store_url, endpoint_url)
         self.output_path = output_path
+        self.classifier_path = classifier_path  # loaded on first use: the driver trains it while the actors start
         self.classifier = None
-        if classifier_path is not None:
-            fs = self.store.fs
-            self.classifier = QualityClassifier.from_bytes(
-                fs.cat_file(f"{classifier_path}/{CLASSIFIER_WEIGHTS}"), fs.cat_file(f"{classifier_path}/{CLASSIFIER_META}")
-            )
+        self.language = None
+        if self.scoring.language.enabled:
+            from tasks.scoring.language import LanguageIdentifier
+
+            self.language = LanguageIdentifier(self.scoring.language)
+        self.perplexity = None
+        if "perplexity" in self.scoring.scorers:
+            from tasks.scoring.perplexity import PerplexityScorer
+
+            self.perplexity = PerplexityScorer(self.scoring.perplexity, endpoint_url)
+
+    def ready(self) -> bool:
+        """Load the classifier (written by now); True once every model is loaded."""
+        if self.classifier_path is not None and self.classifier is None:
+            from tasks.scoring.classifier import load_classifier
+
+            fs, folder = self.store.fs, self.classifier_path
+            self.classifier = load_classifier(lambda name: fs.cat_file(f"{folder}/{name}"))
+        return True
 
     def scores(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Rule values, per-scorer scores and the combined score (weighted mean, in [0, 1])."""
+        """Rule values, per-scorer scores and the combined score (the weighted mean, in [0, 1], of
+        the scorers that have a value: a document too short for the perplexity scorer is scored
+        by the others)."""
+        self.ready()
         columns = rule_table(texts)
         parts = {"rules": rules_score(columns, self.scoring.rules)}
         if self.classifier is not None:
             parts["classifier"] = self.classifier.probability(texts)
-        total = sum(self.scoring.weights[name] for name in self.scoring.scorers)
-        combined = sum(self.scoring.weights[name] * parts[name] for name in self.scoring.scorers) / total
-        columns["score_rules"] = parts["rules"]
-        columns["score_classifier"] = parts.get("classifier", np.full(len(texts), np.nan))
+        if self.perplexity is not None:
+            losses = self.perplexity.losses(texts)
+            columns["perplexity_loss"] = losses
+            parts["perplexity"] = self.perplexity.scores(losses)
+        names = self.scoring.scorers
+        values = np.stack([parts[name] for name in names])
+        weights = np.array([self.scoring.weights[name] for name in names])[:, None]
+        present = ~np.isnan(values)
+        total = np.maximum((present * weights).sum(axis=0), 1e-12)
+        combined = (np.where(present, values, 0.0) * weights).sum(axis=0) / total
+        for name in ("rules", "classifier", "perplexity"):
+            columns[f"score_{name}"] = parts.get(name, np.full(len(texts), np.nan))
         columns["score"] = np.clip(combined, 0.0, 1.0)
         return columns
 
-    def score_table(self, table: pa.Table) -> pa.Table:
-        """The batch without the classifier split, with score columns and the tier."""
+    def score_table(self, table: pa.Table, thresholds: tuple[float, float]) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """(scored documents kept, every document's status row, languages detected). The
+        classifier split is dropped before anything (its documents are counted by ingest)."""
         table = table.filter(pc.not_equal(table["split"], "classifier"))
-        columns = self.scores(table["text"].to_pylist())
+        status = np.full(table.num_rows, KEPT, dtype=object)
+        if self.language is not None:
+            codes, allowed = self.language.detect(table["text"].to_pylist())
+            table = table.append_column("language", pa.array(codes.tolist(), type=pa.string()))
+            table = table.append_column("language_score", pa.array(allowed, type=pa.float64()))
+            status[~self.language.keep(allowed)] = DROPPED_LANGUAGE
+        languages = table.select(["source", "language"]) if self.language is not None else None
+        kept = table.filter(pa.array(status == KEPT))
+        columns = self.scores(kept["text"].to_pylist())
         for name, values in columns.items():
-            table = table.append_column(name, pa.array(values, type=pa.float64()))
-        tiers = tier_of(columns["score"], *self.thresholds)
-        return table.append_column("tier", pa.array(tiers.tolist(), type=pa.string()))
+            kept = kept.append_column(name, pa.array(values, type=pa.float64()))
+        if self.scoring.rules.drop_below is not None:
+            passed = columns["score_rules"] >= self.scoring.rules.drop_below
+            status[np.flatnonzero(status == KEPT)[~passed]] = DROPPED_RULES
+            kept = kept.filter(pa.array(passed))
+        tiers = tier_of(kept["score"].to_numpy(), *thresholds)
+        kept = kept.append_column("tier", pa.array(tiers.tolist(), type=pa.string()))
+        rows = pa.table({"source": table["source"], "split": table["split"], "status": pa.array(status.tolist(), type=pa.string())})
+        return kept, rows, languages
 
-    def score_shard(self, path: str) -> pa.Table:
-        """Score one ingest shard, ``batch_size`` rows at a time; write each scored batch and
-        return the partial statistics of all of them. Memory is bounded by the batch size."""
-        partials = [PARTIAL_SCHEMA.empty_table()]
-        self.store.fs.makedirs(f"{self.output_path}/shards", exist_ok=True)
+    def sample_scores(self, paths: list[str], documents: int) -> np.ndarray:
+        """Combined scores of the first ``documents`` kept documents of ``paths`` (the quantile
+        tiers' deterministic sample; nothing written)."""
+        scores, seen = [], 0
+        for path in paths:
+            for batch in self._batches(path):
+                kept, _, _ = self.score_table(pa.Table.from_batches([batch]), (1.0, 0.0))
+                scores.append(kept["score"].to_numpy()[: documents - seen])
+                seen += len(scores[-1])
+                if seen >= documents:
+                    return np.concatenate(scores)
+        return np.concatenate(scores) if scores else np.zeros(0)
+
+    def _batches(self, path: str):
         with self.store.fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=self.scoring.batch_size):
-                table = self.score_table(pa.Table.from_batches([batch]))
-                if table.num_rows == 0:
-                    continue
-                name = f"shards/part-{table['doc_id'][0].as_py()[:16]}-{table.num_rows:06d}.parquet"
-                with self.store.fs.open(f"{self.output_path}/{name}", "wb") as out:
-                    pq.write_table(table, out, compression="zstd")
-                partials.append(partial_statistics(table, name))
-        return pa.concat_tables(partials)
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=self.scoring.batch_size)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """A Ray Data batch of ingest shard paths (column ``path``) -> their partial statistics."""
-        return pa.concat_tables([self.score_shard(path) for path in batch["path"].to_pylist()])
+    def score_shard(self, path: str, thresholds: tuple[float, float]) -> ShardStatistics:
+        """Score one ingest shard, ``batch_size`` rows at a time; write each scored batch and
+        return the statistics of all of them. Memory is bounded by the batch size."""
+        files, counts, histograms, languages, documents = [], [], [], [], 0
+        self.store.fs.makedirs(f"{self.output_path}/shards", exist_ok=True)
+        for batch in self._batches(path):
+            documents += batch.num_rows
+            kept, rows, detected = self.score_table(pa.Table.from_batches([batch]), thresholds)
+            if detected is not None:
+                languages.append(_grouped(detected, ["source", "language"], LANGUAGE_SCHEMA, score=False))
+            dropped = rows.filter(pc.not_equal(rows["status"], KEPT))
+            counts.append(_grouped(
+                dropped.append_column("tier", pa.nulls(dropped.num_rows, pa.string())).append_column("score", pa.nulls(dropped.num_rows, pa.float64())),
+                ["source", "split", "status", "tier"], COUNT_SCHEMA, score=True,
+            ))
+            if kept.num_rows == 0:
+                continue
+            name = f"shards/part-{kept['doc_id'][0].as_py()[:16]}-{kept.num_rows:06d}.parquet"
+            with self.store.fs.open(f"{self.output_path}/{name}", "wb") as out:
+                pq.write_table(kept, out, compression="zstd")
+            files.append(name)
+            statuses = pa.array([KEPT] * kept.num_rows, type=pa.string())
+            counts.append(_grouped(
+                kept.select(["source", "split", "tier", "score"]).append_column("status", statuses),
+                ["source", "split", "status", "tier"], COUNT_SCHEMA, score=True,
+            ))
+            bins = np.minimum((kept["score"].to_numpy() * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+            histograms.append(_grouped(pa.table({"source": kept["source"], "bin": bins}), ["source", "bin"], HISTOGRAM_SCHEMA, score=False))
+        return ShardStatistics(
+            files=files,
+            counts=pa.concat_tables([COUNT_SCHEMA.empty_table(), *counts]),
+            histograms=pa.concat_tables([HISTOGRAM_SCHEMA.empty_table(), *histograms]),
+            languages=pa.concat_tables([LANGUAGE_SCHEMA.empty_table(), *languages]),
+            documents=documents,
+        )

@@ -4,7 +4,7 @@ the ratios it prints are positive finite numbers.
 
 `predict`, `place` and `gpu` (on a machine without CUDA its smoke mode runs DeepSpeed, the loop and
 the re-evaluation on the CPU) start no services: together about a minute, most of it `gpu`'s
-imports. `score`, `train` and `reevaluate` start a local Ray (Ray Data, Ray Train, actors), so
+imports. `score`, `train` and `reevaluate` start a local Ray (scoring actors, Ray Train), so
 they are marked slow; `train` and `reevaluate` run in one process (``python -m bench train
 reevaluate --smoke``, once per module), which stages their shared recipe (stages 1-3) once. They
 run one after another: started together they only contend for the same cores."""
@@ -109,6 +109,8 @@ def test_score_smoke():
     positive(figures(out, r"peak memory 2x / 1x: summed over processes {n}, largest process {n}", 2))
     documents = figures(out, r"(?m)^\s+[12]x corpus: {n} documents scored", 2)
     assert documents[1] > documents[0] > 0
+    positive(figures(out, r"language filter alone \(lid\.176, first 1,000 characters\), same documents: {n} docs/s/core", 1))
+    assert "(rules, classifier: fasttext)" in out  # the configuration the throughput target names
 
 
 @pytest.fixture(scope="module")

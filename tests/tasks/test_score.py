@@ -37,6 +37,24 @@ def test_rule_values_of_a_known_text():
     }
 
 
+def test_rule_table_agrees_with_rule_values_on_every_document(monkeypatch):
+    """The batch computation (numpy on code points, in windows) equals the per-document string
+    methods exactly: on real text, on non-ASCII letters, digits and symbols, a lone surrogate,
+    characters outside the BMP, non-ASCII whitespace, empty documents, and a document cut into
+    several windows (the window made small so that the cut is exercised)."""
+    from tasks.scoring import rules
+
+    monkeypatch.setattr(rules, "WINDOW_CHARS", 1 << 12)
+    texts = stdlib_docstrings()[:80] + debian_copyright(40) + [
+        "", "   ", "a", "héllo wörld ½ ² _x_ 3.14 — …", "x\ud800y z", "😀 emoji word😀 🙂 𝔘𝔫𝔦", "\xa0nbsp\xa0sep word\u2003x",
+        "The THE tHe Be of AND.\n\nThe cat.\n#", "word, " * 5000 + "end",
+    ]
+    table = rule_table(texts)
+    reference = np.array([rule_values(text) for text in texts])
+    for index, name in enumerate(RULE_NAMES):
+        np.testing.assert_allclose(table[f"rule_{name}"], reference[:, index], rtol=1e-12, atol=0, err_msg=name)
+
+
 def test_rules_score_counts_passed_rules():
     prose = " ".join(["The quick brown fox jumps over the lazy dog and that is with the end."] * 10)
     junk = "#### $$$ 1234 5678 #### ----"
@@ -58,7 +76,7 @@ def test_classifier_trains_saves_and_loads():
     texts = hq + lq
     doc_ids = [hashlib.sha256(text.encode()).hexdigest()[:32] for text in texts]
     labels = np.array([1] * len(hq) + [0] * len(lq))
-    config = ClassifierSection(hq_sources=["a"], lq_sources=["b"], features=2**16)
+    config = ClassifierSection(kind="hashed", hq_sources=["a"], lq_sources=["b"], features=2**16)
     classifier, metrics = train_classifier(texts, labels, doc_ids, config)
     assert metrics["classifier_accuracy"] >= 0.9
     assert metrics["classifier_holdout_documents"] == int(holdout_mask(doc_ids, 0.2).sum())
@@ -100,7 +118,7 @@ def test_ingest_formats_dedup_and_empty_documents(tmp_path):
     stats = result.summary
     assert stats.sources["folder"].dropped_empty == 2 and stats.sources["saved"].dropped_empty == 1
     assert stats.sources["table"].dropped_duplicate == 10  # the first occurrence (source order) is kept
-    assert stats.dropped.as_json() == {"empty": 3, "duplicate": 10}
+    assert stats.dropped.as_json() == {"empty": 3, "duplicate": 10, "near_duplicate": 0}
     assert stats.documents == 60
     assert {name: entry.documents for name, entry in stats.sources.items()} == {
         "folder": 30, "table": 20, "saved": 5, "stream": 5
@@ -177,8 +195,9 @@ def test_source_fingerprint_follows_the_listing_not_the_content(tmp_path):
 
 
 @pytest.mark.slow
-def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_corpus):
-    """Sources and store on moto's S3 server; Ray Data scores with the local Ray."""
+def test_scoring_on_s3_through_ray_actors_and_cache(tmp_path, s3_endpoint, test_corpus):
+    """Sources and store on moto's S3 server; Ray actors of the local Ray score; the data card
+    accounts for every document ingest read."""
     recipe = load_recipe(CONFIGS / "test.yaml")
     store = Store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
     for name, path in test_corpus.items():
@@ -198,7 +217,15 @@ def test_scoring_on_s3_through_ray_data_and_cache(tmp_path, s3_endpoint, test_co
         assert column in scored.column_names
     assert all(0.0 <= value <= 1.0 for value in scored["score"].to_pylist())
     manifest = output.manifest()
-    assert set(manifest["files"]) >= {"summary.json", "score_histogram.png", "classifier/weights.npz", *stats.shards}
+    assert set(manifest["files"]) >= {"summary.json", "score_histogram.png", "data_card.md", "classifier/model.bin", *stats.shards}
+    assert stats.classifier_kind == "fasttext"
+    assert set(scored["language"].to_pylist()) == {"en"} and min(scored["language_score"].to_pylist()) >= 0.2
+    for name, entry in stats.sources.items():  # nothing lost: every document read is kept, reserved or dropped by reason
+        assert entry.documents_in == entry.documents + entry.classifier_training + sum(entry.dropped.as_json().values()), name
+        assert entry.documents == sum(entry.tier_counts.values()) == scored.filter(pa.compute.equal(scored["source"], name)).num_rows
+    assert stats.dropped.exact_duplicates > 0 and stats.dropped.near_duplicates > 0  # the test corpus has both
+    card = output.read_bytes("data_card.md").decode()
+    assert all(f"| {name} | {entry.documents_in:,} |" in card for name, entry in stats.sources.items())
     assert json.loads(output.read_bytes("classifier/classifier.json"))["classifier_accuracy"] == stats.classifier_accuracy
     assert run_score(recipe, store).reused  # same inputs: a hit, nothing recomputed
 
