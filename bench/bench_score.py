@@ -5,7 +5,7 @@ Corpus: standard-library docstrings (hq) and Debian copyright files (lq), as in 
 10x and 30x corpora repeat it as 10 and 30 input shards per source, each copy with a distinct
 marker line so exact deduplication keeps every document (near-duplicate removal is off).
 Throughput counts the scoring pass only, from the actors being ready (models loaded) to the last
-shard scored: ingestion, the classifier's training and the actors' start-up (reported on each
+shard scored and written: ingestion, the summary's figures after the pass, the classifier's training and the actors' start-up (reported on each
 size's line) are left out on both sides. Documents counted are those the pass processed (kept,
 or dropped by the language filter or the rules); per core = documents / seconds / cores used (2
 for the stage, 1 for the loop). The ratio against the loop is taken on the largest corpus (30x),
@@ -14,7 +14,9 @@ Memory is the peak summed USS (unique set size: each process's private memory; s
 as Ray's object store, capped at 512 MiB on the local Ray, are left out, since every process that
 reads a block maps them and RSS or PSS would then grow with the data that flowed through, up to
 that cap) of this process and every process under it (the local Ray's workers included), and the
-peak of the largest single process, sampled every 0.25 s. The recipe is sized as the README says to size it: hash
+peak of the largest single process, sampled every `SAMPLE_SECONDS`. Reading every process's
+memory costs CPU (~0.3 core at 4 samples a second with the local Ray's processes), so the loop
+baseline runs under the same sampler as the stage: both sides pay it. The recipe is sized as the README says to size it: hash
 partitions grow with the corpus, the classifier's training set is capped (`max_documents`) and
 ingestion buffers at most `buffer_mb` = 4 MB of text per task (the 1x files are smaller than that,
 the 10x files larger, so the bound is exercised).
@@ -42,6 +44,7 @@ CORES = 2
 # working set (10 MB chunks, pyarrow's pool) that a 1x file is too small to fill.
 COPIES = (1, 10, 30)
 SMOKE_COPIES = (1, 2)
+SAMPLE_SECONDS = 0.5
 SMOKE_DOCUMENTS = 100  # per source at 1x in smoke mode (of 578 docstrings and 400 copyright files, ~14 MB)
 
 
@@ -70,7 +73,7 @@ class PeakRss:
             biggest = max(sizes)
             if biggest[0] > self.largest:
                 self.largest, self.largest_name = biggest
-            time.sleep(0.25)
+            time.sleep(SAMPLE_SECONDS)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -125,7 +128,8 @@ def recipe_for(paths: dict[str, Path], copies: int):
 
 def run_stage(recipe, store_dir: Path) -> tuple[dict, float, float, PeakRss]:
     """Run the stage; returns its stats, the seconds of the scoring pass (actors ready to the last
-    shard scored), the seconds the actors took to start (process, imports, models) and the memory peaks."""
+    shard scored and written; the summary, histogram and data card after it are not counted),
+    the seconds the actors took to start (process, imports, models) and the memory peaks."""
     from tasks.score import run_score
     from trecflow.store import Store
 
@@ -136,8 +140,8 @@ def run_stage(recipe, store_dir: Path) -> tuple[dict, float, float, PeakRss]:
             marks["start"] = time.perf_counter()
         elif line.startswith("score: ") and "actors ready in" in line:
             marks["startup"] = float(line.split("actors ready in ")[1].split(" s")[0])
-        elif line.startswith("score: ") and "documents scored" in line:
-            marks["end"] = time.perf_counter()
+        elif line.startswith("score: ") and line.endswith(" shards scored"):
+            marks["end"] = time.perf_counter()  # the last one: every shard scored and written
 
     with PeakRss() as memory:
         result = run_score(recipe, Store(str(store_dir)), progress=progress)
@@ -150,28 +154,23 @@ def processed(stats: dict) -> int:
     return stats["documents"] + stats["dropped"]["language"] + stats["dropped"]["rules"]
 
 
-def loop_baseline(recipe, store_dir: Path) -> tuple[int, float]:
-    """The same scorers on the same documents (every ingest shard, ``batch_size`` rows at a time),
-    in one process with no Ray and nothing written: language filter, rules, classifier, tiers."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def loop_baseline(recipe, store_dir: Path, scratch: Path) -> tuple[int, float]:
+    """The same work in one process with no Ray: `BatchScorer.score_shard` (the function each
+    actor runs: read an ingest shard, filter, score, tier, write the scored shard) over every
+    ingest shard, writing into ``scratch``."""
     from tasks.scoring.workers import BatchScorer
 
     output = next(store_dir.glob("score/*"))
-    scorer = BatchScorer(recipe.scoring.model_dump(mode="json"), str(store_dir), None, None, str(output))
+    scorer = BatchScorer(recipe.scoring.model_dump(mode="json"), str(store_dir), None, str(scratch), str(output))
     scorer.ready()
-    batches = [
-        pa.Table.from_batches([batch])
-        for path in sorted(store_dir.glob("ingest/*/shards/*.parquet"))
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=recipe.scoring.batch_size)
-    ]
+    shards = sorted(str(path) for path in store_dir.glob("ingest/*/shards/*.parquet"))
     documents = 0
-    started = time.perf_counter()
-    for table in batches:
-        _, rows, _ = scorer.score_table(table, (0.7, 0.4))
-        documents += rows.num_rows
-    return documents, time.perf_counter() - started
+    with PeakRss():  # the stage's runs are sampled too: the same cost on both sides
+        started = time.perf_counter()
+        for path in shards:
+            statistics = scorer.score_shard(path, (0.7, 0.4))
+            documents += sum(statistics.counts["count"].to_pylist())
+        return documents, time.perf_counter() - started
 
 
 def language_rate(recipe, store_dir: Path) -> float:
@@ -209,7 +208,7 @@ def run(smoke: bool = False) -> None:
                 base = Path(folder) / f"x{copies}"
                 recipe = recipe_for(write_corpus(base / "corpus", copies, SMOKE_DOCUMENTS if smoke else None), copies)
                 results[copies] = run_stage(recipe, base / "store")
-            loop_documents, loop_seconds = loop_baseline(recipe, Path(folder) / f"x{largest}" / "store")
+            loop_documents, loop_seconds = loop_baseline(recipe, Path(folder) / f"x{largest}" / "store", Path(folder) / "loop")
             language_per_core = language_rate(recipe, Path(folder) / f"x{largest}" / "store")
     finally:
         if not ray_was_up:  # the next benchmark's memory figures (its process tree) without this Ray's processes

@@ -6,7 +6,8 @@ Steps (the runner reuses the output when the fingerprint matches):
    classifier (if configured) on the ``classifier`` split of its hq/lq sources (fastText by
    default; those documents are never scored: they are counted as ``classifier_training``).
 2. Quantile tiers take their thresholds from a deterministic sample scored by one actor.
-3. The actors take the ingest shards one at a time (`ray.util.ActorPool`): they drop documents
+3. The actors take the ingest shards as they free up (two queued per actor, so none waits for
+   the driver between shards): they drop documents
    whose language is not allowed, add the rule values, each scorer's score, the combined score
    (weighted mean, in [0, 1]), drop documents below ``rules.drop_below``, tier the rest, write the
    scored shards and return grouped counts, aggregated here into the per-source data card.
@@ -242,10 +243,27 @@ def _start_actors(scoring: ScoringSection, store: Store, output: StageOutput, cl
     return [actor.remote(config, store.url, store.endpoint_url, output.path, classifier_dir) for _ in range(scoring.workers)]
 
 
+QUEUED_PER_ACTOR = 2  # shards sent to an actor ahead of its results: it never idles between shards
+
+
+def _score_shards(actors: list, shards: list[str], thresholds: tuple[float, float]) -> Iterator[ShardStatistics]:
+    """Each shard scored once by whichever actor frees up first; statistics as shards finish."""
+    import ray
+
+    queue = list(reversed(shards))
+    free = [actor for actor in actors for _ in range(QUEUED_PER_ACTOR)]
+    running: dict = {}
+    while queue or running:
+        while queue and free:
+            actor = free.pop()
+            running[actor.score_shard.remote(queue.pop(), thresholds)] = actor
+        (finished,), _ = ray.wait(list(running), num_returns=1)
+        free.append(running.pop(finished))
+        yield ray.get(finished)
+
+
 def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: StageOutput, progress) -> ScoreSummary:
     import ray
-    from ray.util import ActorPool
-
     from trecflow.ray_runtime import ensure_ray
 
     if "perplexity" in scoring.scorers:
@@ -280,7 +298,7 @@ def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: S
             progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f} (from {len(sample):,} documents)")
         progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {len(actors)} actors")
         parts = []
-        for done, part in enumerate(ActorPool(actors).map_unordered(lambda actor, path: actor.score_shard.remote(path, thresholds), shards), 1):
+        for done, part in enumerate(_score_shards(actors, shards, thresholds), 1):
             parts.append(part)
             progress(f"score: {done}/{len(shards)} shards scored")
     finally:

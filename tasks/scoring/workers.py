@@ -69,6 +69,7 @@ class BatchScorer:
 
     def __init__(self, scoring: dict, store_url: str, endpoint_url: str | None, output_path: str | None, classifier_path: str | None):
         self.scoring = ScoringSection.model_validate(scoring)
+        pa.set_cpu_count(1)  # one actor per CPU: Arrow's own threads would only contend with the others
         self.store = Store(store_url, endpoint_url)
         self.output_path = output_path
         self.classifier_path = classifier_path  # loaded on first use: the driver trains it while the actors start
@@ -85,12 +86,15 @@ class BatchScorer:
             self.perplexity = PerplexityScorer(self.scoring.perplexity, endpoint_url)
 
     def ready(self) -> bool:
-        """Load the classifier (written by now); True once every model is loaded."""
+        """Load the classifier (written by now) and score one short document, so that every
+        model and lazy import is loaded before the first shard; True then."""
         if self.classifier_path is not None and self.classifier is None:
             from tasks.scoring.classifier import load_classifier
 
             fs, folder = self.store.fs, self.classifier_path
             self.classifier = load_classifier(lambda name: fs.cat_file(f"{folder}/{name}"))
+            warm_up = pa.table({"doc_id": ["0" * 32], "source": [""], "text": ["A short warm-up document."], "split": ["cpt"]})
+            self.score_table(warm_up, (1.0, 0.0))
         return True
 
     def scores(self, texts: list[str]) -> dict[str, np.ndarray]:

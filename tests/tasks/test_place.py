@@ -19,6 +19,7 @@ from tasks.pack import read_catalog, run_pack
 from tasks.place import index_inputs, run_place
 from tasks.predict import run_predict
 from tasks.score import run_score
+from tasks.ingest import run_ingest
 from tasks.tokenizer import load_tokenizer, run_tokenizer
 from trecflow.recipe import RecipeError, parse_recipe, read_yaml
 from trecflow.store import Store
@@ -51,8 +52,9 @@ def test_tokenizer_trains_on_the_base_split_and_loads_with_transformers(staged):
 
     info = staged["tokenizer"].summary
     assert info.method == "train_bpe" and info.vocab_size == 1024 and info.eos_id == 0
-    assert info.documents == staged["score"].summary.sources["stdlib-docs"].splits.get("base", 0) + staged["score"].summary.sources[
-        "debian-copyright"].splits.get("base", 0)
+    ingested = run_ingest(staged["recipe"].corpus, staged["store"], **QUIET)  # reused: what the tokenizer reads
+    assert ingested.reused
+    assert info.documents == sum(source.splits.get("base", 0) for source in ingested.summary.sources.values())
     folder = staged["store"].output("tokenizer", staged["tokenizer"].fingerprint).path
     hf = AutoTokenizer.from_pretrained(folder)
     assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == 0 and len(hf) == 1024

@@ -287,3 +287,34 @@ def test_run_refuses_a_missing_corpus_before_any_work(tmp_path, monkeypatch):
         assert result.exit_code == 2, result.output
         assert result.stderr.strip() == f"error: corpus source stdlib-docs: no jsonl files at {tmp_path}/absent/stdlib-docs.jsonl"
     assert not (tmp_path / "store").exists()
+
+
+def test_new_scoring_pieces_refuse_bad_input_in_one_line_before_any_work(tmp_path, monkeypatch):
+    """An unknown language code (when the recipe is read) and a perplexity model that is not a
+    causal LM (before ingest reads anything): exit 2, one line naming the field, nothing in the store."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
+    source = write_jsonl(tmp_path / "docs.jsonl", stdlib_docstrings()[:20])
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    base = (CONFIGS / "test.yaml").read_text().split("corpus:")[0] + (
+        f"corpus:\n  sources:\n    - {{name: docs, path: '{source}'}}\n  splits: {{eval: 0.5, cpt: 0.5}}\n"
+    )
+    cases = {
+        "language": ("validate", "scoring: {scorers: [rules], weights: {rules: 1.0}, language: {languages: [en, xx]}}\n",
+                     "scoring.language.languages"),
+        "perplexity": ("score", f"scoring: {{scorers: [rules, perplexity], weights: {{rules: 0.5, perplexity: 0.5}}, "
+                                f"perplexity: {{model: '{bert}'}}}}\n", f"scoring.perplexity.model: {bert} is a BertForMaskedLM, not a causal LM"),
+    }
+    for name, (command, scoring, expected) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(base + scoring)
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code == 2, (name, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (name, lines)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
