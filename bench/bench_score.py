@@ -21,6 +21,10 @@ partitions grow with the corpus, the classifier's training set is capped (`max_d
 ingestion buffers at most `buffer_mb` = 4 MB of text per task (the 1x files are smaller than that,
 the 10x files larger, so the bound is exercised).
 
+The perplexity scorer is timed on its own (it is not in the throughput configuration): tokens/s
+of `PerplexityScorer` on one CPU thread, with the checkpoint named by
+``TRECFLOW_BENCH_PERPLEXITY_MODEL``, or a random ~6M-parameter Llama built on the spot.
+
 Smoke mode (``python -m bench score --smoke``): corpora of 1x and 2x (`SMOKE_COPIES`) of the first
 `SMOKE_DOCUMENTS` documents of each source, the loop baseline on the 2x one; the same figures, from
 one local Ray. The local Ray this benchmark started is shut down at its end.
@@ -193,6 +197,59 @@ def language_rate(recipe, store_dir: Path) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
+PERPLEXITY_DOCUMENTS = 200  # scored for the perplexity line (20 in smoke mode)
+PERPLEXITY_MODEL_ENV = "TRECFLOW_BENCH_PERPLEXITY_MODEL"  # a real causal LM folder to time instead
+
+
+def random_llama(folder: Path, texts: list[str]) -> Path:
+    """A random Llama (4 layers, hidden 256, ~6M parameters) with a 4,096-token byte-level BPE
+    trained on ``texts``: a stand-in with a real tokenizer and real matrix sizes, no download."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def perplexity_rate(store_dir: Path, folder: Path, documents: int) -> tuple[float, str]:
+    """Tokens per second of the perplexity scorer (`PerplexityScorer`, what each actor runs) on
+    one CPU thread over the first ``documents`` documents of the corpus, 512 tokens each at most;
+    the model of `PERPLEXITY_MODEL_ENV`, else `random_llama`."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from tasks.scoring.perplexity import PerplexityScorer
+    from trecflow.recipe import PerplexitySection
+
+    texts = []
+    for path in sorted(store_dir.glob("ingest/*/shards/*.parquet")):
+        texts.extend(pq.read_table(path, columns=["text"])["text"].to_pylist())
+        if len(texts) >= documents:
+            break
+    texts = texts[:documents]
+    model = os.environ.get(PERPLEXITY_MODEL_ENV) or str(random_llama(folder, texts))
+    torch.set_num_threads(1)
+    scorer = PerplexityScorer(PerplexitySection(model=model, max_tokens=512, batch_size=8, dtype="float32"), device="cpu")
+    scorer.losses(texts[:2])  # the first call's one-off costs
+    tokens, started = scorer.tokens, time.perf_counter()
+    scorer.losses(texts)
+    parameters = sum(parameter.numel() for parameter in scorer.model.parameters())
+    name = model if os.environ.get(PERPLEXITY_MODEL_ENV) else "a random Llama"
+    return (scorer.tokens - tokens) / (time.perf_counter() - started), f"{name}, {parameters / 1e6:.1f}M parameters"
+
+
 def run(smoke: bool = False) -> None:
     copies_run = SMOKE_COPIES if smoke else COPIES
     largest = copies_run[-1]  # the ratio against the loop is taken on the largest corpus
@@ -210,6 +267,9 @@ def run(smoke: bool = False) -> None:
                 results[copies] = run_stage(recipe, base / "store")
             loop_documents, loop_seconds = loop_baseline(recipe, Path(folder) / f"x{largest}" / "store", Path(folder) / "loop")
             language_per_core = language_rate(recipe, Path(folder) / f"x{largest}" / "store")
+            perplexity_tokens, perplexity_model = perplexity_rate(
+                Path(folder) / f"x{largest}" / "store", Path(folder) / "llama", 20 if smoke else PERPLEXITY_DOCUMENTS
+            )
     finally:
         if not ray_was_up:  # the next benchmark's memory figures (its process tree) without this Ray's processes
             ray.shutdown()
@@ -228,6 +288,7 @@ def run(smoke: bool = False) -> None:
         )
     print(f"  loop baseline ({largest}x documents): {loop_documents:,} in {loop_seconds:.1f} s ({loop_per_core:,.0f} docs/s/core)")
     print(f"  language filter alone (lid.176, first 1,000 characters), same documents: {language_per_core:,.0f} docs/s/core")
+    print(f"  perplexity scorer alone ({perplexity_model}; 512 tokens, batches of 8, 1 CPU thread): {perplexity_tokens:,.0f} tokens/s")
     (docs_low, seconds_low), (docs_high, seconds_high) = [(processed(results[k][0]), results[k][1]) for k in copies_run[-2:]]
     marginal_per_core = (docs_high - docs_low) / (seconds_high - seconds_low) / CORES
     print(f"  stage, marginal rate {copies_run[-2]}x -> {copies_run[-1]}x: {marginal_per_core:,.0f} docs/s/core")

@@ -111,6 +111,7 @@ def test_score_smoke():
     assert documents[1] > documents[0] > 0
     positive(figures(out, r"language filter alone \(lid\.176, first 1,000 characters\), same documents: {n} docs/s/core", 1))
     assert "(rules, classifier: fasttext)" in out  # the configuration the throughput target names
+    positive(figures(out, r"perplexity scorer alone \(a random Llama, {n}M parameters; 512 tokens, batches of 8, 1 CPU thread\): {n} tokens/s", 2))
 
 
 @pytest.fixture(scope="module")
