@@ -394,7 +394,7 @@ class ScoringSection(_Section):
     perplexity: PerplexitySection | None = Field(None, description="the reference-LM scorer; needed by the perplexity scorer")
     language: LanguageSection = Field(LanguageSection(), description="language identification (a filter)")
     tiers: TierSection = Field(TierSection(), description="how the combined score assigns hq, mid and lq")
-    batch_size: int = Field(4096, gt=0, description="documents per Ray Data batch and per scored shard file")
+    batch_size: int = Field(4096, gt=0, description="documents an actor scores at a time (and at most per scored shard file)")
     workers: int = Field(2, gt=0, description="scoring actors")
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """Stage 1: ingestion (formats, deduplication, splits, bad input) and scoring (rules, classifier,
-Ray Data on the local Ray, the store on moto's S3 server)."""
+Ray actors on the local Ray, the store on moto's S3 server)."""
 
 from __future__ import annotations
 
