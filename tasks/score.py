@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.scoring.classifier import META_FILE, train_classifier
-from tasks.scoring.workers import COUNT_SCHEMA, HISTOGRAM_BINS, HISTOGRAM_SCHEMA, KEPT, LANGUAGE_SCHEMA, BatchScorer, ShardStatistics
+from tasks.scoring.workers import COUNT_SCHEMA, DROPPED_LANGUAGE, DROPPED_RULES, HISTOGRAM_BINS, HISTOGRAM_SCHEMA, KEPT, LANGUAGE_SCHEMA, BatchScorer, ShardStatistics
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
@@ -321,7 +321,7 @@ def _combine(parts: list[ShardStatistics], ingest: StageResult, thresholds: tupl
     language_rows = pa.concat_tables([LANGUAGE_SCHEMA.empty_table(), *(part.languages for part in parts)]).to_pylist()
     ingested = ingest.summary.sources
     per_source: dict[str, dict[str, Any]] = {
-        name: {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}, "dropped": {"language": 0, "rules": 0},
+        name: {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}, "dropped": {DROPPED_LANGUAGE: 0, DROPPED_RULES: 0},
                "languages": {}, "histogram": np.zeros(HISTOGRAM_BINS, dtype=np.int64)}
         for name in ingested
     }

@@ -49,7 +49,6 @@ class ShardStatistics:
     counts: pa.Table  # COUNT_SCHEMA, one row per (source, split, status, tier)
     histograms: pa.Table  # HISTOGRAM_SCHEMA, kept documents per (source, score bin)
     languages: pa.Table  # LANGUAGE_SCHEMA, documents per (source, detected language), before the filter
-    documents: int  # documents read from the shard (classifier split included)
 
 
 def _grouped(table: pa.Table, keys: list[str], schema: pa.Schema, score: bool) -> pa.Table:
@@ -165,10 +164,9 @@ class BatchScorer:
     def score_shard(self, path: str, thresholds: tuple[float, float]) -> ShardStatistics:
         """Score one ingest shard, ``batch_size`` rows at a time; write each scored batch and
         return the statistics of all of them. Memory is bounded by the batch size."""
-        files, counts, histograms, languages, documents = [], [], [], [], 0
+        files, counts, histograms, languages = [], [], [], []
         self.store.fs.makedirs(f"{self.output_path}/shards", exist_ok=True)
         for batch in self._batches(path):
-            documents += batch.num_rows
             kept, rows, detected = self.score_table(pa.Table.from_batches([batch]), thresholds)
             if detected is not None:
                 languages.append(_grouped(detected, ["source", "language"], LANGUAGE_SCHEMA, score=False))
@@ -195,5 +193,4 @@ class BatchScorer:
             counts=pa.concat_tables([COUNT_SCHEMA.empty_table(), *counts]),
             histograms=pa.concat_tables([HISTOGRAM_SCHEMA.empty_table(), *histograms]),
             languages=pa.concat_tables([LANGUAGE_SCHEMA.empty_table(), *languages]),
-            documents=documents,
         )
