@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.scoring.classifier import META_FILE, train_classifier
-from tasks.scoring.workers import COUNT_SCHEMA, DROPPED_LANGUAGE, DROPPED_RULES, HISTOGRAM_BINS, HISTOGRAM_SCHEMA, KEPT, LANGUAGE_SCHEMA, BatchScorer, ShardStatistics
+from tasks.scoring.workers import DROPPED_LANGUAGE, DROPPED_RULES, HISTOGRAM_BINS, KEPT, BatchScorer, ShardStatistics
 from trecflow.fingerprint import fingerprint
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
@@ -297,48 +297,44 @@ def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: S
             thresholds = quantile_thresholds(sample, tiers.hq, tiers.lq)
             progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f} (from {len(sample):,} documents)")
         progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {len(actors)} actors")
-        parts = []
+        total = ShardStatistics()
         for done, part in enumerate(_score_shards(actors, shards, thresholds), 1):
-            parts.append(part)
+            total.update(part)
             progress(f"score: {done}/{len(shards)} shards scored")
     finally:
         for actor in actors:
             ray.kill(actor)
-    files = sorted(name for part in parts for name in part.files)
+    files = sorted(total.files)
     for name in files:
         output.record_file(name)
-    stats = ScoreSummary.from_json(_combine(parts, ingest, thresholds, classifier_metrics) | {"shards": files})
+    stats = ScoreSummary.from_json(_combine(total, ingest, thresholds, classifier_metrics) | {"shards": files})
     output.write_bytes(HISTOGRAM_FILE, histogram_png(stats))
     output.write_bytes(DATA_CARD_FILE, data_card(stats).encode())
     progress(f"score: {stats.documents:,} documents scored; tiers {dict(stats.tier_totals)}; dropped {stats.dropped.as_json()}")
     return stats
 
 
-def _combine(parts: list[ShardStatistics], ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
+def _combine(total: ShardStatistics, ingest: StageResult, thresholds: tuple[float, float], classifier_metrics: dict) -> dict[str, Any]:
     """The summary as JSON (without the shard files), from the shards' statistics and ingest's counts."""
-    counts = pa.concat_tables([COUNT_SCHEMA.empty_table(), *(part.counts for part in parts)]).to_pylist()
-    histogram_rows = pa.concat_tables([HISTOGRAM_SCHEMA.empty_table(), *(part.histograms for part in parts)]).to_pylist()
-    language_rows = pa.concat_tables([LANGUAGE_SCHEMA.empty_table(), *(part.languages for part in parts)]).to_pylist()
     ingested = ingest.summary.sources
     per_source: dict[str, dict[str, Any]] = {
         name: {"documents": 0, "score_sum": 0.0, "tiers": dict.fromkeys(TIERS, 0), "splits": {}, "dropped": {DROPPED_LANGUAGE: 0, DROPPED_RULES: 0},
                "languages": {}, "histogram": np.zeros(HISTOGRAM_BINS, dtype=np.int64)}
         for name in ingested
     }
-    for row in counts:
-        entry = per_source[row["source"]]
-        if row["status"] != KEPT:
-            entry["dropped"][row["status"]] += row["count"]
+    for (source, split, status, tier), count in total.counts.items():
+        entry = per_source[source]
+        if status != KEPT:
+            entry["dropped"][status] += count
             continue
-        entry["documents"] += row["count"]
-        entry["score_sum"] += row["score_sum"]
-        entry["tiers"][row["tier"]] += row["count"]
-        entry["splits"][row["split"]] = entry["splits"].get(row["split"], 0) + row["count"]
-    for row in histogram_rows:
-        per_source[row["source"]]["histogram"][row["bin"]] += row["count"]
-    for row in language_rows:
-        languages = per_source[row["source"]]["languages"]
-        languages[row["language"]] = languages.get(row["language"], 0) + row["count"]
+        entry["documents"] += count
+        entry["score_sum"] += total.score_sums[source, split, status, tier]
+        entry["tiers"][tier] += count
+        entry["splits"][split] = entry["splits"].get(split, 0) + count
+    for (source, score_bin), count in total.histograms.items():
+        per_source[source]["histogram"][score_bin] += count
+    for (source, language), count in total.languages.items():
+        per_source[source]["languages"][language] = count
     sources = {}
     for name, entry in per_source.items():
         read = ingested[name]
