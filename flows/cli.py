@@ -2,7 +2,9 @@
 
 ``predict`` computes in process and imports no Prefect, MLflow or torch; it writes nothing but the
 optional plot. ``run`` validates the recipe first, then runs the ``cpt_pipeline`` flow (Prefect's
-ephemeral API unless ``PREFECT_API_URL`` is set). Bad input: one line on stderr, exit code 2.
+ephemeral API unless ``PREFECT_API_URL`` is set); ``run --dry-run`` and ``status`` only read the
+store (`trecflow.inventory`); ``gc`` removes what no kept recipe, lease, registered model or
+calibration entry needs. Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ def corpus_demo(
 
     folder = cache or home() / "corpus" / "demo"
     try:
-        sources = build_demo_corpus(folder, force=force, progress=lambda line: typer.echo(line, err=True))
+        from flows.progress_reporters import terminal_progress
+
+        sources = build_demo_corpus(folder, force=force, progress=terminal_progress("corpus demo", lambda line: typer.echo(line, err=True)))
     except CorpusFetchError as error:
         raise fail(f"corpus demo: {error}", code=1) from None
     width = max(map(len, sources))
@@ -302,7 +306,7 @@ def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) ->
     """Everything ``place``/``train`` can check before any work: the recipe, its sections, the
     variant and its plan, the corpus sources. Returns the variant (default: the first declared)."""
     recipe = load_or_exit(recipe_path)
-    from flows.pipeline import default_variant
+    from flows.params import default_variant
     from tasks.graph import GRAPH
     from tasks.placement import PlacementError
     from trecflow.stage import Target
@@ -485,6 +489,7 @@ def run(
         Optional[list[str]], typer.Option(help="recompute this stage and everything downstream (repeatable)")
     ] = None,
     until: Annotated[Optional[str], typer.Option(help="run only the stages this stage needs, and it")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what the run would reuse or compute, and why; compute nothing")] = False,
 ) -> None:
     """Run the cpt_pipeline flow for a recipe (embedded Prefect, MLflow and store by default)."""
     recipe_path = RecipeFile.of(recipe_path, overlay, set_)
@@ -506,6 +511,14 @@ def run(
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
+    if dry_run:  # the same plan `status` shows: no flow run, no Ray, no MLflow run, nothing written
+        from trecflow.inventory import plan_stages
+
+        target = Target(calibrated(recipe), variant or default_variant(recipe))
+        store = recipe_store(target.recipe)
+        plans = read_store(lambda: plan_stages(GRAPH, store, target, force or [], until))
+        typer.echo(format_dry_run(target, store, plans))
+        return
 
     from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline
@@ -521,6 +534,177 @@ def run(
             if stage_outcome.uri:
                 typer.echo(output_line(stage_outcome, "store output "))
     typer.echo(f"\nmlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
+
+
+def table_text(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A header and rows as text columns, each as wide as its widest cell."""
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def human_bytes(count: int | None) -> str:
+    """A size in decimal units (1 kB = 1,000 bytes), ``-`` when unknown."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000:
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"
+
+
+def human_age(seconds: float | None) -> str:
+    """How long ago, to the unit that matters: ``12 s``, ``5 min``, ``3 h``, ``2 d``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def recipe_store(recipe: Recipe):
+    """The store a run of ``recipe`` writes to."""
+    from trecflow.settings import store_endpoint, store_url
+    from trecflow.store import Store
+
+    return Store(store_url(recipe), store_endpoint(recipe))
+
+
+def read_store(call):
+    """``call()``, which reads the store; bad input (a recipe, a corpus source) is exit 2, a store
+    that cannot be read exit 1."""
+    from trecflow.store import StoreError
+
+    try:
+        return call()
+    except ValueError as error:  # RecipeError, IngestError, PlacementError: one line
+        raise fail(str(error)) from None
+    except (StoreError, OSError) as error:
+        raise fail(f"store: {type(error).__name__}: {error}", code=1) from None
+
+
+def status_note(plan) -> str:
+    """The status table's note: who holds a lease and until when, why a stage is skipped, what a
+    resolved stage names."""
+    from trecflow.inventory import COMPLETE, lease_text
+
+    lease = plan.output.lease if plan.output is not None else None
+    if lease is not None:
+        return ("leased by " if plan.state == COMPLETE else "by ") + lease_text(lease)
+    return plan.note
+
+
+def format_status(recipe: Recipe, variant: str, store, plans) -> str:
+    """The status table: one row per stage."""
+    import time
+
+    from trecflow.inventory import MISSING
+
+    now = time.time()
+    rows = []
+    for plan in plans:
+        output = plan.output
+        fingerprint = plan.fingerprint or (f"unknown until {plan.unknown_until}" if plan.unknown_until else "-")
+        age = None if output is None or output.modified_unix is None else max(0.0, now - output.modified_unix)
+        size = human_bytes(output.bytes) if output is not None and output.state != MISSING else "-"
+        rows.append((plan.stage, fingerprint, plan.state, size, human_age(age), status_note(plan)))
+    head = f"recipe {recipe.name}, variant {variant}, store {store.url}"
+    return head + "\n" + table_text(("stage", "fingerprint", "state", "size", "age", "note"), rows)
+
+
+def format_dry_run(target, store, plans) -> str:
+    """What ``run`` would do per stage, and why; then the counts."""
+    from trecflow.inventory import COMPUTE, REUSE, SKIP
+
+    rows = [(plan.stage, plan.action, plan.fingerprint or "-", plan.reason) for plan in plans]
+    counts = {action: sum(plan.action == action for plan in plans) for action in (REUSE, COMPUTE, SKIP)}
+    return (f"dry run: recipe {target.recipe.name}, variant {target.variant}, store {store.url} (nothing is computed or written)\n"
+            + table_text(("stage", "action", "fingerprint", "why"), rows)
+            + f"\n\n{counts[REUSE]} to reuse, {counts[COMPUTE]} to compute, {counts[SKIP]} skipped")
+
+
+@app.command()
+def status(
+    recipe_path: RecipeArg,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
+    variant: Annotated[Optional[str], typer.Option(help="curriculum variant (default: the first declared, as run picks it)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """What the store holds for a recipe: every stage's fingerprint (or the upstream stage it waits
+    for), state (complete, leased, partial, missing), size and age. Computes and writes nothing."""
+    import time
+
+    from flows.params import default_variant
+    from tasks.graph import GRAPH
+    from trecflow.inventory import plan_stages
+    from trecflow.stage import Target
+
+    recipe = calibrated(load_or_exit(RecipeFile.of(recipe_path, overlay, set_)))
+    variant = variant or default_variant(recipe)
+    try:
+        recipe.curriculum.variant(variant)
+    except RecipeError as error:
+        raise fail(str(error)) from None
+    store = recipe_store(recipe)
+    plans = read_store(lambda: plan_stages(GRAPH, store, Target(recipe, variant)))
+    if as_json:
+        now = time.time()
+        typer.echo(json.dumps({"recipe": recipe.name, "variant": variant, "store": store.url, "stages": [plan.as_json(now) for plan in plans]}))
+    else:
+        typer.echo(format_status(recipe, variant, store, plans))
+
+
+def format_gc(report) -> str:
+    """What gc removed (or would remove), with sizes and the total, and what it kept per reason."""
+    rows = [(item.location, human_bytes(item.bytes), item.state) for item in report.removed]
+    lines = ["would remove (dry run: nothing removed)" if report.dry_run else "removed"]
+    lines.append(table_text(("folder", "size", "state"), rows) if rows else "(nothing)")
+    kept = ", ".join(f"{count} {reason}" for reason, count in report.kept.items() if count) or "nothing"
+    lines.append("")
+    lines.append(aligned([("total", f"{len(report.removed)} folders, {human_bytes(report.total_bytes)}"), ("kept", kept), ("store", report.store)]))
+    return "\n".join(lines)
+
+
+@app.command()
+def gc(
+    keep: Annotated[Optional[list[Path]], typer.Option("--keep", help="recipe whose outputs stay (repeatable; required)")] = None,
+    overlay: OverlayOpt = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed; remove nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Remove the store outputs no kept recipe references (every stage of every declared variant;
+    none declared: uniform, end, trec_valley). Never removed: a leased output, one a registered
+    MLflow model version names, the calibration table's runs, a reference-loss cache in use, the
+    checkpoints of a running job, anything outside the stage, checkpoints/ and refcache/ folders."""
+    if not keep:
+        raise fail("gc: --keep RECIPE is required: gc removes every output no kept recipe references, "
+                   "so it never guesses (add --dry-run to see what would go)")
+    from flows.params import DEFAULT_VARIANTS
+    from tasks.graph import GRAPH
+    from trecflow.inventory import collect_garbage, registered_outputs
+    from trecflow.settings import tracking_uri
+    from trecflow.stage import Target
+
+    recipes = [calibrated(load_or_exit(RecipeFile.of(path, overlay, set_))) for path in keep]
+    stores = {recipe_store(recipe).url: recipe_store(recipe) for recipe in recipes}
+    if len(stores) > 1:
+        raise fail(f"--keep: the recipes use different stores ({', '.join(sorted(stores))}); gc one store at a time")
+    store = next(iter(stores.values()))
+    targets = [Target(recipe, variant) for recipe in recipes for variant in (recipe.curriculum.variants or DEFAULT_VARIANTS)]
+    try:
+        registered = registered_outputs(store, tracking_uri())
+    except Exception as error:  # an unreachable tracking server: no removal without knowing what is registered
+        raise fail(f"gc: cannot read the MLflow model registry at {tracking_uri()} ({type(error).__name__}: {error}); nothing removed", code=1) from None
+    report = read_store(lambda: collect_garbage(GRAPH, store, targets, registered, dry_run=dry_run))
+    for running in report.running:
+        typer.echo(f"warning: {running} is computed by a run of no kept recipe; the outputs it reads are known only once it "
+                   f"commits and may be among those removed: keep its recipe (--keep) while it runs", err=True)
+    typer.echo(json.dumps(report.as_json()) if as_json else format_gc(report))
 
 
 COMPARE_KEYS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window")

@@ -6,10 +6,13 @@ held-out set and the reference losses), so only placement, training and re-evalu
 variant. On one machine the variants run one after another; with ``RAY_ADDRESS`` set (a cluster)
 they run concurrently, each a subflow in its own thread whose Ray work lands on the cluster.
 
-The comparison run holds ``comparison.json`` / ``comparison.csv`` (variant, ``val_loss_hq``,
-``val_loss_general``, ``trec_pearson``, measured valley, HQ window, ...) and ``comparison.png``
-(held-out losses per variant; the HQ windows over the predicted TREC); the flow run gets the same
-table as a Prefect table artifact.
+The comparison run (``compare``, its flow run ``<recipe>/compare``) holds ``comparison.json`` /
+``comparison.csv`` (variant, ``val_loss_hq``, ``val_loss_general``, ``trec_pearson``, measured
+valley, HQ window, ...), ``comparison.png`` (held-out losses per variant; the HQ windows over the
+predicted TREC) and ``curves.png`` (every variant's training loss, and its measured TREC against
+its own prediction); the flow run gets the same table as a Prefect table artifact. The variant
+runs nested under it carry the per-step curves MLflow's compare view overlays
+(`flows.variant_run`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ ensure_home()  # before the ephemeral Prefect server opens its database there
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_table_artifact
 
-from flows.params import Comparison, PipelineRun
-from flows.pipeline import cpt_pipeline, load_run, source_tags, tracked_run
+from flows.comparison_plot import plot_variant_curves
+from flows.params import DEFAULT_VARIANTS, Comparison, PipelineRun
+from flows.pipeline import _recipe_name, cpt_pipeline, load_run, source_tags, tracked_run
 from flows.reporters import artifact_key
+from flows.variant_run import variant_curves
 from tasks.graph import GRAPH
 from tasks.predict import read_curve
 from trecflow.ray_jobs import jobs_address
@@ -43,10 +48,6 @@ from training.trec_plot import plot_comparison
 # The comparison table's columns, in order.
 COLUMNS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window",
            "content_confounded", "final_loss", "mlflow_run_id")
-
-
-# Compared when the request names none and the recipe declares none.
-DEFAULT_VARIANTS = ("uniform", "end", "trec_valley")
 
 
 def compared_variants(comparison: Comparison, curriculum: CurriculumSection) -> list[str]:
@@ -114,14 +115,21 @@ def run_variants(comparison: Comparison, variants: list[str], parent_id: str, co
         return {variant: future.result() for variant, future in futures.items()}
 
 
-@flow(name="compare_curricula")
+def compare_run_name() -> str:
+    """``<recipe>/compare``: the name of a `compare_curricula` flow run."""
+    from prefect.runtime import flow_run
+
+    return f"{_recipe_name(flow_run.parameters.get('comparison', {}))}/compare"
+
+
+@flow(name="compare_curricula", flow_run_name=compare_run_name)
 def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     """Run ``cpt_pipeline`` for each variant under one MLflow comparison run; write the table."""
     recipe, store = load_run(comparison)
     variants = compared_variants(comparison, recipe.curriculum)
     concurrent = comparison.concurrent if comparison.concurrent is not None else bool(os.environ.get("RAY_ADDRESS"))
     tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants)}
-    with tracked_run(store, recipe, f"compare-{recipe.name}", tags) as (tracker, parent_id):
+    with tracked_run(store, recipe, "compare", tags) as (tracker, parent_id):
         outcomes = run_variants(comparison, variants, parent_id, concurrent)
         rows = [comparison_row(variant, outcomes[variant]) for variant in variants]
         tracker.log_artifact_bytes(parent_id, "comparison.json", json.dumps(rows, indent=2).encode())
@@ -133,6 +141,8 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
         curve = read_curve(store, predict_fp)
         plot = plot_comparison(curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy(), rows, f"{recipe.name}: curriculum variants")
         tracker.log_artifact_bytes(parent_id, "comparison.png", plot)
+        curves = [variant_curves(store, variant, outcomes[variant], every=1) for variant in variants]
+        tracker.log_artifact_bytes(parent_id, "curves.png", plot_variant_curves(curves, f"{recipe.name}: curriculum variants"))
         create_table_artifact(
             key=artifact_key("curriculum-comparison", recipe.name),
             table=[{key: row[key] for key in COLUMNS} for row in rows],

@@ -1,6 +1,7 @@
 """Stages as Prefect tasks: the runner's executor inside a flow.
 
-Each stage of the graph is one Prefect task named after it (``score_corpus``, ``train_cpt``...).
+Each stage of the graph is one Prefect task named after it (``score_corpus``, ``train_cpt``...);
+its task runs are named ``<task> [<recipe>/<variant>]``.
 The runner computes the stage's fingerprint once and hands it here as the task's cache key (with
 the store's), so a rerun with the same inputs is ``Cached``; the cache is trusted only while the
 output is complete in the store (else ``refresh_cache``). Transient failures (I/O, a lost worker)
@@ -43,8 +44,10 @@ _TASKS: dict[str, Any] = {}
 def stage_task(stage: Stage) -> Any:
     """The Prefect task of ``stage`` (made once per process)."""
     if stage.name not in _TASKS:
+        name = stage.task_name or stage.name
         _TASKS[stage.name] = task(
-            name=stage.task_name or stage.name,
+            name=name,
+            task_run_name=name + " [{target}]",
             retries=2,
             retry_delay_seconds=5,
             cache_key_fn=_cache_key,

@@ -13,6 +13,14 @@ from pydantic import BaseModel, Field
 
 from tasks.graph import STAGE_NAMES
 
+# Compared when a comparison names none and the recipe declares none.
+DEFAULT_VARIANTS = ("uniform", "end", "trec_valley")
+
+
+def default_variant(recipe) -> str:
+    """The recipe's first declared variant, else ``trec_valley``."""
+    return next(iter(recipe.curriculum.variants), "trec_valley")
+
 Stage = Enum("Stage", {name: name for name in STAGE_NAMES}, type=str, module=__name__)
 Stage.__doc__ = "The pipeline's stages, in the graph's order (`tasks.graph.STAGES`)."
 

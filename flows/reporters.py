@@ -1,8 +1,9 @@
 """Reporters: the side concerns of a run, subscribed to the runner's stage events.
 
 - `LogReporter`: progress and outcomes to the Prefect run logger (or Python logging outside a run).
-- `MlflowReporter`: one child MLflow run per stage under the variant's run: the stage's metrics,
-  tags (its fingerprint) and artifacts; FINISHED, or FAILED with the stage.
+- `MlflowReporter`: one child MLflow run per stage under the variant's run, named
+  ``<variant>/<stage>``: the stage's metrics, tags (its fingerprint) and artifacts; FINISHED, or
+  FAILED with the stage.
 - `PrefectArtifactReporter`: a markdown artifact per stage from the stage's rows (the same rows
   the CLI prints), with its figure.
 - `EventLog`: one JSON line per event in ``TRECFLOW_EVENTS`` (if set): what ran where, countable.
@@ -43,6 +44,8 @@ class LogReporter:
     """Stage progress and outcomes as log lines."""
 
     def __call__(self, event: StageEvent) -> None:
+        if event.kind == PROGRESS and event.progress is not None:
+            return  # structured progress: flows.progress_reporters shows it (a bar, an artifact, sparse lines)
         logger = _logger()
         name = ("  " * event.depth) + event.stage.name
         if event.kind in (PROGRESS, WAITING, NOTE, SKIPPED):
@@ -56,22 +59,26 @@ class LogReporter:
 
 
 class MlflowReporter:
-    """A child MLflow run of ``parent_id`` per stage of the run's own target (not of derived runs)."""
+    """A child MLflow run of ``parent_id`` per stage of the run's own target (not of derived runs),
+    named ``<variant>/<stage>``; ``only``: those stages alone (a stage command records its own
+    stage, not the cached ones it read)."""
 
-    def __init__(self, tracker: Any, recipe: Any, parent_id: str, tags: dict[str, str]):
+    def __init__(self, tracker: Any, recipe: Any, parent_id: str, tags: dict[str, str], variant: str, only: set[str] | None = None):
         self.tracker = tracker
         self.recipe = recipe
         self.parent_id = parent_id
         self.tags = tags
+        self.variant = variant
+        self.only = only
         self.children: dict[str, str] = {}
 
     def __call__(self, event: StageEvent) -> None:
-        if event.depth:
+        if event.depth or (self.only is not None and event.stage.name not in self.only):
             return
         stage = event.stage
         if event.kind == STARTED:
-            tags = {"mlflow.parentRunId": self.parent_id, "trecflow.stage": stage.name, **self.tags}
-            child = self.tracker.start_run(self.recipe, stage.name, tags=tags, with_params=False)
+            tags = {"mlflow.parentRunId": self.parent_id, "trecflow.stage": stage.name, "trecflow.variant": self.variant, **self.tags}
+            child = self.tracker.start_run(self.recipe, f"{self.variant}/{stage.name}", tags=tags, with_params=False)
             self.children[stage.name] = event.annotations["mlflow_run_id"] = child
         elif event.kind == FAILED and stage.name in self.children:
             self.tracker.end_run(self.children.pop(stage.name), status="FAILED")

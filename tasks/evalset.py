@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from tasks.tokenizer import load_tokenizer
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import as_progress
 from trecflow.recipe import Recipe, RecipeError
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
@@ -112,7 +113,9 @@ def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, toke
     streams: dict[tuple[str, str], list[np.ndarray]] = {}
     used: dict[str, int] = {}
     documents = {"used": 0, "unused": 0}
-    for name in shards:
+    progress = as_progress(progress, "evalset")
+    progress.advance(0, len(shards), "shards", "read")
+    for done, name in enumerate(shards, 1):
         with store.fs.open(score_output.file_path(name), "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, columns=["text", "split", "source", "tier"]):
                 table = pa.Table.from_batches([batch])
@@ -132,6 +135,7 @@ def _pack(recipe: Recipe, store: Store, output: StageOutput, score_fp: str, toke
                     streams.setdefault((source, tiers[row]), []).append(ids)
                     used[source] = used.get(source, 0) + ids.size
                     documents["used"] += 1
+        progress.advance(done, len(shards), "shards", "read")
     blocks, rows_source, rows_tier = [], [], []
     dropped = 0
     for (source, tier), parts in sorted(streams.items()):

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import Progress, as_progress
 from trecflow.recipe import Recipe
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
@@ -215,8 +216,10 @@ def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output:
     shard_files = [(name, entry["bytes"]) for name, entry in score_output.manifest()["files"].items() if name.startswith("shards/")]
     groups = group_shards(shard_files, recipe.packing.group_mb * 1024**2)
     dtype = token_dtype(tokenizer_info["vocab_size"]).name
+    progress = as_progress(progress, "pack")
     progress(f"pack: the {split} split of {len(shard_files)} scored shards, in {len(groups)} groups -> sequences of {recipe.data.seq_len} tokens")
     ensure_ray()
+    progress.advance(0, len(groups), "groups", "packed")
     remote = ray.remote(pack_group).options(max_retries=2, retry_exceptions=[OSError])
     try:
         pending: list = []
@@ -240,9 +243,9 @@ def pack(recipe: Recipe, store: Store, score_fp: str, tokenizer_fp: str, output:
     return stats
 
 
-def _collect(result: dict, results: dict, total: int, progress) -> None:
+def _collect(result: dict, results: dict, total: int, progress: Progress) -> None:
     results[result["group"]] = result
-    progress(f"pack: group {len(results)}/{total} done")
+    progress.advance(len(results), total, "groups", "packed")
 
 
 def _write_catalog(recipe: Recipe, output, results: dict[int, dict], dtype: str, split: str) -> PackSummary:

@@ -22,6 +22,7 @@ import numpy as np
 
 from tasks.placement import Plan, PlanRequest, check_request, make_plan
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import as_progress
 from trecflow.recipe import Recipe
 from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
@@ -114,15 +115,17 @@ def steps_per_chunk(batch: int, itemsize: int) -> int:
 
 def write_index(plan: Plan, output, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the index chunks, the composition and ``index.json``; return the metadata."""
+    progress = as_progress(progress, "place")
     per_chunk = steps_per_chunk(plan.batch, plan.ids.dtype.itemsize)
     by_step = plan.ids.reshape(plan.steps, plan.batch)
+    total = -(-plan.steps // per_chunk)
     chunks = []
+    progress.advance(0, total, "chunks", "of the index written")
     for first in range(0, plan.steps, per_chunk):
         name = chunk_name(first)
         output.write_bytes(name, npy_bytes(np.ascontiguousarray(by_step[first : first + per_chunk])))
         chunks.append(name)
-        if len(chunks) % 8 == 0:
-            progress(f"place: wrote {len(chunks)} of {-(-plan.steps // per_chunk)} index chunks")
+        progress.advance(len(chunks), total, "chunks", "of the index written")
     output.write_bytes(COMPOSITION_FILE, npy_bytes(plan.composition()))
     meta = {
         "steps": plan.steps,

@@ -356,7 +356,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         seconds = time.monotonic() - started
         chunk = max(1, -(-len(evalset.tokens) // section.actors))
         eval_units = [Unit(start, evalset.tokens[start : start + chunk], 0) for start in range(0, len(evalset.tokens), chunk)]
-        pool.run(eval_units, lambda unit, losses: held_out.__setitem__(unit.key, losses), by_id=False, label="held-out")
+        pool.run(eval_units, lambda unit, losses: held_out.__setitem__(unit.key, losses), by_id=False, progress=progress, label="held-out")
         retried = pool.retried
 
     table = read_parts(store, output.path)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from tasks.scoring.classifier import META_FILE, train_classifier
 from tasks.scoring.workers import DROPPED_LANGUAGE, DROPPED_RULES, HISTOGRAM_BINS, KEPT, BatchScorer, ShardStatistics
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import as_progress
 from trecflow.recipe import TIERS, Recipe, RecipeError, ScoringSection
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
@@ -266,6 +267,8 @@ def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: S
     import ray
     from trecflow.ray_runtime import ensure_ray
 
+    progress = as_progress(progress, "score")
+
     if "perplexity" in scoring.scorers:
         from tasks.scoring.perplexity import check_perplexity_model
 
@@ -298,9 +301,10 @@ def _score(scoring: ScoringSection, store: Store, ingest: StageResult, output: S
             progress(f"score: quantile thresholds hq >= {thresholds[0]:.4f}, lq < {thresholds[1]:.4f} (from {len(sample):,} documents)")
         progress(f"score: scoring {ingest.summary.documents:,} documents in {len(shards)} shards with {len(actors)} actors")
         total = ShardStatistics()
+        progress.advance(0, len(shards), "shards", "scored")
         for done, part in enumerate(_score_shards(actors, shards, thresholds), 1):
             total.update(part)
-            progress(f"score: {done}/{len(shards)} shards scored")
+            progress.advance(done, len(shards), "shards", "scored")
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import as_progress
 from trecflow.recipe import Recipe, RecipeError
 from trecflow.settings import tracking_uri
 from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
@@ -252,38 +253,46 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
 
 
 class ProgressReporter:
-    """While the job runs, reports its latest audit record every ``interval`` seconds."""
+    """While the job runs, reports its progress in steps from the newest audit record every
+    ``interval`` seconds (rank 0 writes one per step to the store: the driver reads one small part
+    file per poll, and the workers do nothing more), and once more when the job ends."""
 
-    def __init__(self, store: Store, folder: str, steps: int, progress: Callable[[str], None], interval: float = 15.0):
+    def __init__(self, store: Store, folder: str, steps: int, progress: Callable[[str], None], interval: float = 10.0):
         import threading
 
-        self.store, self.folder, self.steps, self.progress, self.interval = store, folder, steps, progress, interval
+        self.store, self.folder, self.steps, self.interval = store, folder, steps, interval
+        self.progress = as_progress(progress, "train")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last: dict[str, Any] | None = None
 
     def __enter__(self) -> ProgressReporter:
+        self.progress.advance(0, self.steps, "steps")
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if exc[0] is None:
+            self._report()
 
     def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._report()
+
+    def _report(self) -> None:
         from training.audit import latest_record
 
-        last = None
-        while not self._stop.wait(self.interval):
-            try:
-                record = latest_record(self.store, self.folder)
-            except (OSError, ValueError):  # a part being rewritten: try again next time
-                continue
-            if record and record != last:
-                last = record
-                self.progress(
-                    f"step {record['step'] + 1:,}/{self.steps:,} (attempt {record['attempt']}): loss {record['loss']:.4f}, "
-                    f"lr {record['lr']:.3g}, {record['tokens'] / max(record['seconds'], 1e-9):,.0f} tokens/s"
-                )
+        try:
+            record = latest_record(self.store, self.folder)
+        except (OSError, ValueError):  # a part being rewritten: try again next time
+            return
+        if record and record != self._last:
+            self._last = record
+            tokens_per_second = record["tokens"] / max(record["seconds"], 1e-9)
+            self.progress.advance(record["step"] + 1, self.steps, "steps",
+                                  f"(attempt {record['attempt']}): loss {record['loss']:.4f}, lr {record['lr']:.3g}, {tokens_per_second:,.0f} tokens/s")
 
 
 __all__ = ["AuditSummary", "BaseModel", "JobError", "TRAIN", "TrainSummary", "base_model", "run_train", "train_fingerprint"]

@@ -146,13 +146,19 @@ class ActorPool:
 
     def run(self, units: Iterable[Unit], on_result: Callable[[Unit, np.ndarray], None], by_id: bool = True,
             progress: Callable[[str], None] | None = None, label: str = "evaluate", interval: float = 15.0) -> None:
-        """Evaluate every unit; ``on_result(unit, losses)`` is called in the driver as each finishes.
+        """Evaluate every unit; ``on_result(unit, losses)`` is called in the driver as each finishes,
+        and ``progress`` advances by one unit (`trecflow.progress`; ``label`` names the pass in the
+        message). ``interval`` bounds how long the driver waits for a result before checking on
+        restarting actors.
 
         A unit whose actor dies goes back to the queue; the actor is used again only once Ray has
         restarted it and it answers (a probe call), or is dropped when it cannot be restarted."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        from trecflow.progress import as_progress
+
+        progress = as_progress(progress, label)
         pending = list(enumerate(units))
         total = len(pending)
         attempts: dict[int, int] = {}
@@ -162,7 +168,8 @@ class ActorPool:
         free = list(range(len(self.actors)))
         alive = set(free)
         done = tokens = 0
-        started = last_report = time.monotonic()
+        if total:
+            progress.advance(0, total, "units", f"({label})")
         while pending or in_flight:
             if not alive:
                 raise UnitFailed(f"{label}: every actor died and could not be restarted; {len(pending) + len(in_flight)} units left")
@@ -200,8 +207,7 @@ class ActorPool:
                     if attempts[position] > self.max_retries:
                         raise UnitFailed(f"{label}: unit {unit.key} failed {attempts[position]} times; last: {error}") from error
                     self.retried += 1
-                    if progress:
-                        progress(f"{label}: an actor died on unit {unit.key}; retrying it (attempt {attempts[position] + 1})")
+                    progress(f"{label}: an actor died on unit {unit.key}; retrying it (attempt {attempts[position] + 1})")
                     pending.insert(0, (position, unit))
                     probes[self.actors[actor].pid.remote()] = actor
                     continue
@@ -209,8 +215,4 @@ class ActorPool:
                 on_result(unit, losses)
                 done += 1
                 tokens += unit.tokens
-            now = time.monotonic()
-            if progress and (now - last_report >= interval or (not pending and not in_flight)):
-                last_report = now
-                rate = tokens / max(now - started, 1e-9)
-                progress(f"{label}: {done:,}/{total:,} units, {tokens:,} tokens, {rate:,.0f} tokens/s")
+                progress.advance(done, total, "units", f"({label}, {tokens:,} tokens)" if tokens else f"({label})")

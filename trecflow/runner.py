@@ -15,7 +15,12 @@ For each stage a run needs (the ancestors of ``until``, in the graph's order), t
      output; one that finds an expired lease takes it over;
 4. emits events (``started``, ``progress``, ``waiting``, ``reused``, ``finished``, ``failed``,
    ``skipped``, ``note``) to its reporters: MLflow, Prefect artifacts, logs and the CLI subscribe
-   (`flows.reporters`); nothing else in a stage or flow reports.
+   (`flows.reporters`, `flows.progress_reporters`); nothing else in a stage or flow reports.
+
+A stage reports through ``context.progress`` (`trecflow.progress.Progress`): ``progress(text)`` is a
+``progress`` event with that message (a note); ``progress.advance(done, total, unit, message)`` is a
+``progress`` event whose ``progress`` field holds the structured update (with its rate and ETA) and
+whose message is that update as one line.
 
 Forcing a stage forces every stage that depends on it (`forced_closure`). Forcing a stage that has
 nothing to compute (a base model given as a path) is a no-op with a ``note``.
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from trecflow.lease import Lease, Owner
+from trecflow.progress import LineThrottle, Progress, ProgressUpdate
 from trecflow.ray_jobs import job_alive
 from trecflow.recipe import RecipeError
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, SummaryError, Target, read_summary, summary_json
@@ -41,7 +47,9 @@ STARTED, PROGRESS, WAITING, REUSED, FINISHED, FAILED, SKIPPED, NOTE = (
 @dataclass
 class StageEvent:
     """Something that happened to one stage of one target. ``annotations`` is filled by reporters
-    on ``started`` (e.g. the MLflow run id) and handed to the stage's context."""
+    on ``started`` (e.g. the MLflow run id) and handed to the stage's context. A ``progress`` event
+    carries either a free-text ``message`` (``progress`` None) or a structured ``progress`` update
+    (``message``: that update as a line, `ProgressUpdate.line`)."""
 
     kind: str
     stage: Stage
@@ -53,6 +61,7 @@ class StageEvent:
     seconds: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     depth: int = 0  # 0 for the run's own stages, 1+ for those of a derived run (the tiny base's pretraining)
+    progress: ProgressUpdate | None = None
 
 
 class Reporter(Protocol):
@@ -206,9 +215,10 @@ class Runner:
         results: dict[str, StageResult] = dict(given or {})
         for name in self.graph.ancestors(until, results):
             stage = self.graph[name]
-            missing_inputs = [input_name for input_name in stage.required_inputs(target) if input_name not in results]
-            if not stage.applies(target) or missing_inputs:
-                why = f"no {', '.join(stage.missing(target))} section" if not stage.applies(target) else f"needs {', '.join(missing_inputs)}"
+            applies = stage.applies(target)  # required_inputs may read the sections a stage that does not apply lacks
+            missing_inputs = [input_name for input_name in stage.required_inputs(target) if input_name not in results] if applies else []
+            if not applies or missing_inputs:
+                why = f"no {', '.join(stage.missing(target))} section" if not applies else f"needs {', '.join(missing_inputs)}"
                 self.emit(StageEvent(SKIPPED, stage, target, message=f"{stage.name}: skipped ({why})"))
                 continue
             upstream = {input_name: results[input_name] for input_name in stage.inputs if input_name in results}
@@ -248,8 +258,15 @@ class Runner:
                              annotations=started.annotations))
         return result
 
-    def _progress(self, stage: Stage, target: Target, fingerprint: str) -> Callable[[str], None]:
-        return lambda message: self.emit(StageEvent(PROGRESS, stage, target, fingerprint, message=message))
+    def _progress(self, stage: Stage, target: Target, fingerprint: str) -> Progress:
+        """The stage's progress callable: notes and structured updates as ``progress`` events."""
+        def note(message: str) -> None:
+            self.emit(StageEvent(PROGRESS, stage, target, fingerprint, message=message))
+
+        def update(progress: ProgressUpdate) -> None:
+            self.emit(StageEvent(PROGRESS, stage, target, fingerprint, message=progress.line(stage.name), progress=progress))
+
+        return Progress(stage.name, note, update)
 
     def load(self, stage: Stage, fingerprint: str) -> StageResult:
         return stored(self.store, stage, fingerprint)
@@ -299,18 +316,38 @@ class Runner:
 
 
 def run_stage(stage: Stage, target: Target, store: Store, upstream: Mapping[str, StageResult | str] | None = None, force: bool = False,
-              progress: Callable[[str], None] | None = print, graph: Graph | None = None) -> StageResult:
+              progress: Callable[[str], None] | None = print, graph: Graph | None = None, reporters: Sequence[Reporter] = ()) -> StageResult:
     """One stage on its given upstream results (or the fingerprints of committed ones), in this
     process (what unit tests and benchmarks call): the same fingerprint, lease, reuse and commit as
-    in a flow; progress lines to ``progress``."""
-    def report(event: StageEvent) -> None:
-        if progress is not None and event.kind in (PROGRESS, WAITING, NOTE) and event.message:
-            progress(event.message)
-
+    in a flow; progress lines to ``progress`` (structured progress as sparse lines: `ProgressLines`)
+    and every event first to ``reporters`` (e.g. `flows.progress_reporters.TerminalProgress`)."""
     graph = graph or default_graph()
     loaded = {name: stored(store, graph[name], value) if isinstance(value, str) else value for name, value in (upstream or {}).items()}
-    runner = Runner(graph, store, forced={stage.name} if force else (), reporters=[report])
+    lines = [ProgressLines(progress)] if progress is not None else []
+    runner = Runner(graph, store, forced={stage.name} if force else (), reporters=[*reporters, *lines])
     return runner.materialize(stage, target, loaded)
+
+
+class ProgressLines:
+    """A reporter writing a run's notes, waits and structured progress as lines to ``write``: every
+    note, and sparse progress lines (`trecflow.progress.LineThrottle`: at most one per 5% of a
+    phase, with percentage, rate and ETA) per stage run."""
+
+    def __init__(self, write: Callable[[str], object], min_seconds: float | None = None):
+        self.write = write
+        self.min_seconds = min_seconds
+        self.throttles: dict[tuple[int, str, str | None], LineThrottle] = {}
+
+    def __call__(self, event: StageEvent) -> None:
+        key = (event.depth, event.stage.name, event.fingerprint)
+        if event.kind == PROGRESS and event.progress is not None:
+            throttle = self.throttles.get(key) or self.throttles.setdefault(key, LineThrottle(min_seconds=self.min_seconds))
+            if throttle.should_log(event.progress):
+                self.write(event.message)
+        elif event.kind in (PROGRESS, WAITING, NOTE) and event.message:
+            self.write(event.message)
+        elif event.kind in (FINISHED, REUSED, FAILED):
+            self.throttles.pop(key, None)
 
 
 def default_graph() -> Graph:

@@ -33,9 +33,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Mapping, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Mapping, TypeVar, Union
 
 if TYPE_CHECKING:
+    from trecflow.progress import Progress
     from trecflow.recipe import Recipe
     from trecflow.store import StageOutput, Store
 
@@ -222,7 +223,7 @@ class StageContext:
     was forced, the tracking run it reports to (if any) and the runner (for derived runs)."""
 
     store: Store
-    progress: Callable[[str], None]
+    progress: Progress  # progress("note"), progress.advance(done, total, unit, message)
     force: bool = False
     tracking_run_id: str | None = None
     runner: Any = None

@@ -14,8 +14,8 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, F
                                             FlowRunFilterParentTaskRunId)
 
 from flows.compare import compare_curricula
-from flows.params import Comparison, PipelineRun
-from flows.pipeline import cpt_pipeline, forced_stages
+from flows.params import Comparison, PipelineRun, StageRun
+from flows.pipeline import cpt_pipeline, forced_stages, stage_flow
 from trecflow.store import Store
 
 from ..conftest import environment
@@ -34,7 +34,7 @@ def cached(*recomputed: str) -> dict[str, str]:
 def task_states(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {task.name.rsplit("-", 1)[0]: task.state.name for task in tasks}
+    return {task.name.split(" [", 1)[0]: task.state.name for task in tasks}
 
 
 def variant_flow_runs(compare_flow_run_id) -> dict[str, str]:
@@ -56,6 +56,9 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
     result, store = compared_test["result"], store_of(compared_test)
     runs = variant_flow_runs(compared_test["flow_run_id"])
     assert set(runs) == {"uniform", "trec_valley"}
+    with get_client(sync_client=True) as prefect:  # flow runs named for what they are
+        assert prefect.read_flow_run(compared_test["flow_run_id"]).name == "test/compare"
+        assert {variant: prefect.read_flow_run(run).name for variant, run in runs.items()} == {"uniform": "test/uniform", "trec_valley": "test/trec_valley"}
     first, second = (task_states(runs[variant]) for variant in compared_test["variants"])
     # the variants ran at once on a cold store: each ran every stage task, and the shared stages
     # (ingest, scoring, prediction, tokenizer, packing, the base, the held-out set) were computed
@@ -113,14 +116,45 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
             assert {"trec_pearson", "trec_valley_measured", "trec_valley_error", "val_loss_hq", "val_loss_general"} <= set(stages["reevaluate"].data.metrics)
             assert {a.path for a in client.list_artifacts(stages["reevaluate"].info.run_id, "reevaluate")} == {"reevaluate/trec_overlay.png", "reevaluate/summary.json"}
             assert stages["predict"].data.metrics["tau"] == pytest.approx(result["outcomes"][variant]["predict"]["tau"])
+            assert run.info.run_name == variant and {child.info.run_name for child in stages.values()} == {f"{variant}/{name}" for name in stages}
+            assert_variant_run_shows_its_curves(client, run, result["outcomes"][variant], store)
+        assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "curves.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        strategies = {run.data.tags["trecflow.variant"]: run.data.params["variant.strategy"] for run in variant_runs}
+        assert strategies == {"uniform": "uniform", "trec_valley": "trec_valley"}  # what MLflow's "diff only" shows
 
     with get_client(sync_client=True) as prefect:
         table = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curriculum-comparison-test"])))
         measured = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["trec-measured-test-uniform"])))
-        links = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run-compare-test"])))
+        links = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run-test-compare"])))
     assert table and json.loads(table[0].data)[0]["variant"] == "uniform"
     assert measured and "r_p" in measured[0].data and "data:image/png;base64," in measured[0].data
     assert links and compared_test["compare_run_id"] in links[0].data
+
+
+def assert_variant_run_shows_its_curves(client, run, outcome, store, registered_by: str | None = None) -> None:
+    """A variant's MLflow run: per-step loss / lr / hq_share every `log_every` (8) steps and the
+    last, the measured TREC by step, its datasets (digests = fingerprints) and its registered model
+    (registered by ``registered_by``, default this run: a rerun reuses the version)."""
+    run_id = run.info.run_id
+    history = {name: client.get_metric_history(run_id, name) for name in ("loss", "lr", "hq_share", "trec_raw", "trec_corrected", "trec_predicted")}
+    assert [m.step for m in history["loss"]] == [*range(0, 48, 8), 47]
+    assert [m.step for m in history["lr"]] == [m.step for m in history["hq_share"]] == [m.step for m in history["loss"]]
+    assert [m.step for m in history["trec_raw"]] == list(range(48)) == [m.step for m in history["trec_predicted"]]
+    assert len(history["trec_corrected"]) == 48  # test.yaml trains a reference
+    assert history["loss"][-1].value == pytest.approx(outcome["train"]["final_loss"], abs=1e-6)
+    shares = [m.value for m in history["hq_share"]]
+    assert all(0.0 <= share <= 1.0 for share in shares)
+    if outcome["place"]["strategy"] == "uniform":  # spread evenly: every step within one sequence of the mean
+        assert max(shares) - min(shares) <= 1 / outcome["place"]["sequences_per_step"] + 1e-9
+    datasets = {entry.dataset.name: entry.dataset.digest for entry in client.get_run(run_id).inputs.dataset_inputs}
+    variant = run.data.tags["trecflow.variant"]
+    assert datasets == {"test-corpus": outcome["score"]["fingerprint"], f"test-{variant}-sample-index": outcome["place"]["fingerprint"]}
+    name, version = run.data.tags["trecflow.model_version"].split("/")
+    registered = client.get_model_version(name, version)
+    assert name == f"test-{variant}" and registered.source == outcome["train"]["model_uri"] and registered.run_id == (registered_by or run_id)
+    assert registered.tags == {"trecflow.store": store.url, "trecflow.stage": "train", "trecflow.fingerprint": outcome["train"]["fingerprint"]}
+    assert "stage 1's data card" in registered.description and "| stdlib-docs |" in registered.description
 
 
 def test_a_second_compare_is_all_cache_hits_and_a_forced_placement_reruns_only_what_follows(compared_test):
@@ -138,6 +172,13 @@ def test_a_second_compare_is_all_cache_hits_and_a_forced_placement_reruns_only_w
         for variant, flow_run_id in nested.items():
             assert task_states(flow_run_id) == cached(), variant
         assert [row["val_loss_hq"] for row in again["variants"]] == [row["val_loss_hq"] for row in compared_test["result"]["variants"]]
+        # every stage cached, yet the new variant runs show the same curves, datasets and model (one version per trained output)
+        client = mlflow.MlflowClient(compared_test["tracking_uri"])
+        for row in again["variants"]:
+            run = client.get_run(row["mlflow_run_id"])
+            first = next(old for old in compared_test["result"]["variants"] if old["variant"] == row["variant"])["mlflow_run_id"]
+            assert_variant_run_shows_its_curves(client, run, again["outcomes"][row["variant"]], store, registered_by=first)
+            assert len(client.search_model_versions(f"name = 'test-{row['variant']}'")) == 1
         assert store.output("train", uniform["train"]["fingerprint"]).manifest()["created_unix"] == created
 
         forced = cpt_pipeline(PipelineRun(recipe_path=compared_test["recipe_path"], variant="uniform", force=["place"]), return_state=True)
@@ -152,6 +193,19 @@ def test_a_second_compare_is_all_cache_hits_and_a_forced_placement_reruns_only_w
         rerun = cpt_pipeline(PipelineRun(recipe_path=compared_test["recipe_path"], variant="uniform"), return_state=True)
         assert task_states(rerun.state_details.flow_run_id) == cached("predict_trec")
         assert store.output("predict", uniform["predict"]["fingerprint"]).exists()
+
+        # a stage command nests its stage's run under the newest run of its variant: no new top-level run
+        experiment = client.get_experiment_by_name("test").experiment_id
+        top_level = {run.info.run_id for run in client.search_runs([experiment]) if "mlflow.parentRunId" not in run.data.tags}
+        staged = stage_flow(StageRun(recipe_path=compared_test["recipe_path"], stage="predict", variant="uniform"), return_state=True)
+        assert staged.is_completed(), staged
+        assert staged.result()["mlflow_run_id"] == rerun.result()["mlflow_run_id"]
+        assert {run.info.run_id for run in client.search_runs([experiment]) if "mlflow.parentRunId" not in run.data.tags} == top_level
+        children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{rerun.result()['mlflow_run_id']}' and attributes.run_name = 'uniform/predict'")
+        assert len(children) == 2  # the rerun's own predict, then the stage command's (and no run for the stages it only read)
+        with get_client(sync_client=True) as prefect:
+            assert prefect.read_flow_run(staged.state_details.flow_run_id).name == "test/uniform/predict"
+            assert prefect.read_flow_run(rerun.state_details.flow_run_id).name == "test/uniform"
 
 
 def test_typed_parameters_refuse_an_unknown_stage_before_any_work(compared_test):

@@ -4,15 +4,20 @@ With `flows.ui.running_ui` up on free loopback ports (a Prefect server with the 
 deployments and a process worker, and the MLflow UI, all on the session's shared compare
 fixture's home):
 
-- the MLflow UI shows the comparison run ``compare-<recipe>`` and, nested under it, one run per
-  variant (checked before the Prefect run below adds a run of the same name as a variant's);
+- the MLflow UI opens the experiment on its runs (not its GenAI view) and shows the comparison run
+  ``compare`` and, nested under it, one run per variant, named after the variant;
 - the Prefect UI lists the deployments ``cpt-pipeline`` and ``compare-curricula``; the server's
   scheduler has turned cpt-pipeline's cron schedule into scheduled runs; a "Quick run" clicked on
-  the cpt-pipeline page runs on the worker and completes (every stage is a cache hit in the
-  fixture's store, so the run is cheap).
+  the cpt-pipeline page runs on the worker and completes: it trains a third variant, ``end``
+  (the shared stages are cache hits in the fixture's store);
+- MLflow's compare page of the three variant runs lists ``variant.strategy`` under "Show diff
+  only", and the metric page of ``loss`` draws the three variants' curves on one chart.
+
+Screenshots of the MLflow pages are saved in the test's tmp_path (and in
+``TRECFLOW_SCREENSHOTS`` when set; `docs/` holds one of each, taken this way).
 
 The test applies a copy of ``prefect.yaml`` whose cpt-pipeline parameters name the fixture's
-recipe and first variant (the project file's defaults name ``configs/demo.yaml``); its daily
+recipe and the variant ``end`` (the project file's defaults name ``configs/demo.yaml``); its daily
 02:00 UTC schedule is kept (a cron run would start during the test only if it spans 02:00 UTC,
 and would be as cheap). `test_prefect_yaml_matches_the_flows` checks the project file itself,
 without services.
@@ -23,6 +28,7 @@ On a failure the page's screenshot and the services' logs are left in the test's
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -46,7 +52,7 @@ CHROMIUM_ARGS = [
 ]
 # Generous: 2 busy cores, a React app compiling its first page, a flow run importing torch.
 PAGE_TIMEOUT_MS = 90_000
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 600  # the quick run trains a variant
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -93,12 +99,15 @@ def test_a_taken_port_is_a_clear_error_before_anything_starts(tmp_path, monkeypa
     assert not (tmp_path / "ui-logs").exists()
 
 
+THIRD_VARIANT = "end"  # trained by the test's quick run, beside the fixture's two
+
+
 def deployments_for_test(compared: dict, folder: Path) -> Path:
-    """The project's prefect.yaml with cpt-pipeline pointed at the fixture's recipe and first variant."""
+    """The project's prefect.yaml with cpt-pipeline pointed at the fixture's recipe and `THIRD_VARIANT`."""
     config = yaml.safe_load(PREFECT_FILE.read_text())
     for entry in config["deployments"]:
         if entry["name"] == "cpt-pipeline":
-            entry["parameters"]["run"] = {"recipe_path": compared["recipe_path"], "variant": compared["variants"][0], "force": []}
+            entry["parameters"]["run"] = {"recipe_path": compared["recipe_path"], "variant": THIRD_VARIANT, "force": []}
     path = folder / "prefect.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -148,12 +157,12 @@ def test_ui_runs_the_deployment_and_shows_the_comparison(compared_test, tmp_path
         try:
             # MLflow: the comparison run and its variants, nested under it.
             experiment = api(f"{ui.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={recipe}")["experiment"]
-            page.goto(f"{ui.mlflow_url}/#/experiments/{experiment['experiment_id']}/runs")
-            page.get_by_text(f"compare-{recipe}", exact=True).first.wait_for()
-            progress("MLflow UI shows the comparison run")
+            page.goto(f"{ui.mlflow_url}/#/experiments/{experiment['experiment_id']}")  # the experiment itself, as a user opens it
+            page.get_by_text("compare", exact=True).first.wait_for()
+            progress("MLflow UI opens the experiment on its runs and shows the comparison run")
             expand_children(page, compared_test["compare_run_id"])
             for variant in variants:
-                page.get_by_text(f"{recipe}-{variant}", exact=True).first.wait_for()
+                page.get_by_text(variant, exact=True).first.wait_for()
             progress(f"MLflow UI shows its variants {variants}")
 
             # Prefect: the deployments, then a quick run from the pipeline's page.
@@ -177,6 +186,26 @@ def test_ui_runs_the_deployment_and_shows_the_comparison(compared_test, tmp_path
             page.goto(f"{ui.prefect_url}/runs/flow-run/{flow_run['id']}")
             page.get_by_text("Completed").first.wait_for()
             progress("the Prefect UI shows the run Completed")
+
+            # MLflow: the three variants side by side.
+            runs = variant_runs(ui.mlflow_url, experiment["experiment_id"], [*variants, THIRD_VARIANT])
+            ids, experiments = json.dumps(list(runs.values())), json.dumps([experiment["experiment_id"]])
+            page.goto(f"{ui.mlflow_url}/#/compare-runs?runs={ids}&experiments={experiments}")
+            page.get_by_text("Show diff only").first.wait_for()
+            page.get_by_text("Show diff only").first.click()
+            page.get_by_text("variant.strategy", exact=True).first.wait_for()
+            for variant in runs:
+                page.get_by_text(variant, exact=True).first.wait_for()
+            screenshot(page, tmp_path, "mlflow-compare-variants.png")
+            progress("MLflow's compare page shows the variants' differing parameters")
+            metric = json.dumps("loss")
+            page.goto(f"{ui.mlflow_url}/#/metric/loss?runs={ids}&metric={metric}&experiments={experiments}"
+                      f"&plot_metric_keys={json.dumps(['loss'])}&plot_layout={{}}&x_axis=step&y_axis_scale=linear")
+            for variant in runs:  # the chart's legend names every run
+                page.get_by_text(variant, exact=True).first.wait_for()
+            page.locator(".js-plotly-plot, canvas, svg.main-svg").first.wait_for()
+            screenshot(page, tmp_path, "mlflow-loss-curves.png")
+            progress("MLflow's metric page draws the three variants' loss curves on one chart")
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
             (tmp_path / "failure.html").write_text(page.content())
@@ -184,6 +213,27 @@ def test_ui_runs_the_deployment_and_shows_the_comparison(compared_test, tmp_path
             raise
         finally:
             browser.close()
+
+
+def variant_runs(mlflow_url: str, experiment_id: str, variants: list[str]) -> dict[str, str]:
+    """The newest variant run of each of ``variants`` (MLflow's REST API), by variant."""
+    found = {}
+    for variant in variants:
+        query = f"tags.`trecflow.kind` = 'variant' and tags.`trecflow.variant` = '{variant}'"
+        runs = api(f"{mlflow_url}/api/2.0/mlflow/runs/search", "POST",
+                   {"experiment_ids": [experiment_id], "filter": query, "order_by": ["attributes.start_time DESC"], "max_results": 1})["runs"]
+        assert runs, f"no MLflow run of variant {variant}"
+        found[variant] = runs[0]["info"]["run_id"]
+    return found
+
+
+def screenshot(page, folder: Path, name: str) -> None:
+    """The page as ``name`` in ``folder`` and in ``TRECFLOW_SCREENSHOTS`` when set."""
+    page.wait_for_timeout(1500)  # charts animate in
+    page.screenshot(path=str(folder / name))
+    if os.environ.get("TRECFLOW_SCREENSHOTS"):
+        Path(os.environ["TRECFLOW_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(os.environ["TRECFLOW_SCREENSHOTS"]) / name))
 
 
 def expand_children(page, parent_run_id: str) -> None:
