@@ -786,6 +786,11 @@ def ui(
         raise fail(str(error), code=1) from None
 
 
+from flows.init_command import init  # noqa: E402  (a command of its own module; it imports `fail` from here when it runs)
+
+app.command("init")(init)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

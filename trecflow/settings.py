@@ -4,6 +4,10 @@
   ``PREFECT_HOME`` (``prefect/``) and the default store (``store/``).
 - The store URL: the recipe's ``store.url``, else ``TRECFLOW_STORE``, else ``<home>/store``.
 - The S3 endpoint: the recipe's ``store.endpoint_url``, else ``AWS_ENDPOINT_URL``.
+- The store's other fsspec options: ``TRECFLOW_STORE_OPTIONS``, a JSON object (`store_options`),
+  read by every process that opens the store (the flow, Ray tasks, actors and jobs), each from its
+  own environment, as credentials are: never from the recipe, so they are not in MLflow, in a
+  job's spec in the store or in a ``runtime_env``.
 - ``MLFLOW_TRACKING_URI`` overrides the tracking database.
 
 `configure_environment` must run before Prefect is imported: Prefect reads ``PREFECT_HOME`` then.
@@ -11,10 +15,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from trecflow.recipe import Recipe
+
+STORE_OPTIONS_ENV = "TRECFLOW_STORE_OPTIONS"
+
+
+class SettingsError(ValueError):
+    """An environment setting that cannot be used; the message names the variable (one line)."""
 
 
 def home() -> Path:
@@ -34,6 +46,42 @@ def store_endpoint(recipe: Recipe | None = None) -> str | None:
     if recipe is not None and recipe.store.endpoint_url:
         return recipe.store.endpoint_url
     return os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def store_options() -> dict[str, Any]:
+    """The store's extra fsspec options from ``TRECFLOW_STORE_OPTIONS`` (a JSON object; ``{}``
+    when unset). `SettingsError` names the variable, never its value (it may hold credentials)."""
+    raw = os.environ.get(STORE_OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"{STORE_OPTIONS_ENV}: not valid JSON ({error.msg} at character {error.pos})") from None
+    if not isinstance(options, dict):
+        raise SettingsError(f"{STORE_OPTIONS_ENV}: must be a JSON object of fsspec options, got a {type(options).__name__}")
+    return options
+
+
+def merge_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested mappings merged (``client_kwargs`` of both kept)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_options(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def expand_options(value: Any) -> Any:
+    """``value`` (storage options) with ``${VAR}`` and ``$VAR`` expanded in every string, as
+    `expand_path` does; called where a filesystem is built, so secrets stay in the environment."""
+    if isinstance(value, dict):
+        return {key: expand_options(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_options(item) for item in value]
+    return expand_path(value) if isinstance(value, str) else value
 
 
 def tracking_uri() -> str:

@@ -1,4 +1,6 @@
-"""The artifact store: a URL (local folder or ``s3://bucket/prefix``) handled through fsspec.
+"""The artifact store: a URL (a local folder or any fsspec URL: ``s3://bucket/prefix``,
+``gs://...``, ``memory://...``) handled through fsspec. Its filesystem options are the S3 endpoint
+(``endpoint_url``) merged with ``TRECFLOW_STORE_OPTIONS`` (`trecflow.settings.store_options`).
 
 Layout: each stage writes under ``<store>/<stage>/<fingerprint>/``. Data files are written first
 and ``_MANIFEST.json`` (fingerprint, inputs, counts, file sizes and SHA-256 checksums) last, by an
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+
+from trecflow.settings import merge_options, store_options
 
 MANIFEST = "_MANIFEST.json"
 
@@ -41,10 +45,13 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options())
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec options for this store's URL (a fresh dict on every call: callers may mutate it)."""
-        if self.url.startswith("s3://") and self.endpoint_url:
-            return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
-        return {}
+        """fsspec options for this store's URL (a fresh dict on every call: callers may mutate it):
+        an ``s3://`` store's ``endpoint_url``, then ``TRECFLOW_STORE_OPTIONS`` merged over it (a
+        local folder takes none)."""
+        if "://" not in self.url:
+            return {}
+        options = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.url.startswith("s3://") and self.endpoint_url else {}
+        return merge_options(options, store_options())
 
     def output(self, stage: str, fingerprint: str) -> StageOutput:
         """The output folder of one stage run."""

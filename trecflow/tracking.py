@@ -84,7 +84,7 @@ class Tracker:
         ``with_params`` is False); returns its id."""
         run = self.client.create_run(self.experiment_id(recipe.name), run_name=run_name, tags=tags)
         if with_params:
-            self.log_params(run.info.run_id, flatten(recipe.model_dump(mode="json")))
+            self.log_params(run.info.run_id, flatten(recipe.redacted_dump()))  # storage options' secrets as ***
         return run.info.run_id
 
     def log_series(self, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:

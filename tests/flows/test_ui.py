@@ -10,10 +10,12 @@ fixture's home):
   scheduler has turned cpt-pipeline's cron schedule into scheduled runs; a "Quick run" clicked on
   the cpt-pipeline page runs on the worker and completes: it trains a third variant, ``end``
   (the shared stages are cache hits in the fixture's store);
+- the Prefect UI shows the quick run's training progress artifact (``progress-train-<recipe>-end``)
+  finished at 100%;
 - MLflow's compare page of the three variant runs lists ``variant.strategy`` under "Show diff
   only", and the metric page of ``loss`` draws the three variants' curves on one chart.
 
-Screenshots of the MLflow pages are saved in the test's tmp_path (and in
+Screenshots of these pages are saved in the test's tmp_path (and in
 ``TRECFLOW_SCREENSHOTS`` when set; `docs/` holds one of each, taken this way).
 
 The test applies a copy of ``prefect.yaml`` whose cpt-pipeline parameters name the fixture's
@@ -186,6 +188,14 @@ def test_ui_runs_the_deployment_and_shows_the_comparison(compared_test, tmp_path
             page.goto(f"{ui.prefect_url}/runs/flow-run/{flow_run['id']}")
             page.get_by_text("Completed").first.wait_for()
             progress("the Prefect UI shows the run Completed")
+            key = f"progress-train-{recipe}-{THIRD_VARIANT}"  # the training task's progress artifact, finished
+            artifact = api(f"{ui.prefect_api_url}/artifacts/latest/filter", "POST", {"artifacts": {"key": {"any_": [key]}}})
+            assert artifact and artifact[0]["type"] == "progress" and artifact[0]["data"] == 100.0, artifact
+            page.goto(f"{ui.prefect_url}/artifacts/key/{key}")
+            page.get_by_text(key).first.wait_for()
+            page.get_by_text("done in").first.wait_for()
+            screenshot(page, tmp_path, "prefect-progress-artifact.png")
+            progress("the Prefect UI shows the training task's progress artifact at 100%")
 
             # MLflow: the three variants side by side.
             runs = variant_runs(ui.mlflow_url, experiment["experiment_id"], [*variants, THIRD_VARIANT])

