@@ -533,7 +533,7 @@ def run(
             typer.echo(stage_text(stage_outcome))
             if stage_outcome.uri:
                 typer.echo(output_line(stage_outcome, "store output "))
-    typer.echo(f"\nmlflow run     {result['mlflow_run_id']} (experiment {result['recipe']})")
+    typer.echo(f"\nmlflow run     {result['mlflow_run_id']} (experiment {result['recipe']}): {result['mlflow_url']}")
 
 
 def table_text(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -766,8 +766,8 @@ def compare(
         return
     typer.echo("")
     typer.echo(format_comparison(result))
-    typer.echo(f"\nmlflow comparison run {result['mlflow_run_id']} (experiment {result['recipe']})")
-    typer.echo("open the UIs: trecflow ui   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+    typer.echo(f"\nmlflow comparison run {result['mlflow_run_id']} (experiment {result['recipe']}): {result['mlflow_url']}")
+    typer.echo("open the UIs: trecflow ui   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)")
 
 
 @app.command()

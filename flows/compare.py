@@ -34,7 +34,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.comparison_plot import plot_variant_curves
 from flows.params import DEFAULT_VARIANTS, Comparison, PipelineRun
-from flows.pipeline import _recipe_name, cpt_pipeline, load_run, source_tags, tracked_run
+from flows.pipeline import _recipe_name, cpt_pipeline, load_run, mlflow_run_url, source_tags, tracked_run
 from flows.reporters import artifact_key
 from flows.variant_run import variant_curves
 from tasks.graph import GRAPH
@@ -148,4 +148,5 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
             table=[{key: row[key] for key in COLUMNS} for row in rows],
             description=f"curriculum variants of {recipe.name}: held-out losses, TREC agreement, HQ windows (MLflow run {parent_id})",
         )
-    return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": parent_id, "variants": rows, "outcomes": outcomes}
+    return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": parent_id, "mlflow_url": mlflow_run_url(tracker, parent_id),
+            "variants": rows, "outcomes": outcomes}

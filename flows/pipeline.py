@@ -42,7 +42,7 @@ from trecflow.stage import StageResult
 from trecflow.settings import store_endpoint, store_url
 from trecflow.stage import Target
 from trecflow.store import Store
-from trecflow.tracking import Tracker
+from trecflow.tracking import Tracker, ui_url
 
 
 def forced_stages(force: list[str] | None) -> set[str]:
@@ -70,10 +70,11 @@ def source_tags(source: RecipeSource) -> dict[str, str]:
 
 
 def mlflow_run_url(tracker: Tracker, run_id: str) -> str:
-    """Where the MLflow UI shows a run (``TRECFLOW_MLFLOW_UI_URL``, default the local `trecflow ui`)."""
-    base = os.environ.get("TRECFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    """Where the MLflow UI shows a run (``TRECFLOW_MLFLOW_UI_URL``, default the local `trecflow ui`),
+    in MLflow's "Model training" view."""
+    base = os.environ.get("TRECFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000")
     experiment = tracker.client.get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+    return ui_url(base, f"experiments/{experiment}/runs/{run_id}")
 
 
 @contextlib.contextmanager
@@ -177,7 +178,7 @@ def cpt_pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:
     with tracked_run(store, recipe, variant, tags) as (tracker, run_id):
         results, outcome = run_graph(target, store, forced, tracker, run_id, until=until, retries=run.retries)
         log_outcome(tracker, run_id, target, results)
-    return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, **outcome}
+    return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, "mlflow_url": mlflow_run_url(tracker, run_id), **outcome}
 
 
 @flow(name="trecflow_stage", flow_run_name=stage_run_name)
@@ -199,4 +200,4 @@ def stage_flow(run: StageRun) -> dict[str, Any]:
                                      retries=run.retries, only={stage.name})
         if started_here:  # a variant run of its own: show what there is; an existing one keeps what its run logged
             log_outcome(tracker, run_id, target, results)
-    return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, **outcome}
+    return {"recipe": recipe.name, "variant": variant, "store": store.url, "mlflow_run_id": run_id, "mlflow_url": mlflow_run_url(tracker, run_id), **outcome}

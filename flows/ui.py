@@ -88,6 +88,13 @@ class RunningUI:
     def prefect_api_url(self) -> str:
         return f"{self.prefect_url}/api"
 
+    @property
+    def mlflow_home(self) -> str:
+        """The MLflow UI's experiments, in its "Model training" view (what a user opens)."""
+        from trecflow.tracking import ui_url
+
+        return ui_url(self.mlflow_url)
+
     def check(self) -> None:
         """Raise `UIError` if a child has exited."""
         for child in self.children:
@@ -100,7 +107,7 @@ class RunningUI:
         return (
             f"Prefect UI  {self.prefect_url}  (deployments {', '.join(self.deployments)}; "
             f"work pool {WORK_POOL}, one worker)\n"
-            f"MLflow UI   {self.mlflow_url}\n"
+            f"MLflow UI   {self.mlflow_home}\n"
             f"logs        {self.log_dir}\n"
             "Ctrl-C stops them all."
         )

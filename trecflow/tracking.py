@@ -22,8 +22,17 @@ from trecflow.store import Store
 MAX_PARAM_CHARS = 6000
 # MLflow accepts at most 1000 metrics per batch.
 METRICS_PER_BATCH = 1000
-# The experiment tag MLflow 3's UI reads to open an experiment on its training runs, not its GenAI view.
+# The experiment tag that marks an experiment as model training (MLflow 3). The UI of MLflow 3.17
+# decides its view from a global switch (GenAI by default), not from this tag: the links trecflow
+# gives carry `UI_VIEW`, which opens "Model training" and stays through the UI's own navigation.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(base: str, route: str = "experiments") -> str:
+    """An MLflow UI address (``base`` the UI's root, ``route`` e.g. ``experiments/3/runs/abc``)
+    that opens MLflow's "Model training" view."""
+    return f"{base.rstrip('/')}/#/{route}?{UI_VIEW}"
 
 
 class TrackingError(RuntimeError):

@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from flows.ui import PREFECT_FILE, PROJECT_ROOT, WORK_POOL
+from trecflow.tracking import ui_url
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -159,8 +160,9 @@ def test_ui_runs_the_deployment_and_shows_the_comparison(compared_test, tmp_path
         try:
             # MLflow: the comparison run and its variants, nested under it.
             experiment = api(f"{ui.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={recipe}")["experiment"]
-            page.goto(f"{ui.mlflow_url}/#/experiments/{experiment['experiment_id']}")  # the experiment itself, as a user opens it
+            page.goto(ui_url(ui.mlflow_url, f"experiments/{experiment['experiment_id']}"))  # as trecflow links it
             page.get_by_text("compare", exact=True).first.wait_for()
+            assert page.get_by_text("Traces", exact=True).count() <= 1  # the runs table, not the GenAI overview
             progress("MLflow UI opens the experiment on its runs and shows the comparison run")
             expand_children(page, compared_test["compare_run_id"])
             for variant in variants:
