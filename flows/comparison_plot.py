@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.trec_measure import minmax
-from training.trec_plot import _png
+from training.trec_plot import png_bytes
 
 SMOOTHING_STEPS = 0.02  # the training loss is drawn as a moving average over this fraction of training
 MAX_POINTS = 4000  # longer curves are drawn from an evenly strided subset
@@ -69,4 +69,4 @@ def plot_variant_curves(variants: list[VariantCurves], title: str) -> bytes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="best")
     figure.suptitle(title)
-    return _png(figure)
+    return png_bytes(figure)

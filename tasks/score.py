@@ -22,7 +22,6 @@ document ingest read is in the card, kept or dropped by reason.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -154,6 +153,8 @@ def histogram_png(stats: ScoreSummary) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from training.trec_plot import png_bytes
+
     edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     figure, axis = plt.subplots(figsize=(8, 4.5))
@@ -168,11 +169,7 @@ def histogram_png(stats: ScoreSummary) -> bytes:
     axis.set_title("quality score by source")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 class ScoreStage(

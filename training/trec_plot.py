@@ -20,7 +20,7 @@ def _strided(steps: int) -> np.ndarray:
     return np.unique(index)
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
     """The figure as PNG bytes (laid out tight, 100 dpi); the figure is closed."""
     import matplotlib.pyplot as plt
 
@@ -59,7 +59,7 @@ def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str =
     axes[0].legend(loc="best", fontsize=8)
     axes[-1].set_xlabel("training fraction (s+1)/T")
     figure.suptitle(title or f"TREC prediction: {prediction.steps} steps, tau={prediction.tau:.3g}")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_placement(
@@ -88,7 +88,7 @@ def plot_placement(
     share_axis.legend(handles=handles, loc="upper left", fontsize=8)
     share_axis.grid(alpha=0.3)
     figure.suptitle(title or "curriculum placement")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_measured(
@@ -133,7 +133,7 @@ def plot_measured(
     axis.legend(loc="upper left", fontsize=7)
     axis.grid(alpha=0.3)
     figure.suptitle(title or "measured vs predicted TREC")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dict], title: str = "") -> bytes:
@@ -174,4 +174,4 @@ def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dic
     curve.legend(fontsize=7, loc="best")
     curve.grid(alpha=0.3)
     figure.suptitle(title or "curriculum variants")
-    return _png(figure)
+    return png_bytes(figure)

@@ -380,10 +380,14 @@ def _start(services: Services, s3_endpoint: str, bucket: str, timings: dict[str,
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    # Ray nodes. The GCS's health checks keep Ray's defaults (a lost node is declared dead after
-    # ~15-30 s): tighter ones declared the head itself dead on a loaded 2-core machine.
+    # Ray nodes. The GCS's health checks: a killed node refuses them at once and is declared dead
+    # after `failure_threshold` checks 3 s apart; a node alive but starved of CPU answers late, and
+    # each late answer costs a 10 s timeout. Ray's threshold of 5 declared a live node dead under
+    # the suite's load on 2 cores (its training job then restarted); 10 still finds a killed node
+    # within ~30 s. Tighter settings declared the head itself dead.
     ray_env = {
         **base, **cluster_env, "TRECFLOW_HOME": str(home("ray-home")),
+        "RAY_health_check_failure_threshold": "10",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_worker_niceness": "0",  # as trecflow.ray_runtime: nice-15 workers starve on 2 cores
     }
