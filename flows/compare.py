@@ -34,7 +34,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.comparison_plot import plot_variant_curves
 from flows.params import DEFAULT_VARIANTS, Comparison, PipelineRun
-from flows.pipeline import _recipe_name, cpt_pipeline, load_run, mlflow_run_url, source_tags, tracked_run
+from flows.pipeline import cpt_pipeline, load_run, mlflow_run_url, run_label, source_tags, tracked_run
 from flows.reporters import artifact_key
 from flows.variant_run import variant_curves
 from tasks.graph import GRAPH
@@ -119,7 +119,7 @@ def compare_run_name() -> str:
     """``<recipe>/compare``: the name of a `compare_curricula` flow run."""
     from prefect.runtime import flow_run
 
-    return f"{_recipe_name(flow_run.parameters.get('comparison', {}))}/compare"
+    return f"{run_label(flow_run.parameters.get('comparison', {}))[0]}/compare"
 
 
 @flow(name="compare_curricula", flow_run_name=compare_run_name)

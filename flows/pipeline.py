@@ -123,41 +123,33 @@ def log_outcome(tracker: Tracker, run_id: str, target: Target, results: dict[str
     log_variant_run(tracker, run_id, target.recipe, target.variant, results)
 
 
-def _recipe_name(source: Any) -> str:
-    """The recipe's name for a flow run's name (the file's stem if it cannot be read: the flow
-    itself then fails with the reason)."""
-    path = source.get("recipe_path") if isinstance(source, dict) else getattr(source, "recipe_path", "")
-    try:
-        return load_recipe(path, list(_field(source, "overlays") or []), list(_field(source, "set") or [])).name
-    except Exception:
-        return os.path.splitext(os.path.basename(str(path)))[0] or "recipe"
-
-
 def _field(source: Any, name: str) -> Any:
     return source.get(name) if isinstance(source, dict) else getattr(source, name, None)
 
 
-def _variant_name(source: Any) -> str:
+def run_label(source: Any) -> tuple[str, str]:
+    """(recipe name, variant) of a flow's parameters, for its run's name, reading the recipe once.
+    When it cannot be read: the file's stem and the variant asked for (else ``default``); the flow
+    itself then fails with the reason."""
+    path = _field(source, "recipe_path") or ""
     variant = _field(source, "variant")
-    if variant:
-        return str(variant)
     try:
-        return default_variant(load_recipe(_field(source, "recipe_path"), list(_field(source, "overlays") or []), list(_field(source, "set") or [])))
+        recipe = load_recipe(path, list(_field(source, "overlays") or []), list(_field(source, "set") or []))
     except Exception:
-        return "default"
+        return os.path.splitext(os.path.basename(str(path)))[0] or "recipe", str(variant or "default")
+    return recipe.name, str(variant or default_variant(recipe))
 
 
 def pipeline_run_name() -> str:
     """``<recipe>/<variant>``: the name of a `cpt_pipeline` flow run."""
-    run = flow_run.parameters.get("run", {})
-    return f"{_recipe_name(run)}/{_variant_name(run)}"
+    return "/".join(run_label(flow_run.parameters.get("run", {})))
 
 
 def stage_run_name() -> str:
     """``<recipe>/<variant>/<stage>``: the name of a `stage_flow` run."""
     run = flow_run.parameters.get("run", {})
     stage = _field(run, "stage")
-    return f"{_recipe_name(run)}/{_variant_name(run)}/{getattr(stage, 'value', stage)}"
+    return "/".join([*run_label(run), str(getattr(stage, "value", stage))])
 
 
 @flow(name="cpt_pipeline", flow_run_name=pipeline_run_name)
