@@ -46,12 +46,10 @@ def variant_params(recipe: Recipe, variant: str, place: Any | None) -> dict[str,
 def training_curves(store: Store, train_fp: str, place_fp: str, every: int) -> dict[str, list[tuple[int, float]]]:
     """``loss`` and ``lr`` of the final trajectory (each step's last audit record), every
     ``every`` steps and the last; ``hq_share`` of the same steps from the sample index."""
-    from training.audit import read_audit
+    from training.loss_curves import final_trajectory
     from training.sample_index import COMPOSITION_FILE, read_npy
 
-    last: dict[int, dict[str, Any]] = {}
-    for record in read_audit(store, store.output("train", train_fp).path):
-        last[record["step"]] = record  # attempts in order: a re-executed step's last record wins
+    last = {record["step"]: record for record in final_trajectory(store, train_fp)}
     if not last:
         return {}
     final = max(last)

@@ -6,8 +6,8 @@ tokenizer's, and a checkpoint left in the store must be of this run and world si
 dividing across the workers is checked with the recipe).
 
 Output ``<store>/train/<fingerprint>/``: ``model/`` (``save_pretrained`` with the tokenizer),
-``audit/attempt-*/part-*.jsonl`` (one record per step of every attempt), ``summary.json`` and the
-manifest last. Checkpoints go to ``<store>/checkpoints/<fingerprint>/`` through Ray Train (the
+``audit/attempt-*/part-*.jsonl`` (one record per step of every attempt), ``run.json`` (what makes
+runs comparable: `training.loss_curves.run_descriptor`), ``summary.json`` and the manifest last. Checkpoints go to ``<store>/checkpoints/<fingerprint>/`` through Ray Train (the
 last ``keep_checkpoints``); they outlive a failed attempt, so a Prefect retry of `train_cpt`
 resumes from the latest one, and they are logged to MLflow as store URIs, not uploaded.
 The fingerprint covers the index, the base model, the optimizer, schedule and the training
@@ -29,6 +29,7 @@ from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
 from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
 from training.deepspeed_config import fingerprint_part
+from training.loss_curves import RUN_FILE, run_descriptor
 from training.models import model_vocab_size
 from training.sample_index import PLACE_STAGE, SampleIndex, batch_hash
 
@@ -142,7 +143,8 @@ class TrainStage(
             store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
 
     def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TrainSummary:
-        return train(target.recipe, context.store, upstream["place"], base_model(upstream["base"]), output, context.progress, context.tracking_run_id)
+        return train(target.recipe, context.store, upstream["place"], base_model(upstream["base"]), output, context.progress, context.tracking_run_id,
+                     variant=target.variant)
 
     def counts(self, summary: TrainSummary) -> dict[str, Any]:
         return {"steps": summary.steps, "records": summary.audit.records, "reexecuted_steps": summary.audit.reexecuted_steps}
@@ -190,7 +192,7 @@ def run_train(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict
 
 
 def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, output: StageOutput, progress: Callable[[str], None],
-          mlflow_run_id: str | None = None) -> TrainSummary:
+          mlflow_run_id: str | None = None, variant: str | None = None) -> TrainSummary:
     """Run the job on the index ``placed`` from ``base`` into ``output``, then check its audit log."""
     index_fp, expected_inputs = placed.fingerprint, placed.inputs
     index = SampleIndex(store, index_fp, expected=expected_inputs)  # another recipe's index: refused here
@@ -241,6 +243,7 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         workers=training.workers,
         fingerprint=fp,
     )
+    output.write_bytes(RUN_FILE, json.dumps(run_descriptor(recipe, variant), indent=2).encode())
     for path in store.fs.find(output.path):
         name = path[len(output.path.rstrip("/")) + 1 :]
         if name.startswith((f"{MODEL_DIR}/", "audit/")):
