@@ -19,6 +19,7 @@ import typer
 
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 from trecflow.report import aligned
+from training.schedule_advice import schedule_advice
 
 app = typer.Typer(
     add_completion=False,
@@ -143,10 +144,19 @@ def predict(
             plot.write_bytes(plot_prediction(prediction, fraction, title=f"{recipe.name}: predicted TREC"))
         except OSError as error:
             raise fail(f"--plot: cannot write {plot} ({error.strerror})") from None
+    advice = schedule_advice(recipe)
     if as_json:
-        typer.echo(json.dumps(summary.as_json()))
+        typer.echo(json.dumps({**summary.as_json(), "advice": [item.as_json() for item in advice]}))
     else:
         typer.echo(aligned([row for row in PREDICT.rows(summary) if row[0] != "warning"]))
+        typer.echo(advice_text(advice))
+
+
+def advice_text(advice) -> str:
+    """Schedule advice (`training.schedule_advice`) as text: one paragraph per item, its source last."""
+    if not advice:
+        return ""
+    return "\nschedule advice (what published studies found; not errors):\n" + "\n".join(f"- {item.line()}" for item in advice)
 
 
 def format_plan(sized: dict) -> str:
@@ -205,7 +215,12 @@ def plan(
         raise fail(str(error)) from None
     for warning in sized["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
-    typer.echo(json.dumps(sized) if as_json else format_plan(sized))
+    advice = schedule_advice(recipe)
+    if as_json:
+        typer.echo(json.dumps({**sized, "advice": [item.as_json() for item in advice]}))
+    else:
+        typer.echo(format_plan(sized))
+        typer.echo(advice_text(advice))
 
 
 corpus_app = typer.Typer(no_args_is_help=True, help="Corpora: fetch the demo corpus.")
