@@ -332,6 +332,10 @@ def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) ->
         if problem:
             raise RecipeError(problem)
         check_placement(recipe, variant)
+        if stage == "train":
+            from training.cpt_job import injected_lr_fault
+
+            injected_lr_fault(recipe.steps)  # the testing aid's variable, checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
@@ -769,6 +773,10 @@ def compare(
             raise RecipeError(problem.replace("re-evaluation needs", "a comparison needs"))
         for variant in compared_variants(comparison, recipe.curriculum):
             check_placement(recipe, variant)
+        if stage == "train":
+            from training.cpt_job import injected_lr_fault
+
+            injected_lr_fault(recipe.steps)  # the testing aid's variable, checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
@@ -801,9 +809,11 @@ def ui(
         raise fail(str(error), code=1) from None
 
 
-from flows.init_command import init  # noqa: E402  (a command of its own module; it imports `fail` from here when it runs)
+from flows.forecast_command import forecast  # noqa: E402  (commands of their own modules; they import from here when they run)
+from flows.init_command import init  # noqa: E402
 
 app.command("init")(init)
+app.command("forecast")(forecast)
 
 
 def main() -> None:
