@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from flows.reporters import artifact_key
+from flows.reporters import RunKey, artifact_key, run_key, run_logger
 from trecflow.progress import (
     ARTIFACT_SECONDS_ENV, DEFAULT_ARTIFACT_SECONDS, DEFAULT_LOG_SECONDS, LOG_SECONDS_ENV, LineThrottle, Progress, ProgressUpdate,
     check_settings, format_duration, line_sink, setting_seconds,
@@ -34,15 +34,9 @@ from trecflow.progress import (
 from trecflow.runner import FAILED, FINISHED, PROGRESS, REUSED, STARTED, StageEvent
 from trecflow.stage import VARIANT_SCOPE
 
-RunKey = tuple[int, str, str, "str | None"]
 BAR_FORMAT = "{desc}: {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} {unit}{postfix}"
 MESSAGE_CHARS = 60  # of a stage's message, on a bar
 DESCRIPTION_CHARS = 500  # of an artifact's description
-
-
-def run_key(event: StageEvent) -> RunKey:
-    """One stage run: depth, stage, target and fingerprint."""
-    return event.depth, event.stage.name, event.target.label, event.fingerprint
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -222,16 +216,6 @@ class PrefectProgressArtifacts:
         update_progress_artifact(state.artifact_id, percent, description=description)
 
 
-def _logger() -> Any:
-    """The Prefect run logger of this thread's run, else None."""
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a flow or task run (a background thread of a stage)
-        return None
-
-
 class ProgressLog:
     """Sparse progress lines (`trecflow.progress.LineThrottle`) per stage run, when ``stream``
     (stderr) is not a terminal (or ``enabled``), to the run logger of the stage (the one current
@@ -251,10 +235,10 @@ class ProgressLog:
         key = run_key(event)
         with self._lock:
             if event.kind == STARTED:
-                self.runs[key] = (LineThrottle(min_seconds=self.min_seconds, clock=self.clock), _logger())
+                self.runs[key] = (LineThrottle(min_seconds=self.min_seconds, clock=self.clock), run_logger())
             elif event.kind == PROGRESS and event.progress is not None:
                 throttle, logger = self.runs.get(key) or (LineThrottle(min_seconds=self.min_seconds, clock=self.clock), None)
-                logger = _logger() or logger
+                logger = run_logger() or logger
                 self.runs[key] = (throttle, logger)
                 if throttle.should_log(event.progress):
                     (logger or logging.getLogger("trecflow")).info(event.message)

@@ -31,27 +31,47 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(part for part in parts if part).lower()).strip("-")
 
 
-def _logger() -> Any:
+RunKey = tuple[int, str, str, "str | None"]
+
+
+def run_key(event: StageEvent) -> RunKey:
+    """One stage run: depth, stage, target and fingerprint."""
+    return event.depth, event.stage.name, event.target.label, event.fingerprint
+
+
+def run_logger() -> Any:
+    """The Prefect run logger of this thread's run, else None."""
     try:
         from prefect import get_run_logger
 
         return get_run_logger()
-    except Exception:  # outside a flow or task run
-        return logging.getLogger("trecflow")
+    except Exception:  # outside a flow or task run (a background thread of a stage)
+        return None
 
 
 class LogReporter:
-    """Stage progress and outcomes as log lines."""
+    """Stage progress and outcomes as log lines, to the run logger of the stage: the one current
+    when it reports, else the one current when it started (a note from a stage's background thread,
+    e.g. the train stage's collapse warning, has no Prefect run context of its own), else the
+    ``trecflow`` Python logger."""
+
+    def __init__(self) -> None:
+        self.loggers: dict[RunKey, Any] = {}
 
     def __call__(self, event: StageEvent) -> None:
+        key = run_key(event)
+        if event.kind == STARTED:
+            self.loggers[key] = run_logger()
         if event.kind == PROGRESS and event.progress is not None:
             return  # structured progress: flows.progress_reporters shows it (a bar, an artifact, sparse lines)
-        logger = _logger()
+        logger = run_logger() or self.loggers.get(key) or logging.getLogger("trecflow")
+        if event.kind in (FINISHED, REUSED, FAILED):
+            self.loggers.pop(key, None)
         name = ("  " * event.depth) + event.stage.name
         if event.kind in (PROGRESS, WAITING, NOTE, SKIPPED):
             logger.info(event.message)
         elif event.kind in (FINISHED, REUSED) and event.result is not None:
-            line = "; ".join(f"{key} {value}" for key, value in event.stage.rows(event.result.summary)[:4])
+            line = "; ".join(f"{label} {value}" for label, value in event.stage.rows(event.result.summary)[:4])
             logger.info("%s %s (%s, %.1f s)%s", name, event.fingerprint, "reused" if event.kind == REUSED else "computed",
                         event.seconds or 0.0, f": {line}" if line else "")
             for warning in getattr(event.result.summary, "warnings", ()) if event.depth == 0 else ():

@@ -11,7 +11,17 @@ runs comparable: `training.loss_curves.run_descriptor`), ``summary.json`` and th
 last ``keep_checkpoints``); they outlive a failed attempt, so a Prefect retry of `train_cpt`
 resumes from the latest one, and they are logged to MLflow as store URIs, not uploaded.
 The fingerprint covers the index, the base model, the optimizer, schedule and the training
-settings that change the numbers (not logging, checkpoint cadence or retries).
+settings that change the numbers (not logging, checkpoint cadence or retries, nor the ``collapse``
+section: the monitor only watches), and an injected LR fault (`training.cpt_job.FAULT_ENV`, a
+testing aid) when there is one.
+
+The collapse monitor (`training.collapse`, recipe section ``collapse``): before the job, the run's
+family is looked up in the store's catalog (`collapse_family`: finished runs with the same schedule
+shape, variant, TPP and tau, except ones that drifted or had an injected fault) and its curve fitted
+from their audit logs; the progress log says which family (N runs) or why there is none. While the
+job runs and when it ends, a drift the workers report (`training.cpt_job.COLLAPSE_EVENT`) becomes a
+warning line (`CollapseEvents`); a run the monitor stopped fails the stage with one line
+(`training.collapse.CollapseStopped`, not retried), before the audit check, its checkpoints kept.
 """
 
 from __future__ import annotations
@@ -27,9 +37,10 @@ from trecflow.settings import tracking_uri
 from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
-from training.cpt_job import MODEL_DIR, JobError, JobSpec, checkpoint_root, run_job
+from training.collapse import CollapseStopped, FamilyCurve, describe_family, fit_family, same_family, usable_curve
+from training.cpt_job import COLLAPSE_EVENT, FAULT_ENV, MODEL_DIR, JobError, JobSpec, checkpoint_root, injected_lr_fault, run_job
 from training.deepspeed_config import fingerprint_part
-from training.loss_curves import RUN_FILE, run_descriptor
+from training.loss_curves import RUN_FILE, catalog, read_curve, run_descriptor
 from training.models import model_vocab_size
 from training.sample_index import PLACE_STAGE, SampleIndex, batch_hash
 
@@ -40,6 +51,7 @@ STAGE_VERSION = 1
 # through `fingerprint_part` (only its keys that change results).
 NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "cpus_per_worker", "placement",
                      "deepspeed_config", "activation_checkpointing")
+MAX_FAMILY_RUNS = 32  # a family curve is fitted on at most this many runs (the first by fingerprint)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
     deepspeed = fingerprint_part(recipe)
     if deepspeed:
         config["deepspeed"] = deepspeed
+    fault = injected_lr_fault(recipe.steps)
+    if fault is not None:  # a faulty run is another output: it never takes a normal run's place
+        config["lr_fault"] = fault
     return fingerprint(STAGE, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
 
 
@@ -100,6 +115,103 @@ def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | 
             f"base: the model's vocabulary ({model_vocab:,} tokens, {base.uri or 'tiny config'}) is smaller than the "
             f"tokenizer's ({tokenizer_vocab:,}); token ids past it would have no embedding"
         )
+
+
+def collapse_event(store: Store, train_fp: str) -> dict[str, Any] | None:
+    """The collapse monitor's event file (`COLLAPSE_EVENT`) of a training output, or None."""
+    path = store.output(STAGE, train_fp).file_path(COLLAPSE_EVENT)
+    store.fs.invalidate_cache(path.rsplit("/", 1)[0])  # the workers rewrite it while the driver polls
+    try:
+        return json.loads(store.fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def collapse_family(recipe: Recipe, store: Store, variant: str | None, train_fp: str, progress: Callable[[str], None]) -> FamilyCurve | None:
+    """The family curve the run ``train_fp`` is watched against, or None with the reason said once
+    in the progress log: the monitor is off, or fewer than ``collapse.min_runs`` finished runs of
+    the store's catalog share the run's schedule shape, variant, TPP and tau
+    (`training.collapse.same_family`). Runs that drifted, had an injected LR fault or whose curve
+    is incomplete or not finite are left out; at most `MAX_FAMILY_RUNS` are fitted."""
+    settings = recipe.collapse
+    if not settings.enabled:
+        progress("train: collapse monitor off (collapse.enabled: false)")
+        return None
+    descriptor = run_descriptor(recipe, variant)
+    label = describe_family(descriptor)
+    candidates, left_out = [], 0
+    for member_fp, member in catalog(store):
+        if member_fp == train_fp or not same_family(descriptor, member):
+            continue
+        if member.get("lr_fault") or (collapse_event(store, member_fp) or {}).get("state") in ("drift", "stopped"):
+            left_out += 1
+        else:
+            candidates.append((member_fp, member))
+    curves, unread = {}, 0
+    for member_fp, member in candidates:
+        if len(curves) == MAX_FAMILY_RUNS:
+            unread += 1
+            continue
+        losses = read_curve(store, member_fp).losses
+        if usable_curve(losses, member["steps"]):
+            curves[member_fp] = losses
+        else:
+            left_out += 1
+    excluded = f"; {left_out} more left out (drifted, injected fault or incomplete curve)" if left_out else ""
+    if len(curves) < settings.min_runs:
+        progress(f"train: collapse monitor off: {len(curves)} finished run(s) in the store share this run's {label}{excluded}; "
+                 f"a family needs collapse.min_runs = {settings.min_runs}")
+        return None
+    try:
+        family = fit_family(curves, smoothing=settings.smoothing, start=settings.start, lag=settings.smoothing + settings.patience,
+                            min_spread=settings.min_spread, description=label)
+    except ValueError as error:
+        progress(f"train: collapse monitor off: the family's curve cannot be fitted: {error}")
+        return None
+    more = f" ({unread} more not read: a family curve is fitted on at most {MAX_FAMILY_RUNS})" if unread else ""
+    progress(f"train: collapse monitor: family of {len(curves)} run(s){more}: {label}{excluded}; warns when |residual| > "
+             f"{settings.threshold:g} x the family's spread ({family.spread.min():.2%}..{family.spread.max():.2%}) for "
+             f"{settings.patience:.1%} of training{'; stops the run' if settings.stop else ''}")
+    return family
+
+
+def collapse_line(event: Mapping[str, Any]) -> str:
+    """What a drift looks like in one line: step, residual, threshold, patience and the family."""
+    first, family = event["first_drift"], event["family"]
+    return (f"from step {first['step']:,} ({first['t_hat']:.0%} of training) the residual is {first['residual']:+.2%}, beyond "
+            f"+-{first['threshold']:.2%} ({event['threshold']:g} x the family's spread) for {event['patience_steps']:,} step(s), against "
+            f"the family of {family['runs']} run(s): {family['description']}")
+
+
+class CollapseEvents:
+    """The workers' collapse event (`COLLAPSE_EVENT`) as progress lines: one warning per drift
+    (a drift an earlier attempt reported is said once, as such)."""
+
+    def __init__(self, store: Store, train_fp: str, progress: Callable[[str], None]):
+        self.store, self.train_fp, self.progress = store, train_fp, progress
+        earlier = collapse_event(store, train_fp)
+        self.warned = (earlier.get("first_drift") or {}).get("step") if earlier else None
+        if self.warned is not None:
+            progress(f"train: warning: collapse monitor (an earlier attempt): {collapse_line(earlier)}")
+
+    def poll(self) -> dict[str, Any] | None:
+        """The event now (None: none), warning about a drift not reported yet."""
+        event = collapse_event(self.store, self.train_fp)
+        first = (event or {}).get("first_drift")
+        if first is not None and first["step"] != self.warned:
+            self.warned = first["step"]
+            self.progress(f"train: warning: collapse monitor: {collapse_line(event)} (MLflow tag trecflow.collapse)")
+        return event
+
+
+def collapse_stopped(event: Mapping[str, Any], store: Store, train_fp: str) -> CollapseStopped:
+    """The one-line error of a run the monitor stopped."""
+    step = event["stopped_after_step"] + 1
+    return CollapseStopped(
+        f"train: the collapse monitor stopped the run after step {step:,} of {event['steps']:,}: {collapse_line(event)}; "
+        f"its checkpoint of step {step:,} stays in {store.uri('checkpoints', train_fp)} (set collapse.stop: false to continue it, "
+        f"or force the train stage to start over)"
+    )
 
 
 def base_model(result: StageResult) -> BaseModel:
@@ -200,6 +312,18 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
     tokenizer_info = json.loads(store.output("tokenizer", tokenizer_fp).read_bytes("tokenizer_info.json"))
     check_vocabulary(base, tokenizer_info["vocab_size"], store.endpoint_url)
     fp = output.fingerprint
+    lr_fault = injected_lr_fault(index.steps)
+    earlier = collapse_event(store, fp)
+    if earlier is not None and earlier["state"] == "stopped":
+        if recipe.collapse.stop:
+            raise collapse_stopped(earlier, store, fp)
+        progress(f"train: continuing the run the collapse monitor stopped after step {earlier['stopped_after_step'] + 1:,} "
+                 f"(collapse.stop is false now)")
+        store.fs.pipe_file(output.file_path(COLLAPSE_EVENT), json.dumps({**earlier, "state": "drift"}, indent=2).encode())
+    family = collapse_family(recipe, store, variant, fp, progress)
+    if lr_fault is not None:
+        progress(f"train: {FAULT_ENV} (a testing aid): the LR of steps {lr_fault['first']}..{lr_fault['first'] + lr_fault['steps'] - 1} "
+                 f"is multiplied by {lr_fault['factor']:g}")
     spec = JobSpec(
         recipe=recipe.model_dump(mode="json"),
         store_url=store.url,
@@ -213,16 +337,23 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         model_config=base.config,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri() if mlflow_run_id else None,
+        collapse=None if family is None else {"family": family.as_json(), "threshold": recipe.collapse.threshold,
+                                              "patience": recipe.collapse.patience, "stop": recipe.collapse.stop},
+        lr_fault=lr_fault,
     )
     training = recipe.training
     progress(
         f"train: {index.steps:,} steps on {training.workers} workers (micro-batch {recipe.micro_batch}, accumulation "
         f"{training.accumulation}, ZeRO-{training.zero_stage}, {training.precision}) from {base.uri or 'a new model'}"
     )
-    with ProgressReporter(store, output.path, index.steps, progress):
+    events = CollapseEvents(store, fp, progress) if family is not None else None
+    with ProgressReporter(store, output.path, index.steps, progress, events):
         result = run_job(spec, progress)
     if result.error is not None:
         raise result.error
+    event = events.poll() if events is not None else None
+    if event is not None and event["state"] == "stopped":
+        raise collapse_stopped(event, store, fp)  # before the audit check: a stopped run is incomplete by design
 
     report = check_audit(read_audit(store, output.path), index.steps, lambda step: batch_hash(index.batch(step)))
     if not report.exactly_once:
@@ -243,7 +374,10 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         workers=training.workers,
         fingerprint=fp,
     )
-    output.write_bytes(RUN_FILE, json.dumps(run_descriptor(recipe, variant), indent=2).encode())
+    descriptor = run_descriptor(recipe, variant)
+    if lr_fault is not None:  # never a family member of other runs
+        descriptor["lr_fault"] = lr_fault
+    output.write_bytes(RUN_FILE, json.dumps(descriptor, indent=2).encode())
     for path in store.fs.find(output.path):
         name = path[len(output.path.rstrip("/")) + 1 :]
         if name.startswith((f"{MODEL_DIR}/", "audit/")):
@@ -252,18 +386,25 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         f"train: final loss {summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, "
         f"{report.reexecuted_steps} re-executed steps over {len(report.attempts)} attempt(s)"
     )
+    if event is not None and event.get("largest", {}).get("step") is not None:
+        largest = event["largest"]
+        progress(f"train: collapse monitor: {'drift' if event['first_drift'] else 'no drift'}; the largest |residual| was "
+                 f"{largest['score']:.2g} x the family's spread (step {largest['step']:,}), final loss estimate at the end "
+                 f"{event['final_loss_estimate']:.4f}")
     return summary
 
 
 class ProgressReporter:
     """While the job runs, reports its progress in steps from the newest audit record every
     ``interval`` seconds (rank 0 writes one per step to the store: the driver reads one small part
-    file per poll, and the workers do nothing more), and once more when the job ends."""
+    file per poll, and the workers do nothing more), and once more when the job ends; with
+    ``collapse``, polls the collapse event at the same pace (a drift warns while the job runs)."""
 
-    def __init__(self, store: Store, folder: str, steps: int, progress: Callable[[str], None], interval: float = 10.0):
+    def __init__(self, store: Store, folder: str, steps: int, progress: Callable[[str], None], collapse: CollapseEvents | None = None,
+                 interval: float = 10.0):
         import threading
 
-        self.store, self.folder, self.steps, self.interval = store, folder, steps, interval
+        self.store, self.folder, self.steps, self.interval, self.collapse = store, folder, steps, interval, collapse
         self.progress = as_progress(progress, "train")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -283,6 +424,11 @@ class ProgressReporter:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._report()
+            if self.collapse is not None:
+                try:
+                    self.collapse.poll()
+                except (OSError, ValueError):  # the event being rewritten: next time
+                    pass
 
     def _report(self) -> None:
         from training.audit import latest_record
@@ -298,4 +444,5 @@ class ProgressReporter:
                                   f"(attempt {record['attempt']}): loss {record['loss']:.4f}, lr {record['lr']:.3g}, {tokens_per_second:,.0f} tokens/s")
 
 
-__all__ = ["AuditSummary", "BaseModel", "JobError", "TRAIN", "TrainSummary", "base_model", "run_train", "train_fingerprint"]
+__all__ = ["AuditSummary", "BaseModel", "CollapseStopped", "JobError", "TRAIN", "TrainSummary", "base_model", "collapse_family", "run_train",
+           "train_fingerprint"]

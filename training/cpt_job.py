@@ -20,6 +20,17 @@
    through Ray Train's storage (the store: a local folder or S3), keeping the last N;
 5. at the end, rank 0 saves the model in Hugging Face format with the tokenizer.
 
+With ``JobSpec.collapse`` (the run's family curve and the monitor's settings), rank 0 also feeds
+each step's loss to the collapse monitor (`training.collapse.CollapseMonitor`, O(1) a step; a
+resumed run replays its earlier steps from the audit log first), logs ``collapse_residual``,
+``collapse_threshold`` and ``collapse_final_loss_estimate`` with the other metrics, and writes
+`COLLAPSE_EVENT` and the MLflow tag `COLLAPSE_TAG` at the first drift and at the end. With
+``stop`` it broadcasts its decision each step (one 4-byte collective); on a drift every rank
+checkpoints and leaves the loop, the model is not saved, and the event says ``stopped``.
+
+``JobSpec.lr_fault`` (a testing aid, `FAULT_ENV`) multiplies the LR of some steps; the audit log
+records the LR applied.
+
 Everything the workers need travels in a JSON-able `JobSpec`. Nothing here imports Prefect.
 """
 
@@ -38,6 +49,10 @@ CHECKPOINT_TAG = "ds"
 CHECKPOINT_INFO = "trecflow_checkpoint.json"
 MODEL_DIR = "model"
 PID_DIR = "_work/pids"
+COLLAPSE_EVENT = "_work/collapse.json"  # the collapse monitor's state: written at the first drift, a stop, the end
+COLLAPSE_TAG = "trecflow.collapse"  # MLflow tag: drift, stopped or ok
+# A testing aid: "<first step>:<steps>:<factor>" multiplies the LR of those steps (read on the driver).
+FAULT_ENV = "TRECFLOW_FAULT_LR_SPIKE"
 
 
 class JobError(ValueError):
@@ -64,6 +79,10 @@ class JobSpec:
     # names (`training.deepspeed_config.engine_config`). Resolved where the spec is made (the
     # driver) when not given, so the workers, which receive it filled in, never read the file.
     deepspeed: dict[str, Any] | None = None
+    # The collapse monitor: {"family": FamilyCurve.as_json(), "threshold", "patience", "stop"}; None: off.
+    collapse: dict[str, Any] | None = None
+    # A testing aid (`injected_lr_fault`): {"first", "steps", "factor"}; None: no fault.
+    lr_fault: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.deepspeed is None:
@@ -73,6 +92,32 @@ class JobSpec:
         from trecflow.recipe import parse_recipe
 
         return parse_recipe(self.recipe)
+
+
+def injected_lr_fault(steps: int) -> dict[str, Any] | None:
+    """The LR fault `FAULT_ENV` asks for in a run of ``steps`` steps (a testing aid: how the
+    collapse monitor's detection is measured), or None when it is unset. Raises `RecipeError`
+    (one line naming the variable) for a value that is not ``<first step>:<steps>:<factor>``
+    with the steps inside the run and a factor > 0."""
+    import math
+
+    from trecflow.recipe import RecipeError
+
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    if not raw:
+        return None
+    parts = raw.split(":")
+    try:
+        first, count, factor = int(parts[0]), int(parts[1]), float(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise RecipeError(f"{FAULT_ENV}: {raw!r} is not <first step>:<steps>:<factor> (e.g. 200:5:20)") from None
+    if first < 0 or count <= 0 or not (math.isfinite(factor) and factor > 0):
+        raise RecipeError(f"{FAULT_ENV}: {raw!r}: the first step must be >= 0, the steps > 0 and the factor > 0")
+    if first + count > steps:
+        raise RecipeError(f"{FAULT_ENV}: {raw!r}: steps {first}..{first + count - 1} are not all inside this run's {steps} steps")
+    return {"first": first, "steps": count, "factor": factor}
 
 
 def deepspeed_config(recipe) -> dict[str, Any]:
@@ -188,6 +233,78 @@ class _MetricBuffer:
             self.monitor.finish()
 
 
+class _CollapseWatch:
+    """Rank 0's collapse monitor (see the module docstring): the readings of each step as metrics,
+    the first drift and the end as `COLLAPSE_EVENT` and `COLLAPSE_TAG`."""
+
+    def __init__(self, spec: JobSpec, store: Store, metrics: _MetricBuffer, steps: int, earlier_losses: list[float]):
+        from training.collapse import CollapseMonitor, FamilyCurve
+
+        settings = spec.collapse
+        self.store, self.metrics, self.steps = store, metrics, steps
+        self.path = f"{spec.output_path}/{COLLAPSE_EVENT}"
+        store.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        self.family = FamilyCurve.from_json(settings["family"])
+        self.threshold = settings["threshold"]
+        self.monitor = CollapseMonitor(self.family, steps, self.threshold, settings["patience"])
+        self.largest: dict[str, Any] = {"score": 0.0, "step": None}
+        self.last_estimate: float | None = None
+        for step, loss in enumerate(earlier_losses):  # a resumed run: the state it had at this step
+            self._follow(self.monitor.update(step, loss))
+        self.reported = self.monitor.first_drift is not None
+
+    def _follow(self, reading) -> None:
+        if reading.residual is not None:
+            score = abs(reading.residual) * self.threshold / reading.threshold
+            if score > self.largest["score"]:
+                self.largest = {"score": score, "step": reading.step, "residual": reading.residual}
+            self.last_estimate = reading.final_loss
+
+    def update(self, step: int, loss: float) -> tuple[Any, dict[str, float]]:
+        """Feed one step: its `training.collapse.Reading` and its MLflow metrics (none before the
+        residual exists, or when it is not finite); the first drift writes the event and tag."""
+        import math
+
+        reading = self.monitor.update(step, loss)
+        self._follow(reading)
+        values = {}
+        if reading.residual is not None and math.isfinite(reading.residual):
+            values = {"collapse_residual": reading.residual, "collapse_threshold": reading.threshold,
+                      "collapse_final_loss_estimate": reading.final_loss}
+        if reading.drift and not self.reported:
+            self.reported = True
+            self.write("drift")
+        return reading, values
+
+    def write(self, state: str, stopped_after: int | None = None) -> None:
+        """The event file (the whole state so far) and the MLflow tag."""
+        first = self.monitor.first_drift
+        event = {
+            "state": state,
+            "first_drift": first.as_json() if first else None,
+            "stopped_after_step": stopped_after,
+            "largest": self.largest,
+            "final_loss_estimate": self.last_estimate,
+            "threshold": self.threshold,
+            "patience_steps": self.monitor.patience_steps,
+            "steps": self.steps,
+            "family": {"runs": self.family.runs, "description": self.family.description, "members": list(self.family.members)},
+        }
+        self.store.fs.pipe_file(self.path, json.dumps(event, indent=2).encode())
+        if self.metrics.client is not None:
+            self.metrics.client.set_tag(self.metrics.run_id, COLLAPSE_TAG, state)
+            if first is not None:
+                self.metrics.client.set_tag(self.metrics.run_id, f"{COLLAPSE_TAG}_step", str(first.step))
+
+
+def _earlier_losses(store: Store, folder: str, start: int) -> list[float]:
+    """Steps 0..start-1's losses from the audit log of earlier attempts (each step's last record)."""
+    from training.audit import read_audit
+
+    last = {record["step"]: record["loss"] for record in read_audit(store, folder) if record["step"] < start}
+    return [last[step] for step in range(start)]
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring)."""
     import deepspeed
@@ -237,14 +354,24 @@ def train_worker(config: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             start = int(client_state["step"])
 
+    watched = rank == 0 and spec.collapse is not None
+    earlier_losses = _earlier_losses(store, spec.output_path, start) if watched else []  # read before this attempt writes
     writer = AuditWriter.next_attempt(store, spec.output_path) if rank == 0 else None
     metrics = _MetricBuffer(spec, training.log_every) if rank == 0 else None
+    watch = _CollapseWatch(spec, store, metrics, steps, earlier_losses) if watched else None
+    stop_on_drift = spec.collapse is not None and spec.collapse["stop"]
+    fault = spec.lr_fault
     tokens_per_step = recipe.sequences_per_step * recipe.data.seq_len
     device = engine.device
     last_loss = float("nan")
+    drifting = False  # rank 0's monitor: the last step is in drift
+    stopped_after = None
     for step in range(start, steps):
         began = time.perf_counter()
         set_step_lr(engine.optimizer, schedule, step)
+        if fault is not None and fault["first"] <= step < fault["first"] + fault["steps"]:
+            for group in engine.optimizer.param_groups:  # the testing aid: the audit records this LR
+                group["lr"] *= fault["factor"]
         global_batch = index.batch(step)  # read once: this rank's share, and rank 0's audit hash
         own = index.sequences.tokens(rank_share(global_batch, rank, world))
         tokens = torch.from_numpy(np.ascontiguousarray(own)).to(device)
@@ -263,12 +390,28 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             writer.record(step, batch_hash(global_batch), applied_lr, last_loss, tokens_per_step, seconds)
             hq_share = index.composition(step)["hq"] / recipe.sequences_per_step
-            metrics.add(step, {"loss": last_loss, "lr": applied_lr, "tokens_per_second": tokens_per_step / seconds, "hq_share": hq_share})
-        if (step + 1) % training.checkpoint_every == 0 or step + 1 == steps:
+            values = {"loss": last_loss, "lr": applied_lr, "tokens_per_second": tokens_per_step / seconds, "hq_share": hq_share}
+            if watch is not None:
+                reading, collapse_values = watch.update(step, last_loss)
+                drifting = reading.drift
+                values.update(collapse_values)
+            metrics.add(step, values)
+        stop = False
+        if stop_on_drift and step + 1 < steps:  # rank 0's decision, the same on every rank
+            flag = torch.tensor([1.0 if drifting else 0.0], device=device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if stop or (step + 1) % training.checkpoint_every == 0 or step + 1 == steps:
             _save_checkpoint(engine, spec, step + 1, world, last_loss, rank)
+        if stop:
+            stopped_after = step
+            break
     if rank == 0:
         metrics.close()
-    _save_model(engine, spec, store, rank, training.zero_stage)
+        if watch is not None:
+            watch.write("stopped" if stopped_after is not None else ("drift" if watch.monitor.first_drift else "ok"), stopped_after)
+    if stopped_after is None:
+        _save_model(engine, spec, store, rank, training.zero_stage)
 
 
 def _save_checkpoint(engine, spec: JobSpec, next_step: int, world: int, loss: float, rank: int) -> None:

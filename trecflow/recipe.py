@@ -547,6 +547,38 @@ class TrainingSection(_Section):
     )
 
 
+class CollapseSection(_Section):
+    """The collapse monitor of stage 4 (`training.collapse`, arXiv 2509.25087): each step's smoothed
+    training loss against the universal curve of its family, the finished runs in the store with the
+    same schedule shape, curriculum variant, TPP and tau (within 5%). Curves are normalized by their
+    final loss, l(t^) = L(t^ T) / L(T) at the fraction of training t^, with no irreducible-loss offset;
+    the run's L(T) is estimated by aligning its curve so far with l. The residual
+    r = L / (L(T) l(t^)) - 1 is logged to MLflow; a drift (|r| beyond threshold x the family's spread)
+    is a warning and an MLflow tag, and with ``stop`` ends the run. Changes no fingerprint."""
+
+    enabled: bool = Field(
+        True, description="watch every training run whose family has at least min_runs runs; a run without one says why once in its progress log"
+    )
+    min_runs: int = Field(
+        3, ge=2, description="finished runs of the family needed to fit its curve (runs that drifted or had an injected fault do not count)"
+    )
+    threshold: float = Field(5.0, gt=0.0, description="k: a step exceeds when |r| > k x the family's residual spread at its fraction of training")
+    patience: float = Field(
+        0.01, gt=0.0, lt=1.0, description="fraction of training (at least one step) of consecutive exceeding steps that makes a drift"
+    )
+    smoothing: float = Field(
+        0.02, gt=0.0, lt=1.0,
+        description="trailing mean of the per-step loss, fraction of training (at least one step); the family's curves get the same",
+    )
+    start: float = Field(
+        0.05, ge=0.0, lt=1.0, description="fraction of training before which points do not enter the L(T) fit (warmup and the first fast drop)"
+    )
+    min_spread: float = Field(0.002, gt=0.0, description="floor of the family's spread (relative residual), for families of near-identical runs")
+    stop: bool = Field(
+        False, description="end a drifting run: checkpoint it and fail the train stage with the reason (rerun with stop: false to continue it)"
+    )
+
+
 class PackingSection(_Section):
     """How documents become fixed-length token sequences (stage 3)."""
 
@@ -609,6 +641,7 @@ class Recipe(_Section):
     training: TrainingSection = Field(
         TrainingSection(), description="the DeepSpeed job (stage 4); its batch checks apply only when declared or with a base"
     )
+    collapse: CollapseSection = Field(CollapseSection(), description="the collapse monitor of training runs (stage 4); never fingerprinted")
     reevaluation: ReevaluationSection = Field(ReevaluationSection(), description="re-evaluation (stage 5)")
 
     @model_validator(mode="after")
