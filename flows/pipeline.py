@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from trecflow.settings import ensure_home
 
@@ -99,10 +99,12 @@ def _link(tracker: Tracker, run_id: str, recipe: str, run_name: str) -> None:
 
 
 def run_graph(target: Target, store: Store, forced: set[str], tracker: Tracker, run_id: str, until: str | None = None,
-              retries: int | None = None, only: set[str] | None = None) -> tuple[dict[str, StageResult], dict[str, Any]]:
+              retries: int | None = None, only: set[str] | None = None,
+              given: Mapping[str, StageResult] | None = None) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """The graph's stages for ``target`` (up to ``until``) as Prefect tasks, reported to MLflow
-    (``only``: these stages' runs), Prefect artifacts and the log; returns each stage's result and
-    the flow's return value (each result as a dict plus the stage times)."""
+    (``only``: these stages' runs), Prefect artifacts and the log; ``given``: results taken as they
+    are, neither run nor reported (the stages `flows.rank` shares between its candidates); returns
+    each stage's result and the flow's return value (each result as a dict plus the stage times)."""
     reporters = [*progress_reporters(), LogReporter(), MlflowReporter(tracker, target.recipe, run_id, {"prefect.flow_run_id": str(flow_run.id)}, target.variant, only),
                  PrefectArtifactReporter(store)]
     if (events := EventLog.from_environment()) is not None:
@@ -110,7 +112,7 @@ def run_graph(target: Target, store: Store, forced: set[str], tracker: Tracker, 
     address = jobs_address()
     runner = Runner(GRAPH, store, forced=forced, reporters=reporters, executor=PrefectExecutor(store, retries),
                     launcher=JobLauncher(address, store) if address else None)
-    results = runner.run(target, until=until)
+    results = runner.run(target, until=until, given=given)
     return results, {**{name: result.as_dict() for name, result in results.items()}, "seconds": runner.seconds}
 
 
