@@ -26,6 +26,7 @@ from training.audit import read_audit
 
 TRAIN_STAGE = "train"
 RUN_FILE = "run.json"
+CATALOG_BATCH = 256  # run.json files read per batched request
 
 
 def run_descriptor(recipe: Recipe, variant: str | None = None) -> dict[str, Any]:
@@ -92,9 +93,13 @@ def read_descriptor(store: Store, train_fp: str) -> dict[str, Any] | None:
 
 def catalog(store: Store) -> Iterator[tuple[str, dict[str, Any]]]:
     """(fingerprint, descriptor) of every finished (manifest present) training output that has a
-    descriptor, in fingerprint order."""
+    descriptor, in fingerprint order: two listings, then the descriptors in batched reads."""
     root = store.path(TRAIN_STAGE)
-    for path in sorted(store.fs.glob(f"{root}/*/{RUN_FILE}")):
-        folder = path.rsplit("/", 1)[0]
-        if store.fs.exists(f"{folder}/{MANIFEST}"):
-            yield folder.rsplit("/", 1)[-1], json.loads(store.fs.cat_file(path))
+    described = {path.rsplit("/", 2)[-2]: path for path in store.fs.glob(f"{root}/*/{RUN_FILE}")}
+    finished = {path.rsplit("/", 2)[-2] for path in store.fs.glob(f"{root}/*/{MANIFEST}")}
+    names = sorted(set(described) & finished)
+    for first in range(0, len(names), CATALOG_BATCH):  # one batched read per CATALOG_BATCH runs (concurrent on S3)
+        paths = [described[name] for name in names[first : first + CATALOG_BATCH]]
+        contents = store.fs.cat(paths)
+        for name, path in zip(names[first : first + CATALOG_BATCH], paths):
+            yield name, json.loads(contents[path])
