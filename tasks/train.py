@@ -30,6 +30,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from trecflow.fingerprint import fingerprint
 from trecflow.progress import as_progress
 from trecflow.recipe import Recipe, RecipeError
@@ -40,7 +42,7 @@ from training.audit import check_audit, read_audit
 from training.collapse import CollapseStopped, FamilyCurve, describe_family, fit_family, same_family, usable_curve
 from training.cpt_job import COLLAPSE_EVENT, FAULT_ENV, MODEL_DIR, JobError, JobSpec, checkpoint_root, injected_lr_fault, run_job
 from training.deepspeed_config import fingerprint_part
-from training.loss_curves import RUN_FILE, catalog, read_curve, run_descriptor
+from training.loss_curves import RUN_FILE, catalog, final_trajectory, run_descriptor
 from training.models import model_vocab_size
 from training.sample_index import PLACE_STAGE, SampleIndex, batch_hash
 
@@ -152,7 +154,7 @@ def collapse_family(recipe: Recipe, store: Store, variant: str | None, train_fp:
         if len(curves) == MAX_FAMILY_RUNS:
             unread += 1
             continue
-        losses = read_curve(store, member_fp).losses
+        losses = np.array([record["loss"] for record in final_trajectory(store, member_fp)], dtype=np.float64)
         if usable_curve(losses, member["steps"]):
             curves[member_fp] = losses
         else:

@@ -123,11 +123,15 @@ class AuditReport:
         }
 
 
+def last_records(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each step's last record (records by attempt, as `read_audit` returns them: a re-executed
+    step's latest attempt wins), keyed by step."""
+    return {record["step"]: record for record in records}
+
+
 def check_audit(records: list[dict[str, Any]], steps: int, planned_hash: Callable[[int], str]) -> AuditReport:
     """Compare the final trajectory (each step's last record) with the plan's batch hashes."""
-    last: dict[int, dict[str, Any]] = {}
-    for record in records:  # attempts in order, so a later attempt's record wins
-        last[record["step"]] = record
+    last = last_records(records)
     final = [last[step] for step in sorted(last)]
     report = AuditReport(
         steps=steps,

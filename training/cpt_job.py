@@ -299,10 +299,10 @@ class _CollapseWatch:
 
 def _earlier_losses(store: Store, folder: str, start: int) -> list[float]:
     """Steps 0..start-1's losses from the audit log of earlier attempts (each step's last record)."""
-    from training.audit import read_audit
+    from training.audit import last_records, read_audit
 
-    last = {record["step"]: record["loss"] for record in read_audit(store, folder) if record["step"] < start}
-    return [last[step] for step in range(start)]
+    last = last_records(read_audit(store, folder))
+    return [last[step]["loss"] for step in range(start)]
 
 
 def train_worker(config: dict[str, Any]) -> None:

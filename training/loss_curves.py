@@ -22,7 +22,7 @@ import numpy as np
 
 from trecflow.recipe import Recipe
 from trecflow.store import MANIFEST, Store
-from training.audit import read_audit
+from training.audit import last_records, read_audit
 
 TRAIN_STAGE = "train"
 RUN_FILE = "run.json"
@@ -50,9 +50,7 @@ def run_descriptor(recipe: Recipe, variant: str | None = None) -> dict[str, Any]
 
 def final_trajectory(store: Store, train_fp: str) -> list[dict[str, Any]]:
     """Each step's last audit record of the training output ``train_fp``, by step."""
-    last: dict[int, dict[str, Any]] = {}
-    for record in read_audit(store, store.output(TRAIN_STAGE, train_fp).path):
-        last[record["step"]] = record  # attempts in order: a re-executed step's last record wins
+    last = last_records(read_audit(store, store.output(TRAIN_STAGE, train_fp).path))
     return [last[step] for step in sorted(last)]
 
 
