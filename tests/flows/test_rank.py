@@ -237,3 +237,16 @@ def test_rank_recipes_ranks_the_proxies_on_the_shared_held_out_set_and_a_rerun_r
         assert run.data.tags["trecflow.kind"] == "rank-candidate" and run.data.params["optimizer.peak_lr"] == "2e-05"
         assert run.data.metrics["val_loss_general"] == measured[name].val_loss_general and run.data.metrics["rank"] == order.index(name) + 1
         assert max(point.value for point in client.get_metric_history(run.info.run_id, "lr")) <= 2e-5 * (1 + 1e-6)
+
+
+def test_the_agreement_measure_is_spearman_with_an_exact_p_value_and_the_top1_regret():
+    from flows.rank_agreement import spearman, top1_regret
+
+    target = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    assert spearman(target, target) == (pytest.approx(1.0), pytest.approx(1 / 24))  # one ordering of 24 agrees fully
+    reversed_order = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
+    assert spearman(reversed_order, target) == (pytest.approx(-1.0), pytest.approx(1.0))  # every ordering agrees at least as well
+    rho, p_value = spearman({"a": 1.0, "b": 3.0, "c": 2.0, "d": 4.0}, target)
+    assert rho == pytest.approx(0.8) and p_value == pytest.approx(4 / 24)  # rho 1 once, 0.8 for each of 3 adjacent swaps
+    assert top1_regret({"a": 0.5, "b": 0.1, "c": 0.9, "d": 0.7}, target) == pytest.approx(1.0)  # picks b: 2.0 - 1.0
+    assert top1_regret(target, target) == 0.0

@@ -1,4 +1,4 @@
-"""rank_proxies: how well small proxies rank data recipes, at the recipe's LR and at a reduced LR,
+"""How well small proxies rank data recipes, at the recipe's LR and at a reduced LR,
 against the ranking of a model with 4x the proxy's parameters at the full LR (arXiv 2512.24503).
 
 Three `flows.rank.rank_recipes` runs of configs/demo.yaml on the same candidate overlays (default
@@ -16,7 +16,7 @@ Runs in ``$TRECFLOW_HOME`` (set it to a private folder: its store, MLflow databa
 home), one after another, every cached stage reused: a rerun recomputes nothing. The demo corpus
 is fetched into ``$TRECFLOW_HOME/corpus/demo`` when missing (Debian and npm registries)::
 
-    TRECFLOW_HOME=/tmp/rank-home nice -n 5 python -m bench.rank_proxies --json /tmp/rank-proxies.json
+    TRECFLOW_HOME=/tmp/rank-home nice -n 5 python -m flows.rank_agreement --json /tmp/rank-proxies.json
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def ranking(overlay: Path, candidates: list[Path], lr_scale: float) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.rank_proxies", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.rank_agreement", description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", type=Path, default=CANDIDATES, help="folder of candidate overlays (*.yaml)")
     parser.add_argument("--lr-scale", type=float, default=0.01, help="the reduced LR's share of the recipe's")
     parser.add_argument("--json", type=Path, help="write the measurement here")
