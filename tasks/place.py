@@ -23,7 +23,7 @@ import numpy as np
 from tasks.placement import Plan, PlanRequest, check_request, make_plan
 from trecflow.fingerprint import fingerprint
 from trecflow.progress import as_progress
-from trecflow.recipe import Recipe
+from trecflow.recipe import TREC_WEIGHTED_K, Recipe
 from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.sample_index import COMPOSITION_FILE, INDEX_META, PACK_STAGE, PLACE_STAGE, chunk_name, npy_bytes
@@ -81,6 +81,7 @@ def plan_request(recipe: Recipe, variant: str) -> PlanRequest:
         on_shortage=recipe.curriculum.on_shortage,
         tier_weights=recipe.curriculum.tier_weights,
         window=tuple(window) if window is not None else None,
+        k=float(params.get("k", TREC_WEIGHTED_K)),
     )
 
 
@@ -94,6 +95,8 @@ def index_inputs(recipe: Recipe, variant: str, pack_fp: str, score_fp: str, toke
         "on_shortage": request.on_shortage,
         "tier_weights": request.tier_weights,
     }
+    if request.strategy == "trec_weighted":  # only there: the other strategies' fingerprints stay as they were
+        strategy["k"] = request.k
     return {
         "recipe": fingerprint("recipe", 1, recipe.section("data", "batch")),
         "score": score_fp,

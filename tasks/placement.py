@@ -8,7 +8,9 @@ j // B). A plan fills every slot:
   step holds floor or ceil of w*B of them and every rank's share is mixed); ``start`` / ``end``
   take the first / last H slots; ``window`` spreads them evenly inside the steps of ``[a, b]``;
   ``trec_valley`` inside the best window of stage 2's predicted curve for the w it actually gets
-  (H / S), found with stage 2's own `best_window`.
+  (H / S), found with stage 2's own `best_window`; ``trec_weighted`` gives step s a share of the H
+  proportional to (1 - u_s)^k, u the predicted curve min-max normalized (`weighted_counts`), capped
+  at the whole step, and spreads each step's count evenly over its positions.
 - The other S - H slots get ``mid`` and ``lq`` sequences, split in proportion to their supply (or
   ``curriculum.tier_weights``) and interleaved at random.
 - ``ascending`` builds the same mix, then orders all S slots by sequence score, ties broken by
@@ -34,6 +36,9 @@ from training.trec import best_window
 
 HQ, MID, LQ = range(3)
 ORDER_CHUNK = 1 << 24
+MARK_CHUNK = 1 << 22  # slots per chunk when marking trec_weighted's per-step counts
+GOLDEN = (5**0.5 - 1) / 2  # the phase turn per step of trec_weighted's positions
+CURVE_STRATEGIES = ("trec_valley", "trec_weighted")  # the strategies that read stage 2's predicted curve
 
 
 class PlacementError(ValueError):
@@ -52,6 +57,7 @@ class PlanRequest:
     on_shortage: str = "repeat"
     tier_weights: dict[str, float] | None = None
     window: tuple[float, float] | None = None  # the ``window`` strategy's [a, b]
+    k: float = 4.0  # the ``trec_weighted`` exponent (the recipe's default: trecflow.recipe.TREC_WEIGHTED_K)
 
     @property
     def slots(self) -> int:
@@ -144,8 +150,7 @@ def hq_region(request: PlanRequest, trec: np.ndarray | None) -> tuple[int, int, 
             )
         return start * batch, capacity, (start, end)
     if strategy == "trec_valley":
-        if trec is None or trec.size != steps:
-            raise PlacementError(f"trec_valley needs the predicted curve of all {steps} steps (got {None if trec is None else trec.size})")
+        check_curve(request, trec)
         start, end = best_window(trec, hq / slots)
         capacity = (end - start) * batch
         if capacity >= hq:
@@ -153,6 +158,106 @@ def hq_region(request: PlanRequest, trec: np.ndarray | None) -> tuple[int, int, 
         first = min(start * batch, slots - hq)  # the window rounds down by part of a step
         return first, hq, (start, end)
     raise PlacementError(f"unknown strategy {strategy!r}")
+
+
+def check_curve(request: PlanRequest, trec: np.ndarray | None) -> None:
+    if trec is None or trec.size != request.steps:
+        raise PlacementError(
+            f"{request.strategy} needs the predicted curve of all {request.steps} steps (got {None if trec is None else trec.size})"
+        )
+
+
+def trec_log_weights(trec: np.ndarray, k: float) -> np.ndarray:
+    """log (1 - u)^k per step, u = (trec - min) / (max - min): stage 2's curve min-max normalized,
+    so 0 is the valley's bottom and 1 the curve's highest point (the stored ``trec_pred`` is
+    1 - (c/max c)^p * t^m, whose minimum is above 0 when m > 0; a curve's shape, not its offset,
+    is what `best_window` reads too). A flat curve, or k = 0, gives equal weights (uniform); with
+    k > 0 the highest point gets weight 0 (log -inf). Logs, so a large k does not underflow."""
+    if not np.all(np.isfinite(trec)):
+        raise PlacementError(f"trec_weighted needs a finite predicted curve; it has {np.count_nonzero(~np.isfinite(trec)):,} non-finite values")
+    low, high = float(trec.min()), float(trec.max())
+    if k == 0 or high == low:
+        return np.zeros(trec.size)
+    u = (trec.astype(np.float64) - low) / (high - low)
+    with np.errstate(divide="ignore"):
+        return k * np.log1p(-np.minimum(u, 1.0))
+
+
+def water_fill(log_weights: np.ndarray, total: float, cap: float) -> np.ndarray:
+    """Targets t_s = min(cap, L * w_s) summing to ``total`` (<= cap * steps), w_s = exp(log_weights):
+    the fixed point of "cap every step above ``cap``, hand the excess to the others in proportion to
+    their weights, repeat". Found directly: with the weights sorted in descending order, the capped
+    steps are the first c, c the smallest with L_c * w_(c) <= cap, L_c = (total - c*cap) / (sum of
+    the weights from c on) (tail sums in log space). When the positive weights cannot hold
+    ``total``, they are all capped and the rest is spread evenly over the zero-weight steps."""
+    steps = log_weights.size
+    order = np.argsort(-log_weights, kind="stable")
+    ordered = log_weights[order]
+    positive = int(np.count_nonzero(ordered > -np.inf))
+    targets = np.zeros(steps)
+    capped = np.arange(positive)
+    remaining = total - capped * cap
+    tails = np.logaddexp.accumulate(ordered[:positive][::-1])[::-1]  # log sum_{i >= c} w_(i)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fits = (remaining <= 0) | (np.log(remaining) - tails + ordered[:positive] <= np.log(cap) + 1e-12)
+    if fits.any():
+        c = int(np.argmax(fits))
+        log_level = np.log(remaining[c]) - tails[c] if remaining[c] > 0 else -np.inf
+        with np.errstate(under="ignore"):
+            targets[order[c:]] = np.minimum(cap, np.exp(log_level + ordered[c:]))
+        targets[order[:c]] = cap
+        return targets
+    targets[order[:positive]] = cap
+    if positive < steps:
+        targets[order[positive:]] = min(cap, (total - positive * cap) / (steps - positive))
+    return targets
+
+
+def integer_counts(targets: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """Whole counts in [0, cap] summing to ``total``, each within 1 of its target (targets in
+    [0, cap] summing to ``total``): cumulative rounding, count_s = round(P_s) - round(P_(s-1)) with
+    P the running sum of the targets, which spreads the fractional parts over the steps like
+    ``uniform`` does. A count that float noise pushes over the cap (a running sum within 1e-9 of a
+    half) is clipped and the difference given to the steps with the most room below their target."""
+    bounds = np.floor(np.cumsum(targets) + 0.5).astype(np.int64)
+    bounds[-1] = total
+    counts = np.diff(bounds, prepend=0)
+    np.clip(counts, 0, cap, out=counts)
+    short = total - int(counts.sum())  # >= 0: the bounds rise to total and clipping only lowers
+    if short:
+        room = np.where(counts < cap, targets - counts, -np.inf)
+        counts[np.argsort(-room, kind="stable")[:short]] += 1
+    return counts
+
+
+def weighted_counts(request: PlanRequest, trec: np.ndarray | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``trec_weighted``: the hq sequences of every step (int64, summing to H, none above the
+    batch) and the window it reports: the best window ``trec_valley`` would use (same length, H/S of
+    the steps), so ``hq_in_window`` says how much of the hq lands where trec_valley puts all of it."""
+    check_curve(request, trec)
+    targets = water_fill(trec_log_weights(trec, request.k), float(request.hq_slots), float(request.batch))
+    counts = integer_counts(targets, request.hq_slots, request.batch)
+    return counts, best_window(trec, request.hq_slots / request.slots)
+
+
+def mark_counts(mask: np.ndarray, counts: np.ndarray, batch: int) -> None:
+    """Set ``counts[s]`` positions of each step s in ``mask`` (steps x batch slots), spread evenly
+    over the step: positions floor((i*batch + phase_s) / n), i < n, with a phase in [0, batch) that
+    turns by the golden ratio from step to step, so every rank's contiguous share of the batches
+    gets its part of the hq over training. Position p is one of them when c(p+1) > c(p), c(p) =
+    ceil((p*n - phase + batch) / batch). Vectorized by chunks of steps (int32 where it cannot
+    overflow): about 1 s for 2e8 slots."""
+    by_step = mask.reshape(counts.size, batch)
+    dtype = np.int32 if batch * (batch + 2) < 2**31 else np.int64
+    positions = np.arange(batch + 1, dtype=dtype)
+    phases = (np.modf(np.arange(counts.size) * GOLDEN)[0] * batch).astype(dtype)
+    per_chunk = max(1, MARK_CHUNK // batch)
+    for first in range(0, counts.size, per_chunk):
+        rows = slice(first, first + per_chunk)
+        ceil = positions * counts[rows, None].astype(dtype)
+        ceil += (2 * batch - 1) - phases[rows, None]
+        ceil //= batch
+        np.greater(ceil[:, 1:], ceil[:, :-1], out=by_step[rows])
 
 
 def spread(first: int, region: int, count: int) -> np.ndarray:
@@ -219,13 +324,21 @@ def check_request(request: PlanRequest) -> None:
     """Errors that need no data: call before any expensive work."""
     if request.hq_slots == 0:
         raise PlacementError(f"hq_fraction {request.hq_fraction:g} of {request.slots:,} sequences rounds to 0 hq sequences")
-    hq_region(request, np.zeros(request.steps) if request.strategy == "trec_valley" else None)
+    if request.strategy == "trec_weighted":
+        k = request.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not np.isfinite(k) or k < 0:
+            raise PlacementError(f"trec_weighted: k must be a finite number >= 0, got {k!r}")
+        return
+    hq_region(request, np.zeros(request.steps) if request.strategy in CURVE_STRATEGIES else None)
 
 
 def make_plan(request: PlanRequest, tiers: np.ndarray, scores: np.ndarray, trec: np.ndarray | None = None) -> Plan:
     """Fill all S slots from the packed sequences (``tiers`` int8 codes and ``scores`` per id)."""
     check_request(request)
-    first, region, window = hq_region(request, trec)
+    if request.strategy == "trec_weighted":
+        per_step, window = weighted_counts(request, trec)
+    else:
+        first, region, window = hq_region(request, trec)
     id_dtype = np.uint32 if tiers.size < 2**32 else np.uint64
     supply = dict(zip(TIERS, np.bincount(tiers, minlength=len(TIERS)).tolist()))
     need = {"hq": request.hq_slots, **filler_counts(request, supply)}
@@ -243,7 +356,11 @@ def make_plan(request: PlanRequest, tiers: np.ndarray, scores: np.ndarray, trec:
     ids = np.empty(request.slots, dtype=id_dtype)
     slot_tiers = np.empty(request.slots, dtype=np.int8)
     hq_mask = np.zeros(request.slots, dtype=bool)
-    hq_mask[spread(first, region, request.hq_slots)] = True
+    if request.strategy == "trec_weighted":
+        mark_counts(hq_mask, per_step, request.batch)
+        del per_step
+    else:
+        hq_mask[spread(first, region, request.hq_slots)] = True
     ids[hq_mask] = drawn.pop("hq")
     slot_tiers[hq_mask] = HQ
     filler = np.concatenate([drawn.pop("mid"), drawn.pop("lq")])

@@ -35,7 +35,7 @@ LID_LANGUAGES = frozenset(
     "ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa sah sc scn sco sd sh si sk sl so sq sr su sv sw ta te "
     "tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa war wuu xal xmf yi yo yue zh".split()
 )
-STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley")
+STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley", "trec_weighted")
 
 
 class _Section(BaseModel):
@@ -138,22 +138,33 @@ STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
     "ascending": (),
     "window": ("window",),
     "trec_valley": (),
+    "trec_weighted": ("k",),
 }
+# trec_weighted's default k: the hq density halves where the curve has risen 1 - 2^(-1/4) = 16% of its
+# range above the valley and is 1/16 of the valley's at mid-range, a clear lean to the valley that still
+# spreads hq well past trec_valley's window (k = 1 barely leans; k in the tens is nearly that window).
+TREC_WEIGHTED_K = 4.0
 
 
 class VariantSection(_Section):
     """One curriculum variant: a strategy and its parameters.
 
     Every strategy accepts ``hq_fraction`` and ``seed`` (overriding the curriculum's); ``window``
-    needs ``window: [a, b]`` with 0 <= a < b <= 1 (fractions of training).
+    needs ``window: [a, b]`` with 0 <= a < b <= 1 (fractions of training); ``trec_weighted`` takes
+    ``k``, a finite number >= 0 (default 4): the hq share of step s is proportional to (1 - u_s)^k,
+    u the predicted TREC min-max normalized to [0, 1], capped at the whole batch (k = 0: uniform;
+    a large k: the trec_valley window).
     """
 
-    strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley"] = Field(
+    strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley", "trec_weighted"] = Field(
         description="where the hq sequences go (tasks/placement.py): spread evenly, the last or first share, "
-        "all sequences by ascending score, a window [a, b], or the predicted TREC valley"
+        "all sequences by ascending score, a window [a, b], the predicted TREC valley, or a share per step "
+        "proportional to (1 - normalized predicted TREC)^k"
     )
     params: dict[str, Any] = Field(
-        default_factory=dict, description="hq_fraction and seed (override the curriculum's); window: [a, b] for window"
+        default_factory=dict,
+        description="hq_fraction and seed (override the curriculum's); window: [a, b] for window; "
+        f"k (>= 0, default {TREC_WEIGHTED_K:g}) for trec_weighted",
     )
 
     @model_validator(mode="after")
@@ -177,6 +188,10 @@ class VariantSection(_Section):
                 or not 0.0 <= window[0] < window[1] <= 1.0
             ):
                 raise ValueError(f"params.window: needs [a, b] with 0 <= a < b <= 1, got {window!r}")
+        if "k" in self.params:
+            k = self.params["k"]
+            if not isinstance(k, (int, float)) or isinstance(k, bool) or not math.isfinite(k) or k < 0:
+                raise ValueError(f"params.k: must be a finite number >= 0, got {k!r}")
         return self
 
 

@@ -165,6 +165,32 @@ def test_index_is_deterministic_exact_and_refuses_other_inputs(staged):
         SampleIndex(store, other_seed, expected=expected_inputs(staged, "trec_valley"))
 
 
+def test_trec_weighted_reads_the_prediction_and_its_k_is_in_the_fingerprint(staged):
+    from tasks.place import plan_request
+    from tasks.placement import weighted_counts
+    from tasks.predict import read_curve
+
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["curriculum"]["variants"] = {"four": {"strategy": "trec_weighted", "params": {"k": 4}},
+                                      "steep": {"strategy": "trec_weighted", "params": {"k": 8.0}}}
+    recipe = parse_recipe(data)
+    default = place(staged, "trec_weighted", recipe=recipe)
+    assert place(staged, "four", recipe=recipe).fingerprint == default.fingerprint  # k defaults to 4
+    steep = place(staged, "steep", recipe=recipe)
+    assert steep.fingerprint != default.fingerprint
+    assert expected_inputs(staged, "steep", recipe)["strategy"] != expected_inputs(staged, "trec_weighted", recipe)["strategy"]
+    trec = read_curve(staged["store"], staged["predict"].fingerprint)["trec_pred"].to_numpy()
+    valley = place(staged, "trec_valley").summary
+    for result, k in ((default, 4.0), (steep, 8.0)):
+        summary = result.summary
+        index = SampleIndex(staged["store"], result.fingerprint, expected=expected_inputs(staged, "steep" if k == 8 else "four", recipe))
+        per_step = [index.composition(step)["hq"] for step in range(index.steps)]
+        counts, window = weighted_counts(plan_request(recipe, "steep" if k == 8 else "four"), trec)
+        assert per_step == counts.tolist() and sum(per_step) == 96 and max(per_step) <= 8
+        assert summary.strategy == "trec_weighted" and summary.window == valley.window and summary.window_steps == tuple(window)
+        assert 0 < summary.hq_in_window <= 1
+
+
 def test_other_seed_gives_other_order_and_short_hq_is_repeated_or_fails(staged):
     data = read_yaml((CONFIGS / "test.yaml").read_text())
     data["curriculum"]["variants"] = {"seeded": {"strategy": "uniform", "params": {"seed": 5}}}

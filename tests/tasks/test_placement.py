@@ -9,12 +9,13 @@ import pytest
 
 from tasks.pack import group_shards, sequence_scores
 from tasks.place import write_index
-from tasks.placement import HQ, LQ, MID, PlacementError, PlanRequest, make_plan
+from tasks.placement import HQ, LQ, MID, PlacementError, PlanRequest, filler_counts, make_plan
+from trecflow.recipe import RecipeError, parse_recipe, read_yaml
 from trecflow.store import Store
 from training.sample_index import IndexMismatchError, SampleIndex, batch_hash
 from training.trec import best_window
 
-from ..conftest import BUCKET
+from ..conftest import BUCKET, CONFIGS
 
 STEPS, BATCH = 200, 32
 
@@ -101,6 +102,153 @@ def test_trec_valley_uses_the_best_window_of_the_predicted_curve():
     assert odd.hq_in_window() >= 0.95 and odd.hq_slots == round(0.137 * STEPS * BATCH)
     with pytest.raises(PlacementError, match="predicted curve"):
         make_plan(request("trec_valley"), tiers, scores, trec[:-1])
+
+
+def bumpy_curve(steps: int = STEPS) -> np.ndarray:
+    """A valley curve with seeded bumps (no two steps share a weight) that never reaches 0 or 1:
+    trec_weighted must min-max normalize it itself."""
+    noise = np.random.default_rng(11).uniform(-0.03, 0.03, steps)
+    return 0.2 + 0.7 * valley_curve(steps) + noise
+
+
+def water_filled_counts(trec: np.ndarray, k: float, total: int, cap: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The spec, written plainly: weights (1 - u)^k with u the min-max normalized curve; cap every
+    step at ``cap`` and hand the excess to the uncapped steps in proportion to their weights until
+    nothing exceeds it; then cumulative rounding. Returns (counts, targets, rounds of capping)."""
+    u = (trec - trec.min()) / (trec.max() - trec.min())
+    weights = (1.0 - u) ** k
+    capped = np.zeros(trec.size, dtype=bool)
+    rounds = 0
+    while True:
+        targets = np.where(capped, float(cap), 0.0)
+        free = ~capped
+        targets[free] = (total - cap * capped.sum()) * weights[free] / weights[free].sum()
+        over = targets > cap
+        if not over.any():
+            break
+        capped |= over
+        rounds += 1
+    running = np.floor(np.cumsum(targets) + 0.5).astype(np.int64)
+    return np.diff(running, prepend=0), targets, rounds
+
+
+def hq_per_step(plan) -> np.ndarray:
+    return plan.composition()[:, HQ]
+
+
+def test_trec_weighted_with_k_0_is_uniform():
+    tiers, scores = TIERS_PLENTY
+    plan = make_plan(request("trec_weighted", k=0.0), tiers, scores, bumpy_curve())
+    per_step = hq_per_step(plan)
+    assert per_step.sum() == plan.hq_slots == round(0.1 * STEPS * BATCH)
+    assert set(per_step.tolist()) <= {3, 4}  # floor / ceil of 0.1 * 32, like uniform
+    uniform = hq_per_step(make_plan(request("uniform"), tiers, scores))
+    assert np.array_equal(np.sort(per_step), np.sort(uniform))
+    for segment in np.array_split(plan.hq_share_per_step(), 10):
+        assert abs(segment.mean() - 0.1) <= 0.02
+    # each of 4 data-parallel ranks gets a share of the hq sequences of a step, not all of them
+    by_rank = (plan.tiers.reshape(STEPS, 4, BATCH // 4) == HQ).sum(axis=(0, 2)) / plan.hq_slots
+    assert by_rank.min() >= 0.2 and by_rank.max() <= 0.3
+
+
+@pytest.mark.parametrize(
+    "k, hq_fraction, cap_binds", [(1.0, 0.1, False), (4.0, 0.1, False), (4.0, 0.137, True), (1.5, 0.3, True), (4.0, 0.6, True)]
+)
+def test_trec_weighted_counts_are_the_rounded_water_filled_targets(k, hq_fraction, cap_binds):
+    tiers, scores = catalog(5000, 4000, 3000)
+    trec = bumpy_curve()
+    plan = make_plan(request("trec_weighted", k=k, hq_fraction=hq_fraction), tiers, scores, trec)
+    per_step = hq_per_step(plan)
+    expected, targets, rounds = water_filled_counts(trec, k, plan.hq_slots, BATCH)
+    assert np.array_equal(per_step, expected)
+    assert per_step.sum() == plan.hq_slots == round(hq_fraction * STEPS * BATCH)
+    assert per_step.max() <= BATCH and per_step.min() >= 0 and np.all(np.abs(per_step - targets) < 1)
+    # capped steps hold a whole batch of hq and their excess went to the others (rounds of capping)
+    assert (rounds > 0) == cap_binds and (np.count_nonzero(per_step == BATCH) > 0) == cap_binds
+    # below the cap the counts follow (1 - u)^k
+    u = (trec - trec.min()) / (trec.max() - trec.min())
+    free = targets < BATCH
+    assert np.corrcoef(per_step[free], (1 - u[free]) ** k)[0, 1] > 0.99
+    # the same request gives the same plan; another seed other sequences in the same hq slots
+    again = make_plan(request("trec_weighted", k=k, hq_fraction=hq_fraction), tiers, scores, trec)
+    assert np.array_equal(plan.ids, again.ids) and np.array_equal(plan.tiers, again.tiers)
+    other = make_plan(request("trec_weighted", k=k, hq_fraction=hq_fraction, seed=1), tiers, scores, trec)
+    assert np.array_equal(other.tiers == HQ, plan.tiers == HQ) and not np.array_equal(other.ids, plan.ids)
+    # every other slot is filled from mid and lq as for the other strategies
+    assert np.array_equal(tiers[plan.ids], plan.tiers)
+    need = filler_counts(request("trec_weighted", hq_fraction=hq_fraction), {"mid": 4000, "lq": 3000})
+    assert plan.counts["mid"]["slots"] == np.count_nonzero(plan.tiers == MID) == need["mid"]
+    assert plan.counts["lq"]["slots"] == np.count_nonzero(plan.tiers == LQ) == need["lq"]
+    _, used = np.unique(plan.ids, return_counts=True)
+    assert used.max() == 1 and plan.repeated_sequences == 0
+
+
+def test_trec_weighted_never_exceeds_a_batch_even_when_all_weight_is_in_few_steps():
+    tiers, scores = catalog(5000, 4000, 3000)
+    spike = np.ones(STEPS)
+    spike[150] = 0.0  # one step of weight 1, all others of weight 0 for any k > 0
+    plan = make_plan(request("trec_weighted", k=2.0, hq_fraction=0.6), tiers, scores, spike)
+    per_step = hq_per_step(plan)
+    assert per_step[150] == BATCH and per_step.max() == BATCH and per_step.sum() == plan.hq_slots
+    assert per_step.min() >= round(0.6 * STEPS * BATCH - BATCH) // (STEPS - 1)  # the rest spread evenly
+
+
+def test_integer_counts_keep_the_cap_and_the_total_through_float_noise():
+    from tasks.placement import integer_counts
+
+    # running sums 0.4999999, 32.5000001, 33: plain cumulative rounding would give 0, 33, 0
+    targets = np.array([0.4999999, 32.0000002, 0.4999999])
+    counts = integer_counts(targets, 33, 32)
+    assert counts.tolist() == [1, 32, 0] and np.all(np.abs(counts - targets) < 1)
+    even = integer_counts(np.full(10, 2.5), 25, 3)  # ties: the fractional parts alternate, not bunched
+    assert even.tolist() == [3, 2, 3, 2, 3, 2, 3, 2, 3, 2]
+
+
+@pytest.mark.parametrize("hq_fraction", [0.1, 0.137])
+def test_trec_weighted_with_a_large_k_approaches_the_trec_valley_window(hq_fraction):
+    tiers, scores = TIERS_PLENTY
+    trec = valley_curve()
+    valley = make_plan(request("trec_valley", hq_fraction=hq_fraction), tiers, scores, trec)
+    steep = make_plan(request("trec_weighted", k=200.0, hq_fraction=hq_fraction), tiers, scores, trec)
+    assert steep.window_steps == valley.window_steps  # the window it reports: trec_valley's
+    assert steep.hq_in_window() >= 0.95
+    mild = make_plan(request("trec_weighted", k=4.0, hq_fraction=hq_fraction), tiers, scores, trec)
+    assert mild.window_steps == valley.window_steps and mild.hq_in_window() < steep.hq_in_window()
+
+
+def test_trec_weighted_needs_the_whole_finite_curve_and_a_valid_k():
+    tiers, scores = TIERS_PLENTY
+    trec = valley_curve()
+    with pytest.raises(PlacementError, match="trec_weighted needs the predicted curve of all 200 steps"):
+        make_plan(request("trec_weighted"), tiers, scores, trec[:-1])
+    with pytest.raises(PlacementError, match="trec_weighted needs a finite predicted curve"):
+        make_plan(request("trec_weighted"), tiers, scores, np.where(np.arange(STEPS) == 5, np.nan, trec))
+    for k in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(PlacementError, match="trec_weighted: k must be a finite number >= 0"):
+            make_plan(request("trec_weighted", k=k), tiers, scores, trec)
+    flat = make_plan(request("trec_weighted", k=4.0), tiers, scores, np.full(STEPS, 0.5))  # nothing to lean to: uniform
+    assert set(hq_per_step(flat).tolist()) <= {3, 4}
+
+
+@pytest.mark.parametrize("k", [-1, -0.5, float("nan"), float("inf"), "4", True, None, [4]])
+def test_recipe_refuses_a_bad_k_in_one_line_naming_params_k(k):
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["curriculum"]["variants"] = {"leaning": {"strategy": "trec_weighted", "params": {"k": k}}}
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(data)
+    message = str(error.value)
+    assert "\n" not in message and "curriculum.variants.leaning: params.k: must be a finite number >= 0" in message
+
+
+def test_recipe_takes_k_only_for_trec_weighted():
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["curriculum"]["variants"] = {"leaning": {"strategy": "trec_weighted", "params": {"k": 0}}, "steep": {"strategy": "trec_weighted", "params": {"k": 12.5}}}
+    curriculum = parse_recipe(data).curriculum
+    assert curriculum.variant("leaning").params == {"k": 0} and curriculum.variant("steep").params == {"k": 12.5}
+    assert curriculum.variant("trec_weighted").strategy == "trec_weighted"  # every strategy is a variant
+    data["curriculum"]["variants"] = {"valley": {"strategy": "trec_valley", "params": {"k": 4}}}
+    with pytest.raises(RecipeError, match=r"curriculum.variants.valley: params: trec_valley does not take \['k'\]"):
+        parse_recipe(data)
 
 
 def test_ascending_orders_by_score_and_breaks_ties_with_the_seed():
