@@ -3,7 +3,8 @@
 The final model's loss on the batch every sampled step trained on (read through the sample index,
 so exactly the training batches), on a pool of Ray actors (`training.reevaluation`); the
 difficulty-corrected curve L(t) - beta * L_ref(B_t) with the configured reference model
-(`tasks.reference`, losses cached per sequence id); agreement with the prediction
+(`tasks.reference`, losses cached per sequence id; beta fitted out of sample by default:
+`training.difficulty_correction`); agreement with the prediction
 (`training.trec_measure`); held-out losses on the eval split (`tasks.evalset`); and, for runs whose
 tier mix is the same at every step, an entry in the calibration table (`tasks.calibrate`).
 
@@ -40,17 +41,18 @@ from trecflow.report import reevaluation_rows
 from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.calibration import CalibrationRun
+from training.difficulty_correction import Correction, StepMoments, correct
 from training.reevaluation import ActorPool, ModelSpec, Unit
 from training.sample_index import COMPOSITION_FILE, PLACE_STAGE, TIERS, TIERS_FILE, SampleIndex, read_npy
 from training.trec_measure import Agreement, agreement, smooth
 from training.trec_plot import plot_measured
 
 STAGE = "reevaluate"
-STAGE_VERSION = 2  # 2: the reference and held-out set are stages of their own (inputs hashed as before)
+STAGE_VERSION = 3  # 2: the reference and held-out set are stages of their own; 3: loss_x_reference per step, beta fitted
 CURVE_FILE = "trec.parquet"
 PLOT_FILE = "trec_overlay.png"
 # Settings that change how the work is spread, not the numbers: left out of the fingerprint.
-EXECUTION_ONLY = ("actors", "cpus_per_actor", "steps_per_task", "max_retries", "micro_batch")
+EXECUTION_ONLY = ("actors", "cpus_per_actor", "steps_per_task", "max_retries", "micro_batch", "reference_max_repeat")
 # Sparser samplings whose agreement is reported when every step was evaluated.
 SAMPLING_STUDY = (5, 10)
 
@@ -87,6 +89,8 @@ class ReferenceUse(Summary):
     from_cache: int
     evaluated: int
     retried_units: int | None = omitted_when_none()
+    beta: tuple[float, ...] | None = omitted_when_none()  # per fold of steps when fitted, else the recipe's one value
+    beta_fitted: bool | None = omitted_when_none()
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class ReevaluateSummary(AgreementSummary):
     hq_window: tuple[float, float] | None
     fingerprint: str
     calibration_entry: str | None
+    noise_raw: float | None = omitted_when_none()  # SD of the raw curve around its smoothed self
+    noise_corrected: float | None = omitted_when_none()
 
 
 def reevaluate_fingerprint(recipe: Recipe, train_fp: str, place_fp: str, predict_fp: str, reference_fp: str | None, evalset_fp: str) -> str:
@@ -190,14 +196,18 @@ def part_name(first: int, last: int) -> str:
     return f"steps/part-{first:09d}-{last:09d}.parquet"
 
 
-def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len: int) -> pa.Table:
-    """Per-step aggregates of per-sequence losses: mean loss, tokens, per-tier mean and count."""
+def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len: int, reference: np.ndarray | None = None) -> pa.Table:
+    """Per-step aggregates of per-sequence losses: mean loss, tokens, per-tier mean and count; with
+    the reference's per-sequence losses, the mean product of the two (``loss_x_reference``: what
+    the fitted correction needs)."""
     columns: dict[str, Any] = {
         "step": pa.array(steps, pa.int64()),
         "loss": losses.mean(axis=1),
         "sequences": pa.array(np.full(len(steps), losses.shape[1]), pa.int64()),
         "tokens": pa.array(np.full(len(steps), losses.shape[1] * (seq_len - 1)), pa.int64()),
     }
+    if reference is not None:
+        columns["loss_x_reference"] = (losses * reference).mean(axis=1)
     for code, tier in enumerate(TIERS):
         mask = tiers == code
         count = mask.sum(axis=1)
@@ -324,10 +334,10 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         "model": {"precision": section.precision, "use_gpu": section.use_gpu, "micro_batch": section.micro_batch, "threads": section.cpus_per_actor},
     }
     reference_counts: dict[str, int] = {}
-    reference_step_loss = None
+    reference_by_sequence = None  # (sampled steps, sequences): the reference's loss on each
     if reference is not None:
         ref_ids, ref_losses, reference_counts = reference_losses(store, reference, pack_fp, ids, pool_settings, seq_len, progress)
-        reference_step_loss = ref_losses[np.searchsorted(ref_ids, ids)].mean(axis=1)
+        reference_by_sequence = ref_losses[np.searchsorted(ref_ids, ids)]
 
     per_unit = section.steps_per_task or max(1, -(-steps.size // (section.actors * 8)))
     done = {path.rsplit("/", 1)[1] for path in store.fs.glob(f"{output.path}/steps/part-*.parquet")}
@@ -345,7 +355,8 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     def write_unit(unit: Unit, losses: np.ndarray) -> None:
         start, stop, name = unit.key
         buffer = io.BytesIO()
-        pq.write_table(step_rows(steps[start:stop], losses, tier_of[ids[start:stop]], seq_len), buffer)
+        unit_reference = None if reference_by_sequence is None else reference_by_sequence[start:stop]
+        pq.write_table(step_rows(steps[start:stop], losses, tier_of[ids[start:stop]], seq_len, unit_reference), buffer)
         store.put_atomic(output.file_path(name), buffer.getvalue())
 
     held_out: dict[str, np.ndarray] = {}
@@ -366,7 +377,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     curve = read_curve(store, predict_fp)
     prediction: PredictSummary = predicted.summary
     composition = read_npy(index.output, COMPOSITION_FILE)
-    measured = Measured.compute(table, reference_step_loss, curve, prediction, section, index.steps)
+    measured = Measured.compute(table, reference_by_sequence, curve, prediction, section, index.steps)
 
     evaluated_tokens = int(table["tokens"].to_numpy().sum())
     summary = ReevaluateSummary(
@@ -380,12 +391,14 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         tokens_evaluated=evaluated_tokens,
         tokens_per_second=sum(unit.tokens for unit in units) / seconds if units and seconds > 0 else None,
         retried_units=retried + reference_counts.get("retried_units", 0),
-        reference=ReferenceUse(kind=reference.kind, fingerprint=reference.fingerprint, uri=reference.uri, **reference_counts) if reference else None,
+        reference=ReferenceUse(kind=reference.kind, fingerprint=reference.fingerprint, uri=reference.uri, **reference_counts,
+                               beta=measured.correction.betas, beta_fitted=measured.correction.fitted) if reference else None,
         sampling=Sampling(every=section.every, random_steps=section.random_steps, sequences_per_step=section.sequences_per_step),
         model_uri=model_uri,
         hq_window=placed.summary.window,
         fingerprint=fp,
         calibration_entry=None,
+        **measured.noise(),
     )
     if not summary.content_confounded:
         entry = CalibrationRun(fp, recipe.name, variant, recipe.schedule.kind, prediction.tpp, prediction.tau,
@@ -430,18 +443,23 @@ class Measured:
     raw_agreement: Agreement
     corrected_agreement: Agreement | None
     study: dict[str, Any]
+    correction: Correction | None = None
 
     @classmethod
     def compute(cls, table: pa.Table, reference: np.ndarray | None, curve: pa.Table, prediction: PredictSummary, section: ReevaluationSection,
                 total: int) -> Measured:
+        """``reference``: the reference's loss on each evaluated sequence, (steps, sequences), or None."""
         steps = table["step"].to_numpy()
         raw = table["loss"].to_numpy()
         coefficients = curve["c"].to_numpy()
         p, m = float(prediction.p), float(prediction.m)
         raw_smoothed = smooth(steps, raw, total, section.smoothing)
-        corrected = corrected_smoothed = corrected_agreement = None
+        corrected = corrected_smoothed = corrected_agreement = correction = reference_mean = None
         if reference is not None:
-            corrected = raw - section.beta * reference
+            reference_mean = reference.mean(axis=1)
+            moments = StepMoments(raw, reference_mean, (reference * reference).mean(axis=1), table["loss_x_reference"].to_numpy())
+            correction = correct(moments, section.beta)
+            corrected = correction.corrected
             corrected_smoothed = smooth(steps, corrected, total, section.smoothing)
             corrected_agreement = agreement(steps, corrected_smoothed, coefficients, p, m)
         study: dict[str, Any] = {}
@@ -452,8 +470,13 @@ class Measured:
                 if corrected is not None:
                     entry["corrected"] = agreement(steps[keep], smooth(steps[keep], corrected[keep], total, section.smoothing), coefficients, p, m).r_p
                 study[f"every_{k}"] = entry
-        return cls(steps, raw, raw_smoothed, corrected, corrected_smoothed, reference,
-                   agreement(steps, raw_smoothed, coefficients, p, m), corrected_agreement, study)
+        return cls(steps, raw, raw_smoothed, corrected, corrected_smoothed, reference_mean,
+                   agreement(steps, raw_smoothed, coefficients, p, m), corrected_agreement, study, correction)
+
+    def noise(self) -> dict[str, float | None]:
+        """The SD of each curve around its smoothed self (the per-step noise the smoothing averages)."""
+        return {"noise_raw": float(np.std(self.raw - self.raw_smoothed)),
+                "noise_corrected": None if self.corrected is None else float(np.std(self.corrected - self.corrected_smoothed))}
 
     @property
     def primary(self) -> Agreement:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.fingerprint import fingerprint
-from trecflow.stage import Stage, StageContext, StageResult, Summary, Target
+from trecflow.stage import Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.reevaluation import ActorPool, ModelSpec, Unit
 
@@ -54,6 +54,9 @@ class TrainedReferenceSummary(ReferenceSummary):
 
     train_fingerprint: str
     final_loss: float
+    slots: int | None = omitted_when_none()  # sequence slots of the reference run (None: stored before they were recorded)
+    repeated_sequences: int | None = omitted_when_none()  # slots filled by a sequence already used once
+    repeated_share: float | None = omitted_when_none()
 
 
 ReferenceSummary.forms = {"base": ReferenceSummary, "trained": TrainedReferenceSummary}
@@ -105,15 +108,36 @@ class ReferenceStage(
         results = runner.run(derived, until="pack", given=dict(upstream))
         if results["pack"].summary.sequences == 0:
             raise RecipeError("reevaluation.reference: the reference split packed into no sequences")
+        results = runner.run(derived, until="place", given=results)
+        placed = results["place"].summary
+        check_repeats(placed.repeated_sequences, placed.sequences, recipe.reevaluation.reference_max_repeat)
+        share = placed.repeated_sequences / placed.sequences
+        context.progress(f"reference: {placed.repeated_sequences:,} of {placed.sequences:,} sequence slots repeat a sequence ({share:.1%})")
         trained = runner.run(derived, until="train", given=results)["train"]
         return TrainedReferenceSummary(kind="trained", model_uri=trained.summary.model_uri, train_fingerprint=trained.fingerprint,
-                                       final_loss=trained.summary.final_loss)
+                                       final_loss=trained.summary.final_loss, slots=placed.sequences,
+                                       repeated_sequences=placed.repeated_sequences, repeated_share=share)
 
     def rows(self, summary: ReferenceSummary) -> list[tuple[str, str]]:
-        return [("reference", f"{summary.kind}: {summary.model_uri}")]
+        rows = [("reference", f"{summary.kind}: {summary.model_uri}")]
+        if getattr(summary, "repeated_share", None) is not None:
+            rows.append(("repeated", f"{summary.repeated_sequences:,} of {summary.slots:,} sequence slots ({summary.repeated_share:.1%})"))
+        return rows
 
 
 REFERENCE = ReferenceStage()
+
+
+def check_repeats(repeated: int, slots: int, limit: float) -> None:
+    """RecipeError when a trained reference would repeat more than ``limit`` of its sequence slots:
+    a reference that has seen its data several times is not the model of content difficulty the
+    correction assumes (and nothing would say so)."""
+    if slots and repeated / slots > limit:
+        raise RecipeError(
+            f"reevaluation.reference_max_repeat: the trained reference would repeat {repeated:,} of its {slots:,} sequence slots "
+            f"({repeated / slots:.0%}, limit {limit:.0%}): the reference split is too small for the CPT token budget; "
+            "raise corpus.splits.reference, lower data.tokens, raise the limit, or use reevaluation.reference: base"
+        )
 
 
 def reference_of(result: StageResult[ReferenceSummary]) -> Reference:

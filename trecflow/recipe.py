@@ -622,7 +622,21 @@ class ReevaluationSection(_Section):
     reference: Literal["none", "base", "trained"] = Field(
         "base", description="difficulty correction: none, the base model, or a model trained on the reference split"
     )
-    beta: float = Field(1.0, ge=0.0, description="corrected = loss - beta * reference loss")
+    beta: Union[float, Literal["fit"]] = Field(
+        "fit", description="corrected = loss - beta * reference loss, beta >= 0 or 'fit': least squares on the other half of the steps (cross-fitted)"
+    )
+    reference_max_repeat: float = Field(
+        0.25, ge=0.0, le=1.0, description="trained reference: refuse it when its run would repeat more than this share of its sequence slots"
+    )
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta(cls, beta):
+        if beta == "fit":
+            return beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"must be 'fit' or a number >= 0, got {beta!r}")
+        return beta
     eval_tokens_per_source: int = Field(65536, gt=0, description="held-out tokens per eval-split source")
 
     @model_validator(mode="after")

@@ -23,6 +23,13 @@ def reevaluation_rows(summary: Any) -> list[tuple[str, str]]:
     rows = [
         ("steps evaluated", f"{summary.steps_evaluated:,} of {summary.steps:,} ({summary.sequences_per_step} sequences each)"),
         ("reference", "none" if reference is None else f"{reference.kind} ({reference.from_cache:,} of {reference.sequences:,} losses cached)"),
+    ]
+    if reference is not None and reference.beta is not None:
+        how = "fitted on the other half of the steps" if reference.beta_fitted else "fixed"
+        rows.append(("beta", f"{', '.join(f'{beta:.3f}' for beta in reference.beta)} ({how})"))
+    if getattr(summary, "noise_raw", None) is not None:
+        rows.append(("noise (nats)", f"raw {number(summary.noise_raw)}" + ("" if summary.noise_corrected is None else f", corrected {number(summary.noise_corrected)}")))
+    rows += [
         ("r_p", f"{number(summary.trec_pearson)} ({summary.curve} curve, m = {summary.m:g})"),
         ("r_p raw", number(summary.trec_pearson_raw)),
         ("r_p with m = 0", number(summary.trec_pearson_m0)),

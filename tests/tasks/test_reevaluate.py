@@ -50,6 +50,21 @@ def forward_loss(model_uri: str, tokens: np.ndarray) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
+def per_sequence_losses(model_uri: str, index: SampleIndex, steps: int) -> np.ndarray:
+    """Each sequence's mean next-token loss for the first ``steps`` steps, (steps, sequences)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_uri).eval()
+    rows = []
+    with torch.no_grad():
+        for step in range(steps):
+            ids = torch.as_tensor(np.asarray(index.tokens(step), dtype=np.int64))
+            logits = model(input_ids=ids).logits[:, :-1]
+            rows.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1).double().numpy())
+    return np.stack(rows)
+
+
 @pytest.fixture(scope="module")
 def measured(trained_test):
     return reevaluate(trained_test)
@@ -67,8 +82,14 @@ def test_the_measured_trec_is_the_final_models_loss_on_each_training_batch(train
         tokens = index.tokens(step)
         assert table["loss"][step].as_py() == pytest.approx(forward_loss(summary.model_uri, tokens), abs=2e-4)
         assert table["reference_loss"][step].as_py() == pytest.approx(forward_loss(trained_test["base"].uri, tokens), abs=2e-4)
-    corrected = table["loss"].to_numpy() - table["reference_loss"].to_numpy()
-    assert np.allclose(table["corrected"].to_numpy(), corrected)
+    # the fitted correction, recomputed from every sequence's loss under both models: each half of
+    # the steps (even, odd positions) is corrected with the least-squares line of the other half
+    final, base = (per_sequence_losses(uri, index, 48) for uri in (summary.model_uri, trained_test["base"].uri))
+    lines = [np.polyfit(base[fold::2].ravel(), final[fold::2].ravel(), 1) for fold in (1, 0)]  # (slope, intercept)
+    assert summary.reference.beta_fitted and summary.reference.beta == pytest.approx(tuple(slope for slope, _ in lines), abs=1e-6)
+    expected = np.array([final[step].mean() - (lines[step % 2][1] + lines[step % 2][0] * base[step].mean()) for step in range(48)])
+    assert np.allclose(table["corrected"].to_numpy(), expected, atol=1e-6)
+    assert summary.noise_corrected == pytest.approx(np.std(expected - table["corrected_smoothed"].to_numpy()), abs=1e-9)
     counts = sum(table[f"sequences_{tier}"].to_numpy() for tier in ("hq", "mid", "lq"))
     assert np.all(counts == 8)
 
