@@ -332,10 +332,9 @@ def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) ->
         if problem:
             raise RecipeError(problem)
         check_placement(recipe, variant)
-        if stage == "train":
-            from training.cpt_job import injected_lr_fault
+        from training.cpt_job import injected_lr_fault
 
-            injected_lr_fault(recipe.steps)  # the testing aid's variable, checked before any stage runs
+        injected_lr_fault(recipe.steps)  # the testing aid's variable (when set), checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)
@@ -773,10 +772,9 @@ def compare(
             raise RecipeError(problem.replace("re-evaluation needs", "a comparison needs"))
         for variant in compared_variants(comparison, recipe.curriculum):
             check_placement(recipe, variant)
-        if stage == "train":
-            from training.cpt_job import injected_lr_fault
+        from training.cpt_job import injected_lr_fault
 
-            injected_lr_fault(recipe.steps)  # the testing aid's variable, checked before any stage runs
+        injected_lr_fault(recipe.steps)  # the testing aid's variable (when set), checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
     check_sources(recipe)

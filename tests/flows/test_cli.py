@@ -95,3 +95,19 @@ def test_the_paper_recipe_without_its_data_sections_is_refused_before_any_work(t
     listed = subprocess.run([str(TRECFLOW), "validate", str(stripped), "--set", "training.workers=64", "--set", "training.accumulation=2"],
                             cwd=ROOT, capture_output=True, text=True)
     assert listed.returncode == 0 and "214,576 steps" in listed.stdout, listed.stderr
+
+
+def test_compare_refuses_a_malformed_fault_variable_in_one_line_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from training.cpt_job import FAULT_ENV
+
+    monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv(FAULT_ENV, "24:3")
+    result = CliRunner().invoke(app, ["compare", str(CONFIGS / "test.yaml"), "--variants", "uniform"])
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {FAULT_ENV}: '24:3'"), lines
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
