@@ -810,10 +810,12 @@ def ui(
 from flows.forecast_command import forecast  # noqa: E402  (commands of their own modules; they import from here when they run)
 from flows.init_command import init  # noqa: E402
 from flows.rank import rank  # noqa: E402
+from flows.study import study  # noqa: E402
 
 app.command("init")(init)
 app.command("forecast")(forecast)
 app.command("rank")(rank)
+app.command("study")(study)
 
 
 def main() -> None:

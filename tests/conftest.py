@@ -217,3 +217,13 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def assert_refused(result, expected: str, *never_created: Path) -> None:
+    """A CLI result refused as bad input: exit 2, one stderr line ``error: <expected>...``, and
+    none of ``never_created`` (a store, a tracking database) exists."""
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    for path in never_created:
+        assert not path.exists(), f"{path} was created"

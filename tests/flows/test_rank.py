@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from flows.rank import (COLUMNS, PROXY_SETTINGS, Ranking, candidate_name, load_candidates, metric_description, metric_value, proxy_lr, rank,
                         ranking_csv, ranking_rows, ranking_text, ranks)
 
-from ..conftest import CONFIGS, environment
+from ..conftest import CONFIGS, assert_refused, environment
 
 TEST_RECIPE = str(CONFIGS / "test.yaml")
 # a candidate's stage tasks: the shared tokenizer, base and held-out set are given, not run
@@ -140,10 +140,7 @@ def test_bad_candidates_are_one_line_and_exit_2_before_any_work(case, tmp_path, 
     app = typer.Typer()
     app.command()(rank)
     result = CliRunner().invoke(app, [TEST_RECIPE, *options])
-    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
-    assert not store.exists() and not tracking.exists()  # nothing computed, no MLflow run
+    assert_refused(result, expected, store, tracking)  # nothing computed, no MLflow run
 
 
 @pytest.mark.slow
