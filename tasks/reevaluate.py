@@ -41,14 +41,14 @@ from trecflow.report import reevaluation_rows
 from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
 from training.calibration import CalibrationRun
-from training.difficulty_correction import Correction, StepMoments, correct
+from training.difficulty_correction import BETA_GRID, Correction, StepMoments, correct, correct_robust, trimmed_by_beta
 from training.reevaluation import ActorPool, ModelSpec, Unit
 from training.sample_index import COMPOSITION_FILE, PLACE_STAGE, TIERS, TIERS_FILE, SampleIndex, read_npy
 from training.trec_measure import Agreement, agreement, smooth
 from training.trec_plot import plot_measured
 
 STAGE = "reevaluate"
-STAGE_VERSION = 3  # 2: the reference and held-out set are stages of their own; 3: loss_x_reference per step, beta fitted
+STAGE_VERSION = 4  # 2: the reference and held-out set are stages of their own; 3: loss_x_reference, beta fitted; 4: trimmed
 CURVE_FILE = "trec.parquet"
 PLOT_FILE = "trec_overlay.png"
 # Settings that change how the work is spread, not the numbers: left out of the fingerprint.
@@ -192,11 +192,17 @@ def constant_mix(composition: np.ndarray) -> bool:
     return True
 
 
+def beta_grid(section: ReevaluationSection) -> np.ndarray:
+    """The betas whose trimmed corrected curves the step parts hold: the fit's grid, or the one fixed beta."""
+    return BETA_GRID if section.beta == "fit" else np.array([float(section.beta)])
+
+
 def part_name(first: int, last: int) -> str:
     return f"steps/part-{first:09d}-{last:09d}.parquet"
 
 
-def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len: int, reference: np.ndarray | None = None) -> pa.Table:
+def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len: int, reference: np.ndarray | None = None,
+              trimmed_grid: np.ndarray | None = None) -> pa.Table:
     """Per-step aggregates of per-sequence losses: mean loss, tokens, per-tier mean and count; with
     the reference's per-sequence losses, the mean product of the two (``loss_x_reference``: what
     the fitted correction needs)."""
@@ -208,6 +214,9 @@ def step_rows(steps: np.ndarray, losses: np.ndarray, tiers: np.ndarray, seq_len:
     }
     if reference is not None:
         columns["loss_x_reference"] = (losses * reference).mean(axis=1)
+        if trimmed_grid is not None:  # the robust aggregate: per beta of the grid, the trimmed mean of loss - beta * reference
+            table = trimmed_by_beta(losses, reference, trimmed_grid)
+            columns["corrected_trimmed"] = pa.FixedSizeListArray.from_arrays(pa.array(table.ravel(), pa.float64()), table.shape[1])
     for code, tier in enumerate(TIERS):
         mask = tiers == code
         count = mask.sum(axis=1)
@@ -335,6 +344,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     }
     reference_counts: dict[str, int] = {}
     reference_by_sequence = None  # (sampled steps, sequences): the reference's loss on each
+    trimmed_grid = beta_grid(section) if reference is not None and section.aggregate == "trimmed" else None
     if reference is not None:
         ref_ids, ref_losses, reference_counts = reference_losses(store, reference, pack_fp, ids, pool_settings, seq_len, progress)
         reference_by_sequence = ref_losses[np.searchsorted(ref_ids, ids)]
@@ -356,7 +366,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         start, stop, name = unit.key
         buffer = io.BytesIO()
         unit_reference = None if reference_by_sequence is None else reference_by_sequence[start:stop]
-        pq.write_table(step_rows(steps[start:stop], losses, tier_of[ids[start:stop]], seq_len, unit_reference), buffer)
+        pq.write_table(step_rows(steps[start:stop], losses, tier_of[ids[start:stop]], seq_len, unit_reference, trimmed_grid), buffer)
         store.put_atomic(output.file_path(name), buffer.getvalue())
 
     held_out: dict[str, np.ndarray] = {}
@@ -457,8 +467,12 @@ class Measured:
         corrected = corrected_smoothed = corrected_agreement = correction = reference_mean = None
         if reference is not None:
             reference_mean = reference.mean(axis=1)
-            moments = StepMoments(raw, reference_mean, (reference * reference).mean(axis=1), table["loss_x_reference"].to_numpy())
-            correction = correct(moments, section.beta)
+            if section.aggregate == "trimmed":
+                trimmed = np.asarray(table["corrected_trimmed"].combine_chunks().flatten()).reshape(len(steps), -1)
+                correction = correct_robust(steps, trimmed, total, section.smoothing, beta_grid(section), section.beta)
+            else:
+                moments = StepMoments(raw, reference_mean, (reference * reference).mean(axis=1), table["loss_x_reference"].to_numpy())
+                correction = correct(moments, section.beta)
             corrected = correction.corrected
             corrected_smoothed = smooth(steps, corrected, total, section.smoothing)
             corrected_agreement = agreement(steps, corrected_smoothed, coefficients, p, m)

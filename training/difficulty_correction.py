@@ -77,3 +77,59 @@ def correct(moments: StepMoments, beta: float | str) -> Correction:
         return Correction(moments.loss - moments.reference, (1.0,), False)
     intercepts, slopes = (np.asarray(values)[position] for values in zip(*lines))
     return Correction(moments.loss - (intercepts + slopes * moments.reference), tuple(slope for _, slope in lines), True)
+
+
+# --- the robust aggregate (stage 5's default: reevaluation.aggregate = "trimmed") ---
+
+TRIM = 0.25  # share of each step's corrected sequence losses cut from each side before averaging
+BETA_GRID = np.round(np.arange(0.0, 1.5 + 1e-9, 0.05), 2)  # the betas a robust fit chooses from
+
+
+def trimmed_by_beta(losses: np.ndarray, reference: np.ndarray, grid: np.ndarray = BETA_GRID, trim: float = TRIM) -> np.ndarray:
+    """Per step and beta, the trimmed mean of ``loss - beta * reference`` over the step's
+    sequences: (steps, len(grid)). The per-sequence corrected losses have a heavy tail (sequences
+    the final model knows far better than the reference), which the mean follows and the trimmed
+    mean does not. O(steps x sequences x grid) work, done once per unit of re-evaluation."""
+    losses, reference = np.asarray(losses, np.float64), np.asarray(reference, np.float64)
+    count = losses.shape[1]
+    cut = int(np.floor(trim * count))
+    if 2 * cut >= count:
+        raise ValueError(f"trim {trim} leaves no sequence of {count}")
+    corrected = losses[:, :, None] - reference[:, :, None] * grid[None, None, :]  # (steps, sequences, grid)
+    corrected.sort(axis=1)
+    return corrected[:, cut : count - cut, :].mean(axis=1)
+
+
+def high_frequency_noise(steps: np.ndarray, values: np.ndarray, total: int, smoothing: float) -> np.ndarray:
+    """The SD of each column of ``values`` around its centered moving average (the noise the
+    smoothing averages; the TREC itself, being smooth, barely enters it)."""
+    from training.trec_measure import smooth
+
+    return np.array([np.std(column - smooth(steps, column, total, smoothing)) for column in values.T])
+
+
+def correct_robust(steps: np.ndarray, table: np.ndarray, total: int, smoothing: float, grid: np.ndarray = BETA_GRID,
+                   beta: float | str = "fit") -> Correction:
+    """The corrected curve from `trimmed_by_beta`'s ``table``. ``beta = "fit"``: each half of the
+    steps (even / odd positions) takes the beta whose curve is least noisy on the *other* half,
+    then each half's curve is shifted by its own mean (one constant per half: the two halves'
+    betas may differ, and the TREC, sampled alike by both halves, keeps its shape). A number
+    picks the grid's column (it must be on the grid)."""
+    if beta != "fit":
+        column = int(np.flatnonzero(np.isclose(grid, float(beta)))[0]) if np.isclose(grid, float(beta)).any() else None
+        if column is None:
+            raise ValueError(f"beta {beta} is not on the grid {grid[0]}..{grid[-1]} by {grid[1] - grid[0]:g}")
+        return Correction(table[:, column].copy(), (float(grid[column]),), False)
+    position = np.arange(steps.size) % FOLDS
+    if steps.size < 4 * FOLDS:
+        column = int(np.flatnonzero(np.isclose(grid, 1.0))[0])
+        return Correction(table[:, column].copy(), (1.0,), False)
+    chosen = []
+    corrected = np.empty(steps.size)
+    for fold in range(FOLDS):
+        other = position != fold
+        column = int(np.argmin(high_frequency_noise(steps[other], table[other], total, smoothing)))
+        chosen.append(float(grid[column]))
+        mine = position == fold
+        corrected[mine] = table[mine, column] - table[mine, column].mean()
+    return Correction(corrected, tuple(chosen), True)

@@ -623,7 +623,10 @@ class ReevaluationSection(_Section):
         "base", description="difficulty correction: none, the base model, or a model trained on the reference split"
     )
     beta: Union[float, Literal["fit"]] = Field(
-        "fit", description="corrected = loss - beta * reference loss, beta >= 0 or 'fit': least squares on the other half of the steps (cross-fitted)"
+        "fit", description="corrected = loss - beta * reference loss, beta >= 0 or 'fit': chosen on the other half of the steps (trimmed: the least noisy beta of 0..1.5; mean: least squares)"
+    )
+    aggregate: Literal["trimmed", "mean"] = Field(
+        "trimmed", description="each step's corrected loss: the mean of its sequences' middle half (robust to the few the final model knows far better), or their mean"
     )
     reference_max_repeat: float = Field(
         0.25, ge=0.0, le=1.0, description="trained reference: refuse it when its run would repeat more than this share of its sequence slots"

@@ -19,6 +19,7 @@ from tasks.reevaluate import CURVE_FILE, PLOT_FILE, constant_mix, run_reevaluate
 from trecflow.recipe import RecipeError, parse_recipe
 from training.reevaluation import FAULT_ENV
 from training.sample_index import SampleIndex
+from training.trec_measure import smooth
 
 from ..conftest import CONFIGS, QUIET
 
@@ -82,12 +83,21 @@ def test_the_measured_trec_is_the_final_models_loss_on_each_training_batch(train
         tokens = index.tokens(step)
         assert table["loss"][step].as_py() == pytest.approx(forward_loss(summary.model_uri, tokens), abs=2e-4)
         assert table["reference_loss"][step].as_py() == pytest.approx(forward_loss(trained_test["base"].uri, tokens), abs=2e-4)
-    # the fitted correction, recomputed from every sequence's loss under both models: each half of
-    # the steps (even, odd positions) is corrected with the least-squares line of the other half
+    # the robust correction, recomputed from every sequence's loss under both models: per step and
+    # beta the mean of the middle half of loss - beta * reference (8 sequences: the middle 4); each
+    # half of the steps (even, odd) takes the beta least noisy on the other half, shifted by its own mean
     final, base = (per_sequence_losses(uri, index, 48) for uri in (summary.model_uri, trained_test["base"].uri))
-    lines = [np.polyfit(base[fold::2].ravel(), final[fold::2].ravel(), 1) for fold in (1, 0)]  # (slope, intercept)
-    assert summary.reference.beta_fitted and summary.reference.beta == pytest.approx(tuple(slope for slope, _ in lines), abs=1e-6)
-    expected = np.array([final[step].mean() - (lines[step % 2][1] + lines[step % 2][0] * base[step].mean()) for step in range(48)])
+    grid = np.round(np.arange(0.0, 1.5 + 1e-9, 0.05), 2)
+    middle = np.stack([np.sort(final - beta * base, axis=1)[:, 2:6].mean(axis=1) for beta in grid], axis=1)
+    steps = np.arange(48)
+    expected, chosen = np.empty(48), []
+    for fold in (0, 1):
+        other, mine = steps % 2 != fold, steps % 2 == fold
+        noise = [np.std(middle[other, k] - smooth(steps[other], middle[other, k], 48, 0.03)) for k in range(grid.size)]
+        k = int(np.argmin(noise))
+        chosen.append(grid[k])
+        expected[mine] = middle[mine, k] - middle[mine, k].mean()
+    assert summary.reference.beta_fitted and summary.reference.beta == pytest.approx(tuple(chosen))
     assert np.allclose(table["corrected"].to_numpy(), expected, atol=1e-6)
     assert summary.noise_corrected == pytest.approx(np.std(expected - table["corrected_smoothed"].to_numpy()), abs=1e-9)
     counts = sum(table[f"sequences_{tier}"].to_numpy() for tier in ("hq", "mid", "lq"))

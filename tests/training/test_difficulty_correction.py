@@ -69,3 +69,21 @@ def test_a_fixed_beta_is_loss_minus_beta_times_reference_and_degenerate_fits_fal
     assert not few.fitted and few.betas == (1.0,)
     flat = np.full_like(reference, 5.0)
     assert correct(StepMoments.of(final, flat), "fit").betas == (1.0,)
+
+
+def test_a_trimmed_aggregate_ignores_a_heavy_tail_that_the_mean_follows():
+    from training.difficulty_correction import correct_robust, trimmed_by_beta
+
+    final, reference, trec, coefficients = constructed_run(seed=3, slope=1.0)
+    rng = np.random.default_rng(4)
+    tail = rng.random(final.shape) < 0.05  # sequences the final model knows far better than the reference
+    final = final - tail * rng.exponential(1.5, size=final.shape)
+    steps = np.arange(STEPS)
+    mean = correct(StepMoments.of(final, reference), "fit")
+    robust = correct_robust(steps, trimmed_by_beta(final, reference), STEPS, 0.03)
+    assert robust.fitted and robust.betas == pytest.approx((1.0, 1.0), abs=0.1)
+    noise = {name: np.std(curve - smooth(steps, curve, STEPS, 0.03)) for name, curve in (("mean", mean.corrected), ("robust", robust.corrected))}
+    assert noise["robust"] < 0.5 * noise["mean"]
+    assert np.polyfit(trec, robust.corrected, 1)[0] == pytest.approx(1.0, abs=0.15)  # the TREC keeps its depth
+    r_p = agreement(steps, smooth(steps, robust.corrected, STEPS, 0.03), coefficients, 0.5, 1.5).r_p
+    assert r_p > agreement(steps, smooth(steps, mean.corrected, STEPS, 0.03), coefficients, 0.5, 1.5).r_p and r_p > 0.95
