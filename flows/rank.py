@@ -34,7 +34,6 @@ made on first access (`__getattr__`).
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
@@ -46,6 +45,7 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 from pydantic import BaseModel, Field
 
+from flows.lazy_flows import lazy_flows
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 from trecflow.recipe_yaml import read_file
 from trecflow.report import number
@@ -66,7 +66,6 @@ SHARED_VARIANT = "shared"  # how the shared stages' runs are named (shared/<stag
 RANK_KIND = "rank"  # the trecflow.kind tag of the parent MLflow run
 CANDIDATE_KIND = "rank-candidate"  # ... and of each candidate's run
 COLUMNS = ("rank", "candidate", "overlay", "metric", "value", "val_loss_hq", "val_loss_general", "final_loss", "mlflow_run_id")
-FLOW_NAMES = ("rank_recipes", "rank_candidate")
 
 
 class RecipeFiles(BaseModel):
@@ -409,23 +408,7 @@ def candidate_run_name() -> str:
     return f"{run_label(run)[0]}/rank/{name}"
 
 
-@functools.cache
-def _flows() -> dict[str, Any]:
-    """The Prefect flows of this module, made once (after `ensure_home`, before Prefect opens its database)."""
-    from trecflow.settings import ensure_home
-
-    ensure_home()
-    from prefect import flow
-
-    return {"rank_recipes": flow(name="rank_recipes", flow_run_name=rank_run_name)(run_ranking),
-            "rank_candidate": flow(name="rank_candidate", flow_run_name=candidate_run_name)(run_candidate)}
-
-
-def __getattr__(name: str) -> Any:
-    """``rank_recipes`` and ``rank_candidate``: the flows, made on first access."""
-    if name in FLOW_NAMES:
-        return _flows()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_flows, __getattr__ = lazy_flows(__name__, {'rank_recipes': (run_ranking, rank_run_name), 'rank_candidate': (run_candidate, candidate_run_name)})
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ Importing this module imports neither Prefect nor the stages (the CLI imports it
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import time
@@ -46,6 +45,7 @@ import typer
 from pydantic import Field
 
 from flows.rank import SHARED_VARIANT, RecipeFiles, metric_names, metric_value
+from flows.lazy_flows import lazy_flows
 from trecflow.recipe import Recipe, RecipeError, load_recipe
 
 MIN_SEEDS = 2  # the SD and the SE need two values
@@ -63,7 +63,6 @@ R_P_HELP = ("r_p: the re-evaluation's trec_pearson, the Pearson agreement of the
 STUDY_KIND = "study"  # the trecflow.kind tag of the parent MLflow run
 SEED_KIND = "study-seed"  # ... and of each variant x seed run
 COLUMNS = ("kind", "variant", "other", "metric", "seed", "n", "value", "sd", "se", "verdict", "mlflow_run_id")
-FLOW_NAMES = ("study_recipe", "study_seed")
 
 
 class Study(RecipeFiles):
@@ -396,23 +395,7 @@ def seed_run_name() -> str:
     return f"{run_label(run)[0]}/study/{seed_label(str(variant), seed)}"
 
 
-@functools.cache
-def _flows() -> dict[str, Any]:
-    """The Prefect flows of this module, made once (after `ensure_home`, before Prefect opens its database)."""
-    from trecflow.settings import ensure_home
-
-    ensure_home()
-    from prefect import flow
-
-    return {"study_recipe": flow(name="study_recipe", flow_run_name=study_run_name)(run_study),
-            "study_seed": flow(name="study_seed", flow_run_name=seed_run_name)(run_seed)}
-
-
-def __getattr__(name: str) -> Any:
-    """``study_recipe`` and ``study_seed``: the flows, made on first access."""
-    if name in FLOW_NAMES:
-        return _flows()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_flows, __getattr__ = lazy_flows(__name__, {'study_recipe': (run_study, study_run_name), 'study_seed': (run_seed, seed_run_name)})
 
 
 # --- the command ------------------------------------------------------------------------------
