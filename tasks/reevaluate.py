@@ -336,18 +336,9 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     steps = sampled_steps(section, index.steps)
     ids = step_sequences(index, steps, section)
     tier_of = read_npy(store.output("pack", pack_fp), TIERS_FILE)
-    pool_settings = {
-        "size": section.actors,
-        "max_retries": section.max_retries,
-        "cpus_per_actor": section.cpus_per_actor,
-        "model": {"precision": section.precision, "use_gpu": section.use_gpu, "micro_batch": section.micro_batch, "threads": section.cpus_per_actor},
-    }
     reference_counts: dict[str, int] = {}
     reference_by_sequence = None  # (sampled steps, sequences): the reference's loss on each
     trimmed_grid = beta_grid(section) if reference is not None and section.aggregate == "trimmed" else None
-    if reference is not None:
-        ref_ids, ref_losses, reference_counts = reference_losses(store, reference, pack_fp, ids, pool_settings, seq_len, progress)
-        reference_by_sequence = ref_losses[np.searchsorted(ref_ids, ids)]
 
     per_unit = section.steps_per_task or max(1, -(-steps.size // (section.actors * 8)))
     done = {path.rsplit("/", 1)[1] for path in store.fs.glob(f"{output.path}/steps/part-*.parquet")}
@@ -357,10 +348,6 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         name = part_name(int(steps[start]), int(steps[stop - 1]))
         if name.rsplit("/", 1)[1] not in done:
             units.append(Unit((start, stop, name), ids[start:stop], (stop - start) * ids.shape[1] * seq_len))
-    progress(
-        f"reevaluate: {steps.size:,} of {index.steps:,} steps x {ids.shape[1]} sequences on {section.actors} actors "
-        f"({len(units)} units to run, {len(done)} kept from an earlier attempt); reference: {reference.kind if reference else 'none'}"
-    )
 
     def write_unit(unit: Unit, losses: np.ndarray) -> None:
         start, stop, name = unit.key
@@ -370,15 +357,25 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         store.put_atomic(output.file_path(name), buffer.getvalue())
 
     held_out: dict[str, np.ndarray] = {}
-    started = time.monotonic()
-    spec = ModelSpec(model_uri, store.endpoint_url, **pool_settings["model"])
+    spec = ModelSpec(model_uri, store.endpoint_url, precision=section.precision, use_gpu=section.use_gpu, micro_batch=section.micro_batch,
+                     threads=section.cpus_per_actor)
+    # one pool of actors for the reference's losses (the ones not cached), the sampled steps and the held-out set
     with ActorPool(section.actors, spec, store.url, store.endpoint_url, pack_fp, section.max_retries, section.cpus_per_actor) as pool:
+        if reference is not None:
+            ref_ids, ref_losses, reference_counts = reference_losses(store, reference, pack_fp, ids, pool, seq_len, progress)
+            reference_by_sequence = ref_losses[np.searchsorted(ref_ids, ids)]
+        progress(
+            f"reevaluate: {steps.size:,} of {index.steps:,} steps x {ids.shape[1]} sequences on {section.actors} actors "
+            f"({len(units)} units to run, {len(done)} kept from an earlier attempt); reference: {reference.kind if reference else 'none'}"
+        )
+        retried_before = pool.retried
+        started = time.monotonic()
         pool.run(units, write_unit, progress=progress, label="reevaluate")
         seconds = time.monotonic() - started
         chunk = max(1, -(-len(evalset.tokens) // section.actors))
         eval_units = [Unit(start, evalset.tokens[start : start + chunk], 0) for start in range(0, len(evalset.tokens), chunk)]
         pool.run(eval_units, lambda unit, losses: held_out.__setitem__(unit.key, losses), by_id=False, progress=progress, label="held-out")
-        retried = pool.retried
+        retried = pool.retried - retried_before
 
     table = read_parts(store, output.path)
     if not np.array_equal(table["step"].to_numpy(), steps):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -25,7 +25,7 @@ from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.fingerprint import fingerprint
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target, omitted_when_none
 from trecflow.store import StageOutput, Store
-from training.reevaluation import ActorPool, ModelSpec, Unit
+from training.reevaluation import ActorPool, Unit
 
 STAGE = "reference"
 STAGE_VERSION = 2  # 2: a derived run of the graph (its training lives under train/)
@@ -171,10 +171,11 @@ def write_part(store: Store, folder: str, ids: np.ndarray, losses: np.ndarray) -
     store.put_atomic(f"{folder}/part-{uuid.uuid4().hex}.parquet", buffer.getvalue())
 
 
-def reference_losses(store: Store, reference: Reference, pack_fp: str, needed: np.ndarray, pool_settings: dict,
+def reference_losses(store: Store, reference: Reference, pack_fp: str, needed: np.ndarray, pool: ActorPool,
                      seq_len: int, progress: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Reference losses of the sequence ids ``needed``: from the cache, evaluating only the missing
-    ids (and caching them). Returns (sorted unique ids, losses, counts)."""
+    ids (and caching them) on ``pool``'s actors, which load the reference for it. Returns (sorted
+    unique ids, losses, counts)."""
     folder = cache_folder(store, reference, pack_fp)
     needed = np.unique(np.asarray(needed, dtype=np.int64))
     cached_ids, cached_losses = read_cache(store, folder)
@@ -182,14 +183,13 @@ def reference_losses(store: Store, reference: Reference, pack_fp: str, needed: n
     counts = {"sequences": int(needed.size), "from_cache": int(needed.size - missing.size), "evaluated": int(missing.size)}
     progress(f"reference ({reference.kind}): {counts['from_cache']:,} of {needed.size:,} sequence losses cached; evaluating {missing.size:,}")
     if missing.size:
-        unit_size = max(1, min(4096, -(-missing.size // (pool_settings["size"] * 4))))
+        unit_size = max(1, min(4096, -(-missing.size // (len(pool.actors) * 4))))
         units = [Unit(start, missing[start : start + unit_size], min(unit_size, missing.size - start) * seq_len)
                  for start in range(0, missing.size, unit_size)]
-        spec = ModelSpec(reference.uri, store.endpoint_url, **pool_settings["model"])
-        with ActorPool(pool_settings["size"], spec, store.url, store.endpoint_url, pack_fp, pool_settings["max_retries"],
-                       pool_settings["cpus_per_actor"]) as pool:
-            pool.run(units, lambda unit, losses: write_part(store, folder, unit.work, losses), progress=progress, label="reference")
-            counts["retried_units"] = pool.retried
+        spec = replace(pool.spec, uri=reference.uri)
+        retried = pool.retried
+        pool.run(units, lambda unit, losses: write_part(store, folder, unit.work, losses), progress=progress, label="reference", spec=spec)
+        counts["retried_units"] = pool.retried - retried
         cached_ids, cached_losses = read_cache(store, folder)
     where = np.searchsorted(cached_ids, needed)
     return needed, cached_losses[where], counts

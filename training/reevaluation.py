@@ -1,7 +1,9 @@
 """Forward-only loss of a model on packed sequences, on a pool of Ray actors.
 
-Each `LossActor` loads one model once (eval mode, no autograd; bf16 on a GPU when asked) and
-returns the mean per-token cross-entropy of every sequence it is given, computed exactly as the
+Each `LossActor` holds one model at a time (eval mode, no autograd; bf16 on a GPU when asked),
+loaded once per model: a pool evaluates a reference and then the final model in the same actors
+(each call names its model; an actor loads it when it holds another). It returns the mean
+per-token cross-entropy of every sequence it is given, computed exactly as the
 training loss is (next-token prediction over ``seq_len - 1`` positions, logits in fp32), so a
 batch's loss is the mean of its sequences' losses.
 
@@ -88,8 +90,13 @@ class LossActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def losses(self, work: np.ndarray, by_id: bool = True) -> np.ndarray:
-        """Per-sequence losses of ``work``: sequence ids (any shape) of the pack, or a 2-D token array."""
+    def losses(self, work: np.ndarray, by_id: bool = True, spec: ModelSpec | None = None) -> np.ndarray:
+        """Per-sequence losses of ``work`` (sequence ids, any shape, of the pack, or a 2-D token
+        array) under the model of ``spec`` (loaded first when the actor holds another; ``None``: the
+        one it holds)."""
+        if spec is not None and spec != self.spec:
+            self.model = None  # free the old weights before loading the new ones
+            self.model, self.spec = load_eval_model(spec), spec
         ids = np.asarray(work)
         tokens = self.sequences.tokens(ids.reshape(-1)) if by_id else ids
         if self.fault_marker and not os.path.exists(self.fault_marker):
@@ -114,7 +121,8 @@ class UnitFailed(RuntimeError):
 
 
 class ActorPool:
-    """``size`` actors with one model each; `run` evaluates units with retries and progress."""
+    """``size`` actors, started with the model of ``spec``; `run` evaluates units with retries and
+    progress, under ``spec`` or the model its caller names."""
 
     def __init__(self, size: int, spec: ModelSpec, store_url: str | None = None, endpoint_url: str | None = None,
                  pack_fp: str | None = None, max_retries: int = 2, cpus_per_actor: int = 1):
@@ -128,6 +136,7 @@ class ActorPool:
         )
         fault = os.environ.get(FAULT_ENV)
         self.actors = [remote.remote(spec, store_url, endpoint_url, pack_fp, fault) for _ in range(size)]
+        self.spec = spec
         self.max_retries = max_retries
         self.retried = 0
 
@@ -145,8 +154,10 @@ class ActorPool:
         self.close()
 
     def run(self, units: Iterable[Unit], on_result: Callable[[Unit, np.ndarray], None], by_id: bool = True,
-            progress: Callable[[str], None] | None = None, label: str = "evaluate", interval: float = 15.0) -> None:
-        """Evaluate every unit; ``on_result(unit, losses)`` is called in the driver as each finishes,
+            progress: Callable[[str], None] | None = None, label: str = "evaluate", interval: float = 15.0,
+            spec: ModelSpec | None = None) -> None:
+        """Evaluate every unit under the model of ``spec`` (default: the pool's own, which a
+        restarted actor holds again); ``on_result(unit, losses)`` is called in the driver as each finishes,
         and ``progress`` advances by one unit (`trecflow.progress`; ``label`` names the pass in the
         message). ``interval`` bounds how long the driver waits for a result before checking on
         restarting actors.
@@ -176,7 +187,7 @@ class ActorPool:
             while free and pending:
                 position, unit = pending.pop(0)
                 actor = free.pop(0)
-                in_flight[self.actors[actor].losses.remote(unit.work, by_id)] = (actor, unit, position)
+                in_flight[self.actors[actor].losses.remote(unit.work, by_id, spec or self.spec)] = (actor, unit, position)
             now = time.monotonic()
             for actor, when in list(restarting.items()):
                 if when <= now:

@@ -9,7 +9,8 @@ fixture's home):
 - the Prefect UI lists the deployments ``cpt-pipeline`` and ``compare-curricula``; the server's
   scheduler has turned cpt-pipeline's cron schedule into scheduled runs; a "Quick run" clicked on
   the cpt-pipeline page runs on the worker and completes: it trains a third variant, ``end``
-  (the shared stages are cache hits in the fixture's store);
+  (the shared stages are cache hits in the fixture's store; the run stops after training,
+  ``until: train``, as nothing below looks at its re-evaluation);
 - the Prefect UI shows the quick run's training progress artifact (``progress-train-<recipe>-end``)
   finished at 100%;
 - MLflow's compare page of the three variant runs lists ``variant.strategy`` under "Show diff
@@ -19,7 +20,7 @@ Screenshots of these pages are saved in the test's tmp_path (and in
 ``TRECFLOW_SCREENSHOTS`` when set; `docs/` holds one of each, taken this way).
 
 The test applies a copy of ``prefect.yaml`` whose cpt-pipeline parameters name the fixture's
-recipe and the variant ``end`` (the project file's defaults name ``configs/demo.yaml``); its daily
+recipe, the variant ``end`` and ``until: train`` (the project file's defaults name ``configs/demo.yaml``); its daily
 02:00 UTC schedule is kept (a cron run would start during the test only if it spans 02:00 UTC,
 and would be as cheap). `test_prefect_yaml_matches_the_flows` checks the project file itself,
 without services.
@@ -110,7 +111,7 @@ def deployments_for_test(compared: dict, folder: Path) -> Path:
     config = yaml.safe_load(PREFECT_FILE.read_text())
     for entry in config["deployments"]:
         if entry["name"] == "cpt-pipeline":
-            entry["parameters"]["run"] = {"recipe_path": compared["recipe_path"], "variant": THIRD_VARIANT, "force": []}
+            entry["parameters"]["run"] = {"recipe_path": compared["recipe_path"], "variant": THIRD_VARIANT, "force": [], "until": "train"}
     path = folder / "prefect.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
