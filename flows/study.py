@@ -11,7 +11,8 @@ the paired differences seed by seed, their mean, SE and the verdict ``|mean| > 3
 
 **Shared across seeds.** The stages a seed does not decide run once, at the recipe's own seeds,
 and are given to every seed's graph run (`SHARED_STAGES`): ingest, score, predict, tokenizer, pack
-and the held-out set do not read the seeds at all; the base model (``base.tiny``'s fingerprint
+and the held-out set do not read the seeds at all (a variant with its own schedule or averaging
+computes its own prediction instead of the shared one); the base model (``base.tiny``'s fingerprint
 includes ``curriculum.seed`` and the ``training`` section) and a ``trained`` reference model (its
 fingerprint includes the ``curriculum`` and ``training`` sections) do, and would be pretrained /
 trained again per seed if they were not given. So per variant x seed only placement, training
@@ -132,6 +133,7 @@ def load_study(study: Study) -> tuple[Recipe, list[str]]:
         raise RecipeError(problem.replace("re-evaluation needs", "a study needs"))
     variants = study_variants(recipe, study.variants)
     for variant in variants:  # the plan of a variant does not depend on the seed
+        GRAPH.check_refusals(Target(recipe, variant), None, study.recipe_path)
         try:
             check_placement(recipe, variant)
         except ValueError as error:  # PlacementError
@@ -296,8 +298,9 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     from trecflow.stage import Target
 
     recipe, store = load_run(run)
-    recipe.curriculum.variant(run.variant)
-    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in run.shared.items()}
+    # a variant with its own schedule or averaging has a prediction of its own: computed (cached) by its run, not given
+    own = recipe.curriculum.variant(run.variant).predicts_own  # an unknown variant: one line
+    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in run.shared.items() if not (own and stage == "predict")}
     tags = {"trecflow.kind": SEED_KIND, "trecflow.variant": run.variant, "trecflow.seed": str(run.seed), **source_tags(run)}
     if run.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = run.mlflow_parent_run_id

@@ -143,8 +143,8 @@ class PredictStage(Stage[PredictSummary], name=STAGE, version=STAGE_VERSION, tit
         return PredictSummary.from_json(recipe_summary(recipe, prediction, hq_fraction))
 
     def view(self, target: Target, summary: PredictSummary) -> PredictSummary:
-        own = target.variant is not None and target.recipe.curriculum.variant(target.variant).predicts_own
-        return replace(summary, variant=target.variant) if own else summary
+        section = target.recipe.own_variant(target.variant)
+        return replace(summary, variant=target.variant) if section is not None and section.predicts_own else summary
 
     def counts(self, summary: PredictSummary) -> dict[str, Any]:
         return {"steps": summary.steps, "tokens_unused": summary.tokens_unused}

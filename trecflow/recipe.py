@@ -846,18 +846,24 @@ class Recipe(_Section):
         """T = floor(data.tokens / batch.tokens)."""
         return self.data.tokens // self.batch.tokens
 
+    def own_variant(self, variant: str | None) -> VariantSection | None:
+        """The declared variant ``variant`` (None for None, a strategy's default variant or another
+        name, such as the shared stages' ``shared``: none of them overrides anything)."""
+        return None if variant is None else self.curriculum.variants.get(variant)
+
     def for_variant(self, variant: str | None) -> Recipe:
         """The recipe as variant ``variant`` runs it: with the variant's own ``schedule`` in place
-        of the recipe's when it sets one, else this very recipe (also for ``None``). Prediction,
-        placement and training of a variant all read their schedule from this recipe."""
-        if variant is None:
+        of the recipe's when it sets one, else this very recipe. Prediction, placement and training
+        of a variant all read their schedule from this recipe."""
+        section = self.own_variant(variant)
+        if section is None or section.schedule is None:
             return self
-        schedule = self.curriculum.variant(variant).schedule
-        return self if schedule is None else self.model_copy(update={"schedule": schedule})
+        return self.model_copy(update={"schedule": section.schedule})
 
     def averaging(self, variant: str | None) -> AveragingSection | None:
-        """The checkpoint averaging of variant ``variant`` (None: its final weights, as is)."""
-        return None if variant is None else self.curriculum.variant(variant).averaging
+        """The checkpoint averaging of variant ``variant`` (None: it delivers its final weights)."""
+        section = self.own_variant(variant)
+        return None if section is None else section.averaging
 
     @property
     def warmup_steps(self) -> int:
