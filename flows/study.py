@@ -298,9 +298,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     from trecflow.stage import Target
 
     recipe, store = load_run(run)
-    # a variant with its own schedule or averaging has a prediction of its own: computed (cached) by its run, not given
-    own = recipe.curriculum.variant(run.variant).predicts_own  # an unknown variant: one line
-    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in run.shared.items() if not (own and stage == "predict")}
+    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in given_stages(recipe, run.variant, run.shared).items()}
     tags = {"trecflow.kind": SEED_KIND, "trecflow.variant": run.variant, "trecflow.seed": str(run.seed), **source_tags(run)}
     if run.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = run.mlflow_parent_run_id
@@ -310,6 +308,14 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         tracker.log_params(run_id, {**variant_params(recipe, run.variant, results["place"].summary), "study.seed": run.seed})
         tracker.log_series(run_id, trec_curves(store, results["reevaluate"].fingerprint))
     return {"variant": run.variant, "seed": run.seed, "mlflow_run_id": run_id, "mlflow_url": mlflow_run_url(tracker, run_id), **outcome}
+
+
+def given_stages(recipe: Recipe, variant: str, shared: Mapping[str, str]) -> dict[str, str]:
+    """The shared outputs (stage -> fingerprint) a seed run of ``variant`` is given: all of them,
+    except the prediction for a variant with its own schedule or averaging, whose run computes (or
+    reuses) its own. RecipeError for an unknown variant."""
+    own = recipe.curriculum.variant(variant).predicts_own
+    return {stage: fingerprint for stage, fingerprint in shared.items() if not (own and stage == "predict")}
 
 
 def seed_runs(study: Study, variants: list[str], pinned: dict[str, str], parent_id: str | None) -> list[SeedRun]:
