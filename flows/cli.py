@@ -223,7 +223,7 @@ def plan(
         raise fail(str(error)) from None
     for warning in sized["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
-    advice = schedule_advice(recipe.for_variant(variant))
+    advice = schedule_advice(recipe)
     if as_json:
         typer.echo(json.dumps({**sized, "advice": [item.as_json() for item in advice]}))
     else:
