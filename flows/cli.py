@@ -122,8 +122,11 @@ def predict(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write the prediction plot (PNG) here")] = None,
+    variant: Annotated[
+        Optional[str], typer.Option(help="predict this curriculum variant: its own schedule and checkpoint averaging, when it sets them")
+    ] = None,
 ) -> None:
-    """Predict the TREC of a recipe: tau, valley and the best high-quality window."""
+    """Predict the TREC of a recipe (or of one of its variants): tau, valley and the best high-quality window."""
     recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     from tasks.predict import PREDICT, PredictSummary
     from training.trec import predict as predict_trec
@@ -133,8 +136,13 @@ def predict(
     fraction = recipe.curriculum.hq_fraction if hq_fraction is None else hq_fraction
     if not 0.0 < fraction < 1.0:
         raise fail(f"--hq-fraction: must be in (0, 1), got {fraction:g}")
-    prediction = predict_trec(recipe)
-    summary = PredictSummary.from_json(recipe_summary(recipe, prediction, fraction))
+    if variant is not None:
+        try:
+            recipe.curriculum.variant(variant)
+        except RecipeError as error:
+            raise fail(f"--variant: {error}") from None
+    prediction = predict_trec(recipe, variant)
+    summary = PredictSummary.from_json({**recipe_summary(recipe, prediction, fraction), **({"variant": variant} if variant else {})})
     for warning in summary.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if plot is not None:
@@ -144,7 +152,7 @@ def predict(
             plot.write_bytes(plot_prediction(prediction, fraction, title=f"{recipe.name}: predicted TREC"))
         except OSError as error:
             raise fail(f"--plot: cannot write {plot} ({error.strerror})") from None
-    advice = schedule_advice(recipe)
+    advice = schedule_advice(recipe.for_variant(variant))
     if as_json:
         typer.echo(json.dumps({**summary.as_json(), "advice": [item.as_json() for item in advice]}))
     else:
@@ -331,6 +339,7 @@ def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) ->
         problem = GRAPH[stage].requirement(Target(recipe, variant), str(recipe_path))
         if problem:
             raise RecipeError(problem)
+        GRAPH.check_refusals(Target(recipe, variant), stage, str(recipe_path))
         check_placement(recipe, variant)
         from training.cpt_job import injected_lr_fault
 
@@ -771,6 +780,7 @@ def compare(
         if problem:
             raise RecipeError(problem.replace("re-evaluation needs", "a comparison needs"))
         for variant in compared_variants(comparison, recipe.curriculum):
+            GRAPH.check_refusals(Target(recipe, variant), None, str(recipe_path))
             check_placement(recipe, variant)
         from training.cpt_job import injected_lr_fault
 

@@ -42,7 +42,7 @@ from tasks.predict import read_curve
 from trecflow.ray_jobs import jobs_address
 from trecflow.ray_runtime import ensure_ray
 from trecflow.recipe import CurriculumSection, RecipeError
-from trecflow.stage import StageResult
+from trecflow.stage import StageResult, Target
 from training.trec_plot import plot_comparison
 
 # The comparison table's columns, in order.
@@ -127,6 +127,8 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     """Run ``cpt_pipeline`` for each variant under one MLflow comparison run; write the table."""
     recipe, store = load_run(comparison)
     variants = compared_variants(comparison, recipe.curriculum)
+    for variant in variants:  # a variant a stage refuses: before any variant runs
+        GRAPH.check_refusals(Target(recipe, variant), None, comparison.recipe_path)
     concurrent = comparison.concurrent if comparison.concurrent is not None else bool(os.environ.get("RAY_ADDRESS"))
     tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants)}
     with tracked_run(store, recipe, "compare", tags) as (tracker, parent_id):

@@ -187,6 +187,7 @@ def stage_flow(run: StageRun) -> dict[str, Any]:
     problem = stage.requirement(target, run.recipe_path)
     if problem:
         raise RecipeError(problem)
+    GRAPH.check_refusals(target, stage.name, run.recipe_path)  # a stage it needs that refuses the variant: before any work
     tags = {"trecflow.kind": VARIANT_KIND, "trecflow.variant": variant, **source_tags(run)}
     with tracked_run(store, recipe, variant, tags, reuse=("trecflow.kind", "trecflow.variant")) as (tracker, run_id):
         started_here = tracker.client.get_run(run_id).data.tags.get("prefect.flow_run_id") == str(flow_run.id)

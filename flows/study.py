@@ -11,7 +11,8 @@ the paired differences seed by seed, their mean, SE and the verdict ``|mean| > 3
 
 **Shared across seeds.** The stages a seed does not decide run once, at the recipe's own seeds,
 and are given to every seed's graph run (`SHARED_STAGES`): ingest, score, predict, tokenizer, pack
-and the held-out set do not read the seeds at all; the base model (``base.tiny``'s fingerprint
+and the held-out set do not read the seeds at all (a variant with its own schedule or averaging
+computes its own prediction instead of the shared one); the base model (``base.tiny``'s fingerprint
 includes ``curriculum.seed`` and the ``training`` section) and a ``trained`` reference model (its
 fingerprint includes the ``curriculum`` and ``training`` sections) do, and would be pretrained /
 trained again per seed if they were not given. So per variant x seed only placement, training
@@ -131,6 +132,7 @@ def load_study(study: Study) -> tuple[Recipe, list[str]]:
         raise RecipeError(problem.replace("re-evaluation needs", "a study needs"))
     variants = study_variants(recipe, study.variants)
     for variant in variants:  # the plan of a variant does not depend on the seed
+        GRAPH.check_refusals(Target(recipe, variant), None, study.recipe_path)
         try:
             check_placement(recipe, variant)
         except ValueError as error:  # PlacementError
@@ -295,8 +297,7 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
     from trecflow.stage import Target
 
     recipe, store = load_run(run)
-    recipe.curriculum.variant(run.variant)
-    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in run.shared.items()}
+    given = {stage: stored(store, stage, fingerprint) for stage, fingerprint in given_stages(recipe, run.variant, run.shared).items()}
     tags = {"trecflow.kind": SEED_KIND, "trecflow.variant": run.variant, "trecflow.seed": str(run.seed), **source_tags(run)}
     if run.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = run.mlflow_parent_run_id
@@ -306,6 +307,14 @@ def run_seed(run: SeedRun) -> dict[str, Any]:
         tracker.log_params(run_id, {**variant_params(recipe, run.variant, results["place"].summary), "study.seed": run.seed})
         tracker.log_series(run_id, trec_curves(store, results["reevaluate"].fingerprint))
     return {"variant": run.variant, "seed": run.seed, "mlflow_run_id": run_id, "mlflow_url": mlflow_run_url(tracker, run_id), **outcome}
+
+
+def given_stages(recipe: Recipe, variant: str, shared: Mapping[str, str]) -> dict[str, str]:
+    """The shared outputs (stage -> fingerprint) a seed run of ``variant`` is given: all of them,
+    except the prediction for a variant with its own schedule or averaging, whose run computes (or
+    reuses) its own. RecipeError for an unknown variant."""
+    own = recipe.curriculum.variant(variant).predicts_own
+    return {stage: fingerprint for stage, fingerprint in shared.items() if not (own and stage == "predict")}
 
 
 def seed_runs(study: Study, variants: list[str], pinned: dict[str, str], parent_id: str | None) -> list[SeedRun]:

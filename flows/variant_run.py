@@ -28,6 +28,7 @@ from trecflow.recipe import Recipe
 from trecflow.stage import StageResult
 from trecflow.store import Store
 from trecflow.tracking import Tracker, flatten
+from training.schedules import describe_schedule
 
 VARIANT_KIND = "variant"  # the ``trecflow.kind`` tag of a variant's run
 CURVE_NAMES = ("loss", "lr", "hq_share", "trec_raw", "trec_corrected", "trec_predicted")
@@ -37,6 +38,10 @@ def variant_params(recipe: Recipe, variant: str, place: Any | None) -> dict[str,
     """The parameters that tell variants apart (the recipe's own are the same for all of them)."""
     section = recipe.curriculum.variant(variant)
     params: dict[str, Any] = {"variant": variant, "variant.strategy": section.strategy, **flatten(section.params, "variant.params.")}
+    if section.schedule is not None:  # only a variant that sets them: the others' parameters are what they were
+        params.update(flatten(section.schedule.model_dump(mode="json"), "variant.schedule."))
+    if section.averaging is not None:
+        params.update(flatten(section.averaging.model_dump(mode="json"), "variant.averaging."))
     if place is not None:
         params["placement.hq_fraction"] = place.hq_fraction
         params["placement.window"] = "none" if place.window is None else f"{place.window[0]:.4f}-{place.window[1]:.4f}"
@@ -100,7 +105,7 @@ def model_card(recipe: Recipe, variant: str, results: Mapping[str, StageResult],
     if place is not None:
         window = "none" if place.summary.window is None else f"{place.summary.window[0]:.3f}-{place.summary.window[1]:.3f} of training"
         lines += [f"| hq fraction | {place.summary.hq_fraction:g} |", f"| hq window | {window} |"]
-    lines.append(f"| schedule | {recipe.schedule.kind}, peak LR {recipe.optimizer.peak_lr:g} |")
+    lines.append(f"| schedule | {describe_schedule(recipe.for_variant(variant).schedule)}, peak LR {recipe.optimizer.peak_lr:g} |")
     measured = results.get("reevaluate")
     if measured is not None:
         summary = measured.summary

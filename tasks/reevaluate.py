@@ -408,7 +408,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         **measured.noise(),
     )
     if not summary.content_confounded:
-        entry = CalibrationRun(fp, recipe.name, variant, recipe.schedule.kind, prediction.tpp, prediction.tau,
+        entry = CalibrationRun(fp, recipe.name, variant, recipe.for_variant(variant).schedule.kind, prediction.tpp, prediction.tau,
                                summary.m_fit, summary.trec_pearson_fit, index.steps)
         summary = replace(summary, calibration_entry=record_run(store, entry))
 

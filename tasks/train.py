@@ -10,7 +10,10 @@ Output ``<store>/train/<fingerprint>/``: ``model/`` (``save_pretrained`` with th
 runs comparable: `training.loss_curves.run_descriptor`), ``summary.json`` and the manifest last. Checkpoints go to ``<store>/checkpoints/<fingerprint>/`` through Ray Train (the
 last ``keep_checkpoints``); they outlive a failed attempt, so a Prefect retry of `train_cpt`
 resumes from the latest one, and they are logged to MLflow as store URIs, not uploaded.
-The fingerprint covers the index, the base model, the optimizer, schedule and the training
+A variant with its own ``schedule`` trains with it (`Recipe.for_variant`: the schedule object its
+prediction integrated); a variant with ``averaging`` is refused before any work (`TrainStage.refusal`:
+averaging is predicted, not trained yet). The fingerprint covers the index, the base model, the
+optimizer, schedule and the training
 settings that change the numbers (not logging, checkpoint cadence or retries, nor the ``collapse``
 section: the monitor only watches), and an injected LR fault (`training.cpt_job.FAULT_ENV`, a
 testing aid) when there is one.
@@ -246,8 +249,17 @@ class TrainStage(
     Resumable: an incomplete output (the audit log of earlier attempts) is continued from the
     latest checkpoint unless the stage is forced."""
 
+    def refusal(self, target: Target) -> str | None:
+        """Checkpoint averaging is predicted, not trained yet: a variant with ``averaging`` is refused
+        rather than trained into its raw final model as if it were the average."""
+        if target.recipe.averaging(target.variant) is None:
+            return None
+        field = f"curriculum.variants.{target.variant}.averaging"
+        return (f"{field}: checkpoint averaging is not trained yet (the train stage would deliver the raw final model, not the average); "
+                f"`trecflow predict --variant {target.variant}` predicts it; remove averaging from this variant to train it")
+
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
-        return train_fingerprint(target.recipe, upstream["place"].fingerprint, upstream["base"].fingerprint)
+        return train_fingerprint(target.recipe.for_variant(target.variant), upstream["place"].fingerprint, upstream["base"].fingerprint)
 
     def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
         return {"place": upstream["place"].fingerprint, "base": upstream["base"].fingerprint, "tokenizer": upstream["tokenizer"].fingerprint}
@@ -257,8 +269,8 @@ class TrainStage(
             store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
 
     def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TrainSummary:
-        return train(target.recipe, context.store, upstream["place"], base_model(upstream["base"]), output, context.progress, context.tracking_run_id,
-                     variant=target.variant)
+        return train(target.recipe.for_variant(target.variant), context.store, upstream["place"], base_model(upstream["base"]), output,
+                     context.progress, context.tracking_run_id, variant=target.variant)
 
     def counts(self, summary: TrainSummary) -> dict[str, Any]:
         return {"steps": summary.steps, "records": summary.audit.records, "reexecuted_steps": summary.audit.reexecuted_steps}

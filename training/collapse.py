@@ -51,7 +51,7 @@ SCHEDULE_KEYS = {
     "linear": ("kind", "warmup", "final_lr_ratio"),
     "cosine": ("kind", "warmup", "final_lr_ratio"),
     "step": ("kind", "warmup", "drop_at", "drop_factor"),
-    "wsd": ("kind", "warmup", "cooldown", "cooldown_shape"),
+    "wsd": ("kind", "warmup", "cooldown", "cooldown_shape", "final_lr_ratio"),
     "inverse_sqrt": ("kind", "warmup", "timescale"),
 }
 

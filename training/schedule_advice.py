@@ -65,7 +65,7 @@ def final_lr_ratio(recipe: Recipe) -> float | None:
     if schedule.kind == "step":
         return schedule.drop_factor
     if schedule.kind == "wsd":
-        return 0.0
+        return schedule.final_lr_ratio
     if schedule.kind == "constant":
         return 1.0
     return None

@@ -13,7 +13,8 @@ Shape of every kind (T steps, W = round(warmup*T) warmup steps, peak = optimizer
 - cosine:               peak * (r + (1-r)*(1+cos(pi*x))/2)
 - step:                 peak, times drop_factor for s >= round(drop_at*T)
 - wsd:                  peak, then over the last C = round(cooldown*T) steps with progress
-                        y = (s+1-(T-C))/C in (0, 1]: peak*(1-y) (linear) or peak*(1-sqrt(y)) (1-sqrt)
+                        y = (s+1-(T-C))/C in (0, 1], down to the floor r = final_lr_ratio:
+                        peak*(r + (1-r)*(1-y)) (linear) or peak*(r + (1-r)*(1-sqrt(y))) (1-sqrt)
 - inverse_sqrt:         peak * sqrt(timescale / (timescale + s - W))
 """
 
@@ -80,9 +81,26 @@ class LRSchedule:
             cool = max(1, round(sec.cooldown * total))
             start = total - cool
             y = (s[start:] + 1.0 - start) / cool
-            lr[start:] = peak * (1.0 - (np.sqrt(y) if sec.cooldown_shape == "1-sqrt" else y))
+            decay = np.sqrt(y) if sec.cooldown_shape == "1-sqrt" else y
+            lr[start:] = peak * (floor + (1.0 - floor) * (1.0 - decay))
         elif sec.kind == "inverse_sqrt":
             lr[warm:] = peak * np.sqrt(sec.timescale / (sec.timescale + post - warm))
         elif sec.kind != "constant":  # pragma: no cover - the recipe model rejects unknown kinds
             raise ValueError(f"schedule.kind: unknown kind {sec.kind!r}")
         return lr
+
+
+def describe_schedule(section: ScheduleSection) -> str:
+    """The schedule in words, with only the keys its kind uses (what reports show)."""
+    parts = [section.kind]
+    if section.warmup:
+        parts.append(f"warmup {section.warmup:g}")
+    if section.kind in ("linear", "cosine"):
+        parts.append(f"to {section.final_lr_ratio:g} x peak")
+    elif section.kind == "step":
+        parts.append(f"x {section.drop_factor:g} at {section.drop_at:g}")
+    elif section.kind == "wsd":
+        parts.append(f"{section.cooldown_shape} cooldown over the last {section.cooldown:g} to {section.final_lr_ratio:g} x peak")
+    elif section.kind == "inverse_sqrt":
+        parts.append(f"timescale {section.timescale:g} steps")
+    return ", ".join(parts)

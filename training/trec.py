@@ -13,6 +13,10 @@ Pure numpy; 10^6 steps take milliseconds. Formulas (docs/trec-math.md):
 c is normalized by its maximum before the power so that stored curves agree between
 implementations. The valley is the step of lowest predicted TREC; `best_window` gives the
 contiguous window of a given fraction of training with the lowest mean predicted TREC.
+
+A variant with its own schedule is predicted from that schedule; a variant whose delivered model
+averages checkpoints (``averaging``) is predicted from the averaged model's coefficients
+(`training.averaging`), the raw final model's kept beside them (`AveragedPrediction`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trecflow.recipe import Recipe
+from trecflow.recipe import AveragingSection, Recipe, ScheduleSection
+from training.averaging import averaged_coefficients, averaging_weights, snapshot_steps
 from training.schedules import LRSchedule
 
 # Power Lines (Bergsma et al. 2025): tau_opt = coef * TPP ** POWER_LINES_EXPONENT.
@@ -90,6 +95,42 @@ def tau_opt(tpp: float, coef: float = 1.0) -> float:
 
 
 @dataclass(frozen=True)
+class AveragedPrediction:
+    """What checkpoint averaging changes: the snapshots (the step after which each is taken, oldest
+    first), their weights, and the raw final model's coefficients, TREC and weight on theta_0,
+    kept beside the averaged model's that the prediction carries."""
+
+    averaging: AveragingSection
+    snapshot_steps: np.ndarray = field(repr=False)
+    weights: np.ndarray = field(repr=False)
+    final_coefficients: np.ndarray = field(repr=False)
+    final_trec: np.ndarray = field(repr=False)
+    final_initial_weight: float
+
+    @property
+    def final_valley_step(self) -> int:
+        return int(np.argmin(self.final_trec))
+
+    def summary(self, hq_fraction: float) -> dict:
+        """The ``averaging`` object of the prediction's summary."""
+        steps = self.final_trec.size
+        start, end = best_window(self.final_trec, hq_fraction)
+        return {
+            "kind": self.averaging.kind,
+            "checkpoints": self.averaging.checkpoints,
+            "every": self.averaging.every,
+            "alpha": self.averaging.alpha,
+            "snapshot_steps": self.snapshot_steps.tolist(),
+            "weights": self.weights.tolist(),
+            "final_initial_weight": self.final_initial_weight,
+            "final_valley_step": self.final_valley_step,
+            "final_valley_fraction": (self.final_valley_step + 1) / steps,
+            "final_hq_window": [start / steps, end / steps],
+            "final_hq_window_steps": [start, end],
+        }
+
+
+@dataclass(frozen=True)
 class TrecPrediction:
     """Everything stage 2 predicts for a recipe. Arrays are indexed by step s = 0..T-1."""
 
@@ -105,6 +146,8 @@ class TrecPrediction:
     weight_decay_opt: float
     p: float
     m: float
+    schedule: ScheduleSection | None = None  # the schedule ``lrs`` come from
+    averaged: AveragedPrediction | None = None  # with averaging: coefficients, trec and initial_weight are the averaged model's
 
     @property
     def fractions(self) -> np.ndarray:
@@ -152,18 +195,31 @@ class TrecPrediction:
             "hq_window": [start / self.steps, end / self.steps],
             "hq_window_steps": [start, end],
             "warnings": self.warnings(),
+            **({"schedule": self.schedule.model_dump(mode="json")} if self.schedule is not None else {}),
+            **({"averaging": self.averaged.summary(hq_fraction)} if self.averaged is not None else {}),
         }
 
 
-def predict(recipe: Recipe) -> TrecPrediction:
+def predict(recipe: Recipe, variant: str | None = None) -> TrecPrediction:
     """Predict the TREC of a validated recipe (``trec.m: calibrated`` resolved to a number first,
-    by `tasks.calibrate.resolve_m`)."""
+    by `tasks.calibrate.resolve_m`), as variant ``variant`` trains it: from its own schedule when it
+    sets one (`Recipe.for_variant`, the object the trainer uses too), and with ``averaging`` as the
+    averaged model's TREC, the raw final model's beside it."""
     if isinstance(recipe.trec.m, str):
         raise ValueError("trec.m: 'calibrated' must be resolved from the calibration law before predicting")
+    averaging = recipe.averaging(variant)
+    recipe = recipe.for_variant(variant)
     schedule = LRSchedule.from_recipe(recipe)
     lrs = schedule.lrs()
     weight_decay = recipe.optimizer.weight_decay
     coefficients, initial_weight = ema_coefficients(lrs, weight_decay)
+    trec = predicted_trec(coefficients, recipe.trec.p, recipe.trec.m)
+    averaged = None
+    if averaging is not None:
+        averaged = AveragedPrediction(averaging, snapshot_steps(averaging, lrs.size), averaging_weights(averaging), coefficients, trec,
+                                      initial_weight)
+        coefficients, initial_weight = averaged_coefficients(lrs, weight_decay, averaging)
+        trec = predicted_trec(coefficients, recipe.trec.p, recipe.trec.m)
     steps = recipe.steps
     tpp = recipe.data.tokens / recipe.model.params
     optimum = tau_opt(tpp, recipe.trec.tau_opt_coef)
@@ -172,7 +228,7 @@ def predict(recipe: Recipe) -> TrecPrediction:
         warmup_steps=schedule.warmup_steps,
         lrs=lrs,
         coefficients=coefficients,
-        trec=predicted_trec(coefficients, recipe.trec.p, recipe.trec.m),
+        trec=trec,
         initial_weight=initial_weight,
         tau=1.0 / (recipe.optimizer.peak_lr * weight_decay * steps),
         tpp=tpp,
@@ -180,6 +236,8 @@ def predict(recipe: Recipe) -> TrecPrediction:
         weight_decay_opt=1.0 / (recipe.optimizer.peak_lr * steps * optimum),
         p=recipe.trec.p,
         m=recipe.trec.m,
+        schedule=recipe.schedule,
+        averaged=averaged,
     )
 
 

@@ -32,7 +32,9 @@ def png_bytes(figure) -> bytes:
 
 
 def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str = "") -> bytes:
-    """PNG bytes of the three-panel prediction plot."""
+    """PNG bytes of the three-panel prediction plot. With checkpoint averaging the c and TREC
+    panels show the averaged model's curve and, dashed, the raw final model's, with its valley and
+    the snapshots marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,12 +52,24 @@ def plot_prediction(prediction: TrecPrediction, hq_fraction: float, title: str =
         (prediction.coefficients, "EMA coefficient c_t", "tab:green"),
         (prediction.trec, f"predicted TREC (p={prediction.p:g}, m={prediction.m:g})", "tab:red"),
     ]
-    for axis, (values, label, color) in zip(axes, panels, strict=True):
-        axis.plot(x, values[index], color=color, linewidth=1.2)
+    averaged = prediction.averaged
+    model = " (averaged model)" if averaged is not None else ""
+    for number, (axis, (values, label, color)) in enumerate(zip(axes, panels, strict=True)):
+        averaged_label = f"{label.split(' (')[0]}{model}" if averaged is not None and number > 0 else None
+        axis.plot(x, values[index], color=color, linewidth=1.2, label=averaged_label)
         axis.set_ylabel(label)
         axis.axvspan(*window, color="gold", alpha=0.25, label=f"HQ window w={hq_fraction:g}")
-        axis.axvline(valley, color="black", linestyle="--", linewidth=0.8, label=f"valley {valley:.3f}")
+        axis.axvline(valley, color="black", linestyle="--", linewidth=0.8, label=f"valley {valley:.3f}{model}")
         axis.grid(alpha=0.3)
+    if averaged is not None:
+        final_valley = (averaged.final_valley_step + 1) / prediction.steps
+        for axis, values in ((axes[1], averaged.final_coefficients), (axes[2], averaged.final_trec)):
+            axis.plot(x, values[index], color="tab:gray", linestyle="--", linewidth=1.0, label="raw final model")
+            axis.axvline(final_valley, color="tab:gray", linestyle=":", linewidth=0.9, label=f"raw final valley {final_valley:.3f}")
+            axis.legend(loc="best", fontsize=7)
+        for step in averaged.snapshot_steps:
+            axes[0].axvline((step + 1) / prediction.steps, color="tab:purple", linewidth=0.6, alpha=0.6)
+        axes[0].plot([], [], color="tab:purple", linewidth=0.6, label=f"{averaged.averaging.kind} snapshots ({averaged.averaging.checkpoints})")
     axes[0].legend(loc="best", fontsize=8)
     axes[-1].set_xlabel("training fraction (s+1)/T")
     figure.suptitle(title or f"TREC prediction: {prediction.steps} steps, tau={prediction.tau:.3g}")

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from trecflow.recipe_yaml import RecipeError, compose, read_file, read_yaml  # noqa: F401 (RecipeError, read_yaml: re-exported)
 
@@ -89,12 +89,12 @@ class ScheduleSection(_Section):
         description="the shape after warmup (training/schedules.py gives each formula)"
     )
     warmup: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of steps, linear from 0")
-    final_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine floor, fraction of peak")
+    final_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine/wsd floor, fraction of peak (wsd: its cooldown ends there)")
     drop_at: float = Field(0.7, gt=0.0, lt=1.0, description="step: fraction of steps where the LR drops")
     drop_factor: float = Field(0.1, gt=0.0, le=1.0, description="step: multiplier after the drop")
     cooldown: float = Field(0.2, gt=0.0, le=1.0, description="wsd: fraction of steps in the cooldown")
     cooldown_shape: Literal["linear", "1-sqrt"] = Field(
-        "linear", description="wsd: the cooldown's decay, peak*(1-y) or peak*(1-sqrt(y)) over its progress y"
+        "linear", description="wsd: the cooldown's decay over its progress y, from peak to the floor r: peak*(r + (1-r)*(1-y)) or peak*(r + (1-r)*(1-sqrt(y)))"
     )
     timescale: float = Field(1000.0, gt=0.0, description="inverse_sqrt: steps; LR = peak*sqrt(timescale/(timescale + steps since warmup))")
 
@@ -146,6 +146,35 @@ STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
 TREC_WEIGHTED_K = 4.0
 
 
+AVERAGING_KINDS = ("ema", "sma")
+
+
+class AveragingSection(_Section):
+    """Checkpoint averaging: the run delivers the weighted average of K snapshots of its weights,
+    taken ``every`` S steps apart, the newest at the last step (so the snapshot after step
+    T-1-j*S, j = 0..K-1). ``sma`` weighs them equally; ``ema`` starts from the oldest and folds each
+    newer one in as theta <- (1 - alpha)*theta + alpha*theta_k, so the newest weighs alpha and the
+    oldest (1 - alpha)^(K-1). The prediction of such a variant is the averaged model's TREC
+    (docs/trec-math.md); (K - 1)*S must be less than the recipe's steps. Only predicted so far:
+    the train stage refuses a variant with averaging (it does not keep the snapshots yet)."""
+
+    kind: Literal["ema", "sma"] = Field(description="ema: exponential average from the oldest snapshot; sma: equal weights")
+    checkpoints: int = Field(ge=1, description="K, the snapshots averaged (1: the final weights alone)")
+    every: int = Field(ge=1, description="S, steps between two snapshots")
+    alpha: float | None = Field(None, description="ema only, in (0, 1]: the weight each newer snapshot folds in with (the paper used 0.2); required for ema")
+
+    @model_validator(mode="after")
+    def _alpha(self) -> AveragingSection:
+        if self.kind == "sma" and self.alpha is not None:
+            raise _FieldError("alpha", f"only ema takes alpha; sma weighs its {self.checkpoints} snapshots equally (got alpha {self.alpha:g})")
+        if self.kind == "ema":
+            if self.alpha is None:
+                raise _FieldError("alpha", "ema needs alpha in (0, 1], the weight of the newest snapshot (the paper used 0.2)")
+            if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 < self.alpha <= 1.0):
+                raise _FieldError("alpha", f"must be in (0, 1], got {self.alpha!r}")
+        return self
+
+
 class VariantSection(_Section):
     """One curriculum variant: a strategy and its parameters.
 
@@ -154,6 +183,11 @@ class VariantSection(_Section):
     ``k``, a finite number >= 0 (default 4): the hq share of step s is proportional to (1 - u_s)^k,
     u the predicted TREC min-max normalized to [0, 1], capped at the whole batch (k = 0: uniform;
     a large k: the trec_valley window).
+
+    A variant may carry its own ``schedule`` (replacing the recipe's for its prediction, placement
+    and training) and ``averaging`` (its delivered model is an average of checkpoints); either gives
+    the variant a prediction of its own. Neither appears in the section's data when unset, so the
+    fingerprints of variants without them are what they were.
     """
 
     strategy: Literal["uniform", "end", "start", "ascending", "window", "trec_valley", "trec_weighted"] = Field(
@@ -166,6 +200,25 @@ class VariantSection(_Section):
         description="hq_fraction and seed (override the curriculum's); window: [a, b] for window; "
         f"k (>= 0, default {TREC_WEIGHTED_K:g}) for trec_weighted",
     )
+    schedule: ScheduleSection | None = Field(
+        None, description="this variant's LR schedule (as the top-level schedule section), replacing the recipe's for its prediction, placement and training"
+    )
+    averaging: AveragingSection | None = Field(
+        None, description="average the last checkpoints into the delivered model; the prediction and trec_valley / trec_weighted placement use the averaged model's TREC"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_overrides(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("schedule", "averaging"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    @property
+    def predicts_own(self) -> bool:
+        """Whether this variant needs a prediction of its own (it sets a schedule or averaging)."""
+        return self.schedule is not None or self.averaging is not None
 
     @model_validator(mode="after")
     def _params(self) -> VariantSection:
@@ -693,16 +746,13 @@ class Recipe(_Section):
                 "optimizer.weight_decay",
                 f"peak_lr*weight_decay = {alpha:g} >= 1: AdamW's decay factor (1 - eta*lambda) must stay positive",
             )
-        steps = self.steps
-        if self.warmup_steps >= steps:
-            raise _FieldError("schedule.warmup", f"{self.warmup_steps} warmup steps leave none of {steps} steps")
-        if self.schedule.kind == "wsd":
-            cooldown = max(1, round(self.schedule.cooldown * steps))
-            if self.warmup_steps + cooldown > steps:
-                raise _FieldError(
-                    "schedule.cooldown",
-                    f"warmup ({self.warmup_steps}) + cooldown ({cooldown}) steps exceed {steps} steps",
-                )
+        _check_schedule(self.schedule, self.steps, "schedule")
+        for name, variant in self.curriculum.variants.items():
+            field = f"curriculum.variants.{name}"
+            if variant.schedule is not None:
+                _check_schedule(variant.schedule, self.steps, f"{field}.schedule")
+            if variant.averaging is not None:
+                _check_averaging(variant.averaging, self.steps, f"{field}.averaging")
         return self
 
     @model_validator(mode="after")
@@ -797,6 +847,25 @@ class Recipe(_Section):
         """T = floor(data.tokens / batch.tokens)."""
         return self.data.tokens // self.batch.tokens
 
+    def own_variant(self, variant: str | None) -> VariantSection | None:
+        """The declared variant ``variant`` (None for None, a strategy's default variant or another
+        name, such as the shared stages' ``shared``: none of them overrides anything)."""
+        return None if variant is None else self.curriculum.variants.get(variant)
+
+    def for_variant(self, variant: str | None) -> Recipe:
+        """The recipe as variant ``variant`` runs it: with the variant's own ``schedule`` in place
+        of the recipe's when it sets one, else this very recipe. Prediction, placement and training
+        of a variant all read their schedule from this recipe."""
+        section = self.own_variant(variant)
+        if section is None or section.schedule is None:
+            return self
+        return self.model_copy(update={"schedule": section.schedule})
+
+    def averaging(self, variant: str | None) -> AveragingSection | None:
+        """The checkpoint averaging of variant ``variant`` (None: it delivers its final weights)."""
+        section = self.own_variant(variant)
+        return None if section is None else section.averaging
+
     @property
     def warmup_steps(self) -> int:
         """W = round(warmup * T): steps 0..W-1 warm up linearly, eta_s = peak*(s+1)/W."""
@@ -844,6 +913,28 @@ class Recipe(_Section):
         return {name: self.model_dump(mode="json")[name] for name in names}
 
 
+def _check_schedule(schedule: ScheduleSection, steps: int, field: str) -> None:
+    """`_FieldError` naming ``field``'s key when ``schedule`` cannot run in ``steps`` steps."""
+    warmup = round(schedule.warmup * steps)
+    if warmup >= steps:
+        raise _FieldError(f"{field}.warmup", f"{warmup} warmup steps leave none of {steps} steps")
+    if schedule.kind == "wsd":
+        cooldown = max(1, round(schedule.cooldown * steps))
+        if warmup + cooldown > steps:
+            raise _FieldError(f"{field}.cooldown", f"warmup ({warmup}) + cooldown ({cooldown}) steps exceed {steps} steps")
+
+
+def _check_averaging(averaging: AveragingSection, steps: int, field: str) -> None:
+    """`_FieldError` naming ``field``'s key when the snapshots do not fit in ``steps`` steps."""
+    span = (averaging.checkpoints - 1) * averaging.every
+    if span >= steps:
+        raise _FieldError(
+            f"{field}.every",
+            f"{averaging.checkpoints} checkpoints {averaging.every} steps apart span {span} steps; (checkpoints - 1) x every "
+            f"must be less than the {steps} steps, so that the oldest snapshot is of a step of this run",
+        )
+
+
 class _FieldError(ValueError):
     """Raised inside cross-field validators to name the offending field."""
 
@@ -885,8 +976,9 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         ctx_error = (item.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _FieldError):
-            parts.append(f"{ctx_error.field}: {ctx_error.message}")
+        if isinstance(ctx_error, _FieldError):  # a field of the section that raised it (the recipe's: already dotted)
+            prefix = ".".join(str(part) for part in item["loc"])
+            parts.append(f"{prefix + '.' if prefix else ''}{ctx_error.field}: {ctx_error.message}")
             continue
         loc = ".".join(str(part) for part in item["loc"]) or "recipe"
         message = item["msg"]

@@ -149,6 +149,15 @@ class Graph:
                 f"{source}: cannot run {scope}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''} "
                 f"(needed by {', '.join(stage.name for stage in blocked)}); add them, or run up to a stage with --until"
             )
+        self.check_refusals(target, until, source)
+
+    def check_refusals(self, target: Target, until: str | None, source: str) -> None:
+        """A RecipeError of one line when a stage the run needs refuses the target (`Stage.refusal`)."""
+        for name in self.needed(target, until):
+            stage = self.by_name[name]
+            refusal = stage.refusal(target) if stage.applies(target) else None
+            if refusal is not None:
+                raise RecipeError(f"{source}: {refusal}")
 
     def ancestors(self, until: str | None, given: Iterable[str] = ()) -> list[str]:
         """The stages needed to produce ``until`` (all of them when None), in order; stages in
@@ -226,7 +235,11 @@ class Runner:
         return results
 
     def materialize(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult]) -> StageResult:
-        """One stage: fingerprint once, then reuse, resolve or compute through the executor."""
+        """One stage: fingerprint once, then reuse, resolve or compute through the executor (a
+        stage that refuses the target: its `RecipeError`, before anything)."""
+        refusal = stage.refusal(target)
+        if refusal is not None:
+            raise RecipeError(f"{target.label}: {refusal}")
         fingerprint = stage.fingerprint(target, upstream, self.store)
         force = stage.name in self.forced
         resolved = stage.resolve(target, upstream, self.store, fingerprint)

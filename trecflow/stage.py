@@ -263,11 +263,21 @@ class Stage(Generic[S]):
         return all(getattr(target.recipe, section) is not None for section in self.sections)
 
     def requirement(self, target: Target, source: str) -> str | None:
-        """One line naming the first section the stage needs and the recipe (``source``) lacks, else None."""
+        """One line naming the first section the stage needs and the recipe (``source``) lacks, else
+        its `refusal`, else None."""
         missing = self.missing(target)
         if not missing:
-            return None
+            refusal = self.refusal(target)
+            return None if refusal is None else f"{source}: {refusal}"
         return f"{source}: {missing[0]}: {self.purpose or f'the {self.name} stage'} needs {', '.join(self.sections)} sections"
+
+    def refusal(self, target: Target) -> str | None:
+        """One line saying why the stage will not run ``target`` although the recipe has the
+        sections it needs (the recipe asks for work the stage does not do yet), else None. A run
+        never silently does less than asked: `requirement`, `Graph.check_runnable` and
+        `Graph.check_refusals` report it before any work, and the runner raises it as a
+        `RecipeError` before it fingerprints the stage."""
+        return None
 
     def required_inputs(self, target: Target) -> tuple[str, ...]:
         """The inputs this target cannot run without (default: all of them); the others are optional."""

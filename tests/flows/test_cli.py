@@ -111,3 +111,73 @@ def test_compare_refuses_a_malformed_fault_variable_in_one_line_before_any_work(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {FAULT_ENV}: '24:3'"), lines
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def variant_recipe(tmp_path: Path) -> Path:
+    """The paper recipe with two variants of its own: a constant LR, and the same averaged (EMA of 6)."""
+    import yaml
+
+    from trecflow.recipe import read_yaml
+
+    data = read_yaml((CONFIGS / "cpt-3.9b-900b.yaml").read_text())
+    constant = {"kind": "constant", "warmup": 0.01}
+    data["curriculum"]["variants"] = {
+        "constant": {"strategy": "trec_valley", "schedule": constant},
+        "constant-ema": {"strategy": "trec_valley", "schedule": constant, "averaging": {"kind": "ema", "checkpoints": 6, "every": 2000, "alpha": 0.2}},
+    }
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_predict_a_variant_json_gives_its_schedule_and_averaged_model(tmp_path):
+    recipe = variant_recipe(tmp_path)
+    shared = json.loads(run_cli("predict", str(recipe), "--json", cwd=tmp_path).stdout)
+    constant = json.loads(run_cli("predict", str(recipe), "--variant", "constant", "--json", cwd=tmp_path).stdout)
+    result = run_cli("predict", str(recipe), "--variant", "constant-ema", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    averaged = json.loads(result.stdout)
+    assert "variant" not in shared and "averaging" not in shared and shared["schedule"]["kind"] == "linear"
+    assert constant["variant"] == "constant" and constant["schedule"]["kind"] == "constant" and "averaging" not in constant
+    assert constant["valley_step"] == 214_575 and shared["valley_step"] < 214_575  # a constant LR: the valley is the last step
+    assert averaged["variant"] == "constant-ema" and averaged["schedule"] == constant["schedule"]
+    ema = averaged["averaging"]
+    assert ema["kind"] == "ema" and ema["checkpoints"] == 6 and ema["every"] == 2000 and ema["alpha"] == 0.2
+    assert ema["snapshot_steps"] == [204_575, 206_575, 208_575, 210_575, 212_575, 214_575]
+    assert ema["weights"] == pytest.approx([0.8**5, 0.2 * 0.8**4, 0.2 * 0.8**3, 0.2 * 0.8**2, 0.2 * 0.8, 0.2], rel=1e-12)
+    assert ema["final_valley_step"] == constant["valley_step"] and ema["final_hq_window_steps"] == constant["hq_window_steps"]
+    assert ema["final_initial_weight"] == pytest.approx(constant["initial_weight"], rel=1e-12)
+    assert averaged["valley_step"] == 204_575  # the oldest snapshot: older steps reach the average through more of them
+    assert constant["hq_window_steps"] == [193_118, 214_576] and averaged["hq_window_steps"] == [187_118, 208_576]  # 10% ending 6,000 steps earlier
+    assert averaged["initial_weight"] > constant["initial_weight"]
+    text = run_cli("predict", str(recipe), "--variant", "constant-ema", cwd=tmp_path).stdout
+    assert re.search(r"\npredicted valley \(averaged model\) +0\.9534 of training \(step 204,575\)\n", text), text
+    assert "raw final model" in text and "ema (alpha 0.2) of 6 checkpoints 2,000 steps apart" in text
+    assert list(tmp_path.iterdir()) == [recipe]  # wrote nothing
+
+
+def test_predict_an_unknown_variant_is_exit_2(tmp_path):
+    result = run_cli("predict", CPT, "--variant", "nope", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("error: --variant: curriculum.variants: unknown variant 'nope'")
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_training_an_averaged_variant_is_refused_in_one_line_before_any_work(tmp_path, command):
+    import yaml
+
+    from trecflow.recipe import read_yaml
+
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["curriculum"]["variants"] = {"avg": {"strategy": "trec_valley", "averaging": {"kind": "sma", "checkpoints": 3, "every": 5}}}
+    recipe = tmp_path / "avg.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    home = tmp_path / "home"
+    result = subprocess.run([str(TRECFLOW), command, str(recipe), "--variant", "avg"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TRECFLOW_HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {recipe}: curriculum.variants.avg.averaging: checkpoint averaging is not trained yet (the train stage would "
+                     "deliver the raw final model, not the average); `trecflow predict --variant avg` predicts it; remove averaging from "
+                     "this variant to train it"], lines
+    assert not (home / "store").exists() and not (home / "mlflow.db").exists()  # nothing was started or written

@@ -13,8 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.study import (COLUMNS, SEED_STAGES, SHARED_STAGES, Study, load_study, seed_runs, study, study_csv, study_result,
-                         study_rows, study_text)
+from flows.study import (COLUMNS, SEED_STAGES, SHARED_STAGES, Study, given_stages, load_study, seed_runs, study, study_csv,
+                         study_result, study_rows, study_text)
 
 from ..conftest import CONFIGS, assert_refused, environment
 
@@ -272,3 +272,22 @@ def test_study_recipe_trains_each_seed_on_the_shared_stages_and_a_rerun_reuses_e
         assert run.data.tags["trecflow.kind"] == "study-seed" and run.data.tags["trecflow.seed"] == str(seed)
         assert run.data.params["curriculum.seed"] == run.data.params["training.seed"] == run.data.params["study.seed"] == str(seed)
         assert run.data.metrics["val_loss_general"] == summary.val_loss_general
+
+
+def test_variants_with_their_own_schedule_compute_their_prediction_and_averaging_is_refused(tmp_path):
+    import yaml
+
+    from trecflow.recipe import RecipeError, parse_recipe, read_yaml
+
+    data = read_yaml((CONFIGS / "test.yaml").read_text())
+    data["curriculum"]["variants"] = {"uniform": {"strategy": "uniform"}, "constant": {"strategy": "trec_valley", "schedule": {"kind": "constant"}},
+                                      "avg": {"strategy": "trec_valley", "averaging": {"kind": "sma", "checkpoints": 2, "every": 4}}}
+    recipe = parse_recipe(data)
+    shared = {"pack": "p1", "predict": "r1", "base": "b1"}
+    assert given_stages(recipe, "uniform", shared) == shared
+    assert given_stages(recipe, "constant", shared) == {"pack": "p1", "base": "b1"}  # its run predicts its own schedule
+    path = tmp_path / "avg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"avg.yaml: curriculum.variants.avg.averaging: checkpoint averaging is not trained yet"):
+        load_study(Study(recipe_path=str(path), seeds=2))
+    assert load_study(Study(recipe_path=str(path), seeds=2, variants=["uniform", "constant"]))[1] == ["uniform", "constant"]

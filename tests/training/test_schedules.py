@@ -82,3 +82,13 @@ def test_lr_at_matches_the_array_and_the_array_is_a_copy():
     assert schedule.lr_at(500) > 0
     with pytest.raises(IndexError):
         schedule.lr_at(T)
+
+
+@pytest.mark.parametrize(("shape", "curve"), [("linear", lambda y: 1 - y), ("1-sqrt", lambda y: 1 - np.sqrt(y))])
+def test_wsd_cools_down_to_its_floor(shape, curve):
+    lr = lrs(kind="wsd", warmup=0.05, cooldown=0.2, cooldown_shape=shape, final_lr_ratio=0.33)
+    assert np.all(lr[50:800] == PEAK)
+    y = np.arange(1, 201) / 200
+    np.testing.assert_allclose(lr[800:], PEAK * (0.33 + 0.67 * curve(y)), rtol=1e-14)
+    assert lr[-1] == pytest.approx(0.33 * PEAK, rel=1e-14) and lr[799] == PEAK
+    assert np.all(np.diff(lr[800:]) < 0)

@@ -106,6 +106,56 @@ BAD_RECIPES = [
         "schedule.cooldown",
     ),
     ("negative-trec-m", _set("trec.m", -1.0), "trec.m"),
+    (
+        "variant-schedule-warmup-plus-cooldown",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "schedule": {"kind": "wsd", "warmup": 0.5, "cooldown": 0.6}}}),
+        "curriculum.variants.x.schedule.cooldown: warmup (24) + cooldown (29) steps exceed 48 steps",
+    ),
+    (
+        "variant-schedule-unknown-key",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "schedule": {"kind": "constant", "floor": 0.3}}}),
+        "curriculum.variants.x.schedule.floor: unknown key",
+    ),
+    (
+        "averaging-unknown-kind",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "median", "checkpoints": 2, "every": 1}}}),
+        "curriculum.variants.x.averaging.kind",
+    ),
+    (
+        "averaging-no-checkpoints",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "sma", "checkpoints": 0, "every": 1}}}),
+        "curriculum.variants.x.averaging.checkpoints: Input should be greater than or equal to 1",
+    ),
+    (
+        "averaging-every-zero",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "sma", "checkpoints": 2, "every": 0}}}),
+        "curriculum.variants.x.averaging.every: Input should be greater than or equal to 1",
+    ),
+    (
+        "averaging-longer-than-the-run",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "sma", "checkpoints": 5, "every": 12}}}),
+        "curriculum.variants.x.averaging.every: 5 checkpoints 12 steps apart span 48 steps; (checkpoints - 1) x every must be less than the 48 steps",
+    ),
+    (
+        "averaging-alpha-on-sma",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "sma", "checkpoints": 2, "every": 1, "alpha": 0.2}}}),
+        "curriculum.variants.x.averaging.alpha: only ema takes alpha",
+    ),
+    (
+        "averaging-ema-without-alpha",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "ema", "checkpoints": 2, "every": 1}}}),
+        "curriculum.variants.x.averaging.alpha: ema needs alpha in (0, 1]",
+    ),
+    (
+        "averaging-alpha-zero",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "ema", "checkpoints": 2, "every": 1, "alpha": 0.0}}}),
+        "curriculum.variants.x.averaging.alpha: must be in (0, 1], got 0",
+    ),
+    (
+        "averaging-alpha-above-one",
+        _set("curriculum.variants", {"x": {"strategy": "uniform", "averaging": {"kind": "ema", "checkpoints": 2, "every": 1, "alpha": 1.5}}}),
+        "curriculum.variants.x.averaging.alpha: must be in (0, 1], got 1.5",
+    ),
 ]
 
 

@@ -1,0 +1,116 @@
+"""A variant's own schedule and checkpoint averaging through the stages: its own prediction (and
+only then a fingerprint of its own), the placement window that prediction gives, the schedule
+training uses, and the train stage's refusal of averaging before any work."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from tasks.graph import GRAPH
+from tasks.place import plan_request
+from tasks.placement import make_plan
+from tasks.predict import PREDICT, predict_fingerprint, read_curve, run_predict
+from tasks.train import TRAIN, train_fingerprint
+from trecflow.recipe import RecipeError, load_recipe, parse_recipe, read_yaml
+from trecflow.runner import run_stage
+from trecflow.stage import Target
+from trecflow.store import Store
+from training.schedules import LRSchedule
+from training.trec import best_window, predict
+
+from ..conftest import CONFIGS
+
+BASE = read_yaml((CONFIGS / "test.yaml").read_text())
+# configs/test.yaml's prediction fingerprint before variants could carry a schedule (commit bfdc1f1)
+TEST_PREDICT_FINGERPRINT = "a560243c1bf43df5"
+CONSTANT = {"kind": "constant", "warmup": 0.1}
+SMA = {"kind": "sma", "checkpoints": 4, "every": 4}
+VARIANTS = {
+    "uniform": {"strategy": "uniform"},
+    "valley": {"strategy": "trec_valley"},
+    "same-schedule": {"strategy": "trec_valley", "schedule": copy.deepcopy(BASE["schedule"])},
+    "constant": {"strategy": "trec_valley", "schedule": CONSTANT},
+    "constant-sma": {"strategy": "trec_valley", "schedule": CONSTANT, "averaging": SMA},
+    "weighted-sma": {"strategy": "trec_weighted", "schedule": CONSTANT, "averaging": SMA},
+}
+
+
+def recipe_with_variants():
+    data = copy.deepcopy(BASE)
+    data["curriculum"]["variants"] = copy.deepcopy(VARIANTS)
+    return parse_recipe(data)
+
+
+RECIPE = recipe_with_variants()
+
+
+def test_variants_without_an_override_keep_the_shared_fingerprint():
+    assert predict_fingerprint(load_recipe(CONFIGS / "test.yaml")) == TEST_PREDICT_FINGERPRINT
+    assert predict_fingerprint(RECIPE) == TEST_PREDICT_FINGERPRINT  # declaring variants with overrides changes nothing for the others
+    for variant in ("uniform", "valley", "end", "shared", None):  # declared, a strategy's default, the shared stages' pseudo-variant
+        assert PREDICT.fingerprint(Target(RECIPE, variant), {}, None) == TEST_PREDICT_FINGERPRINT
+    assert predict_fingerprint(RECIPE, "same-schedule") == TEST_PREDICT_FINGERPRINT  # content-addressed: the recipe's own schedule
+    assert RECIPE.section("curriculum")["curriculum"]["variants"]["uniform"] == {"strategy": "uniform", "params": {}}
+    train_fp = train_fingerprint(RECIPE, "place", "base")
+    assert train_fingerprint(RECIPE.for_variant("valley"), "place", "base") == train_fp
+
+
+def test_a_variant_with_its_own_schedule_or_averaging_has_its_own_prediction():
+    fingerprints = {name: predict_fingerprint(RECIPE, name) for name in ("constant", "constant-sma", "weighted-sma")}
+    assert len({*fingerprints.values(), TEST_PREDICT_FINGERPRINT}) == 3  # the two sma variants share theirs (same schedule and averaging)
+    assert fingerprints["constant-sma"] == fingerprints["weighted-sma"] != fingerprints["constant"]
+    assert train_fingerprint(RECIPE.for_variant("constant"), "place", "base") != train_fingerprint(RECIPE, "place", "base")
+    constant = predict(RECIPE, "constant")
+    np.testing.assert_array_equal(constant.lrs, LRSchedule(RECIPE.for_variant("constant").schedule, 2e-3, 48).lrs())
+    assert constant.lrs[-1] == 2e-3 and predict(RECIPE).lrs[-1] == 0.0
+    assert constant.valley_step == 47 != predict(RECIPE).valley_step
+
+
+def test_the_stored_prediction_and_the_placement_window_follow_the_variant(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    shared = run_predict(RECIPE, store, variant="valley")
+    constant = run_predict(RECIPE, store, variant="constant")
+    averaged = run_predict(RECIPE, store, variant="constant-sma")
+    assert shared.fingerprint == TEST_PREDICT_FINGERPRINT and shared.summary.variant is None and shared.summary.averaging is None
+    assert constant.summary.variant == "constant" and constant.summary.schedule["kind"] == "constant"
+    assert (constant.summary.valley_step, averaged.summary.valley_step) == (47, 47 - 3 * 4)
+    assert averaged.summary.averaging.snapshot_steps == (35, 39, 43, 47)
+    assert averaged.summary.averaging.weights == (0.25,) * 4 and averaged.summary.averaging.final_valley_step == 47
+    curve = read_curve(store, averaged.fingerprint)
+    assert curve.column_names == ["step", "fraction", "lr", "c", "trec_pred", "c_final", "trec_final"]
+    np.testing.assert_array_equal(curve["trec_final"].to_numpy(), read_curve(store, constant.fingerprint)["trec_pred"].to_numpy())
+    assert read_curve(store, shared.fingerprint).column_names == ["step", "fraction", "lr", "c", "trec_pred"]
+
+    # placement reads the variant's stored curve: the trec_valley window moves with it
+    sequences = RECIPE.steps * RECIPE.sequences_per_step
+    tiers = np.repeat(np.array([0, 1, 2], dtype=np.int8), sequences)
+    scores = np.linspace(0.0, 1.0, tiers.size)
+    windows = {}
+    for name, result in (("valley", shared), ("constant", constant), ("constant-sma", averaged)):
+        plan = make_plan(plan_request(RECIPE, name), tiers, scores, read_curve(store, result.fingerprint)["trec_pred"].to_numpy())
+        windows[name] = plan.window_steps
+    length = round(0.25 * 48)
+    assert windows["valley"] == best_window(predict(RECIPE).trec, 0.25)
+    assert windows["constant"] == (48 - length, 48)
+    assert windows["constant-sma"] == best_window(predict(RECIPE, "constant-sma").trec, 0.25) != windows["constant"]
+    assert len(set(windows.values())) == 3
+
+
+def test_training_refuses_averaging_before_any_work(tmp_path):
+    target = Target(RECIPE, "constant-sma")
+    expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet (the train stage would deliver the raw "
+                "final model, not the average); `trecflow predict --variant constant-sma` predicts it; remove averaging from this variant to train it")
+    assert TRAIN.refusal(target) == expected
+    assert TRAIN.refusal(Target(RECIPE, "constant")) is None and TRAIN.refusal(Target(RECIPE, "valley")) is None
+    assert TRAIN.requirement(target, "r.yaml") == f"r.yaml: {expected}"
+    with pytest.raises(RecipeError) as raised:
+        GRAPH.check_runnable(target, None, "r.yaml")
+    assert str(raised.value) == f"r.yaml: {expected}"
+    GRAPH.check_runnable(target, "place", "r.yaml")  # up to placement nothing is refused
+    GRAPH.check_runnable(Target(RECIPE, "constant"), None, "r.yaml")
+    with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet"):
+        run_stage(TRAIN, target, Store(str(tmp_path / "store")), upstream={}, progress=None)  # refused before it reads an input
+    assert not (tmp_path / "store").exists()
