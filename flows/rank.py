@@ -408,7 +408,7 @@ def candidate_run_name() -> str:
     return f"{run_label(run)[0]}/rank/{name}"
 
 
-_flows, __getattr__ = lazy_flows(__name__, {'rank_recipes': (run_ranking, rank_run_name), 'rank_candidate': (run_candidate, candidate_run_name)})
+_flows, __getattr__ = lazy_flows(__name__, {"rank_recipes": (run_ranking, rank_run_name), "rank_candidate": (run_candidate, candidate_run_name)})
 
 
 # --- the command ------------------------------------------------------------------------------

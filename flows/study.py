@@ -404,7 +404,7 @@ def seed_run_name() -> str:
     return f"{run_label(run)[0]}/study/{seed_label(str(variant), seed)}"
 
 
-_flows, __getattr__ = lazy_flows(__name__, {'study_recipe': (run_study, study_run_name), 'study_seed': (run_seed, seed_run_name)})
+_flows, __getattr__ = lazy_flows(__name__, {"study_recipe": (run_study, study_run_name), "study_seed": (run_seed, seed_run_name)})
 
 
 # --- the command ------------------------------------------------------------------------------
