@@ -237,6 +237,10 @@ def plan_stages(graph: Graph, store: Store, target: Target, forced: Iterable[str
             why = f"no {', '.join(stage.missing(target))} section" if not applies else f"needs {', '.join(lacking)}"
             plans.append(StagePlan(fingerprint=None, state=SKIPPED, note=why, **common))
             continue
+        refusal = stage.refusal(target)
+        if refusal is not None:  # a run refuses it before any work: so does the plan (what follows needs it)
+            plans.append(StagePlan(fingerprint=None, state=SKIPPED, note=f"refused: {refusal}", **common))
+            continue
         blocking = [waits_for[input_name] for input_name in stage.inputs if input_name in waits_for]
         if blocking:
             waits_for[name] = min(blocking, key=graph.names.index)

@@ -14,6 +14,7 @@ from tasks.place import plan_request
 from tasks.placement import make_plan
 from tasks.predict import PREDICT, predict_fingerprint, read_curve, run_predict
 from tasks.train import TRAIN, train_fingerprint
+from trecflow.inventory import SKIPPED, plan_stages
 from trecflow.recipe import RecipeError, load_recipe, parse_recipe, read_yaml
 from trecflow.runner import run_stage
 from trecflow.stage import Target
@@ -99,7 +100,7 @@ def test_the_stored_prediction_and_the_placement_window_follow_the_variant(tmp_p
     assert len(set(windows.values())) == 3
 
 
-def test_training_refuses_averaging_before_any_work(tmp_path):
+def test_training_refuses_averaging_before_any_work(tmp_path, test_corpus):
     target = Target(RECIPE, "constant-sma")
     expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet (the train stage would deliver the raw "
                 "final model, not the average); `trecflow predict --variant constant-sma` predicts it; remove averaging from this variant to train it")
@@ -111,6 +112,10 @@ def test_training_refuses_averaging_before_any_work(tmp_path):
     assert str(raised.value) == f"r.yaml: {expected}"
     GRAPH.check_runnable(target, "place", "r.yaml")  # up to placement nothing is refused
     GRAPH.check_runnable(Target(RECIPE, "constant"), None, "r.yaml")
+    # `trecflow status` (the same plan) shows the refusal, and that what follows training waits on it
+    plans = {plan.stage: plan for plan in plan_stages(GRAPH, Store(str(tmp_path / "status")), target)}
+    assert plans["train"].state == SKIPPED and plans["train"].note == f"refused: {expected}"
+    assert plans["reevaluate"].state == SKIPPED and plans["reevaluate"].note == "needs train"
     with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet"):
         run_stage(TRAIN, target, Store(str(tmp_path / "store")), upstream={}, progress=None)  # refused before it reads an input
     assert not (tmp_path / "store").exists()
