@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from trecflow.recipe import AveragingSection
+from training.schedules import decay_rates
 
 
 def snapshot_steps(averaging: AveragingSection, steps: int) -> np.ndarray:
@@ -49,12 +50,7 @@ def checkpoint_coefficients(lrs: np.ndarray, weight_decay: float, snapshots: np.
     Row j equals `training.trec.ema_coefficients` of ``lrs[:k_j + 1]`` padded with zeros. Computed as
     exp(L_k - L_t) with L the inclusive cumulative sum of log1p(-alpha): every exponent is <= 0,
     so nothing overflows however long the run."""
-    alpha = np.asarray(lrs, dtype=np.float64) * weight_decay
-    if alpha.size == 0:
-        raise ValueError("no steps")
-    if not (np.all(alpha >= 0.0) and np.all(alpha < 1.0)):
-        bad = int(np.argmax((alpha < 0.0) | (alpha >= 1.0)))
-        raise ValueError(f"eta*lambda must be in [0, 1) at every step; step {bad} has {alpha[bad]:g}")
+    alpha = decay_rates(lrs, weight_decay)
     snapshots = np.asarray(snapshots, dtype=np.int64)
     if snapshots.size == 0 or snapshots.min() < 0 or snapshots.max() >= alpha.size:
         raise ValueError(f"snapshot steps must lie in 0..{alpha.size - 1}, got {snapshots.tolist()}")

@@ -104,3 +104,15 @@ def describe_schedule(section: ScheduleSection) -> str:
     elif section.kind == "inverse_sqrt":
         parts.append(f"timescale {section.timescale:g} steps")
     return ", ".join(parts)
+
+
+def decay_rates(lrs: np.ndarray, weight_decay: float) -> np.ndarray:
+    """alpha_t = eta_t * lambda of every step (float64). Raises ValueError when there are no steps
+    or any alpha_t is outside [0, 1) (AdamW's decay factor 1 - alpha_t must stay in (0, 1])."""
+    alpha = np.asarray(lrs, dtype=np.float64) * weight_decay
+    if alpha.size == 0:
+        raise ValueError("no steps")
+    if not (np.all(alpha >= 0.0) and np.all(alpha < 1.0)):
+        bad = int(np.argmax((alpha < 0.0) | (alpha >= 1.0)))
+        raise ValueError(f"eta*lambda must be in [0, 1) at every step; step {bad} has {alpha[bad]:g}")
+    return alpha

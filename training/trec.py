@@ -27,7 +27,7 @@ import numpy as np
 
 from trecflow.recipe import AveragingSection, Recipe, ScheduleSection
 from training.averaging import averaged_coefficients, averaging_weights, snapshot_steps
-from training.schedules import LRSchedule
+from training.schedules import LRSchedule, decay_rates
 
 # Power Lines (Bergsma et al. 2025): tau_opt = coef * TPP ** POWER_LINES_EXPONENT.
 POWER_LINES_EXPONENT = -0.527
@@ -41,12 +41,7 @@ def ema_coefficients(lrs: np.ndarray, weight_decay: float) -> tuple[np.ndarray, 
     Returns ``(c, initial_weight)`` with ``c.sum() + initial_weight == 1`` up to rounding.
     Raises ValueError if any eta_t * lambda is outside [0, 1).
     """
-    alpha = np.asarray(lrs, dtype=np.float64) * weight_decay
-    if alpha.size == 0:
-        raise ValueError("no steps")
-    if not (np.all(alpha >= 0.0) and np.all(alpha < 1.0)):
-        bad = int(np.argmax((alpha < 0.0) | (alpha >= 1.0)))
-        raise ValueError(f"eta*lambda must be in [0, 1) at every step; step {bad} has {alpha[bad]:g}")
+    alpha = decay_rates(lrs, weight_decay)
     log_keep = np.log1p(-alpha)
     # suffix[t] = sum_{s > t} log(1 - alpha_s): total minus the inclusive prefix sum.
     inclusive = np.cumsum(log_keep)
