@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from training.trec_measure import smooth
+
 FOLDS = 2
 
 
@@ -103,8 +105,6 @@ def trimmed_by_beta(losses: np.ndarray, reference: np.ndarray, grid: np.ndarray 
 def high_frequency_noise(steps: np.ndarray, values: np.ndarray, total: int, smoothing: float) -> np.ndarray:
     """The SD of each column of ``values`` around its centered moving average (the noise the
     smoothing averages; the TREC itself, being smooth, barely enters it)."""
-    from training.trec_measure import smooth
-
     return np.array([np.std(column - smooth(steps, column, total, smoothing)) for column in values.T])
 
 
