@@ -48,7 +48,8 @@ from training.trec_measure import Agreement, agreement, smooth
 from training.trec_plot import plot_measured
 
 STAGE = "reevaluate"
-STAGE_VERSION = 4  # 2: the reference and held-out set are stages of their own; 3: loss_x_reference, beta fitted; 4: trimmed
+STAGE_VERSION = 5  # 2: the reference and held-out set are stages of their own; 3: loss_x_reference, beta fitted; 4: trimmed;
+# 5: the prediction is smoothed like the measured curve before they are compared
 CURVE_FILE = "trec.parquet"
 PLOT_FILE = "trec_overlay.png"
 # Settings that change how the work is spread, not the numbers: left out of the fingerprint.
@@ -472,17 +473,18 @@ class Measured:
                 correction = correct(moments, section.beta)
             corrected = correction.corrected
             corrected_smoothed = smooth(steps, corrected, total, section.smoothing)
-            corrected_agreement = agreement(steps, corrected_smoothed, coefficients, p, m)
+            corrected_agreement = agreement(steps, corrected_smoothed, coefficients, p, m, section.smoothing)
         study: dict[str, Any] = {}
         if section.every == 1 and section.random_steps is None:
             for k in SAMPLING_STUDY:
                 keep = (steps % k == 0) | (steps == total - 1)
-                entry = {"raw": agreement(steps[keep], smooth(steps[keep], raw[keep], total, section.smoothing), coefficients, p, m).r_p}
+                entry = {"raw": agreement(steps[keep], smooth(steps[keep], raw[keep], total, section.smoothing), coefficients, p, m, section.smoothing).r_p}
                 if corrected is not None:
-                    entry["corrected"] = agreement(steps[keep], smooth(steps[keep], corrected[keep], total, section.smoothing), coefficients, p, m).r_p
+                    entry["corrected"] = agreement(steps[keep], smooth(steps[keep], corrected[keep], total, section.smoothing), coefficients, p, m,
+                                                  section.smoothing).r_p
                 study[f"every_{k}"] = entry
         return cls(steps, raw, raw_smoothed, corrected, corrected_smoothed, reference_mean,
-                   agreement(steps, raw_smoothed, coefficients, p, m), corrected_agreement, study, correction)
+                   agreement(steps, raw_smoothed, coefficients, p, m, section.smoothing), corrected_agreement, study, correction)
 
     def noise(self) -> dict[str, float | None]:
         """The SD of each curve around its smoothed self (the per-step noise the smoothing averages)."""

@@ -7,9 +7,11 @@ Pure numpy, for curves sampled at any set of steps (every step, every k-th, a ra
   window shrinks to what exists.
 - `minmax`: the shape in [0, 1] (for plots; Pearson's r does not change under it).
 - `agreement`: Pearson's r_p of the smoothed measured curve with the predicted TREC at the same
-  steps, for a given m (the prediction's), m = 0, and the in-sample best m (`fit_m`).
+  steps, for a given m (the prediction's), m = 0, and the in-sample best m (`fit_m`). Like is
+  compared with like: the prediction is sampled at the measured steps and smoothed by the same
+  window (a sharp feature such as a step decay's drop is blurred in both curves alike).
 - The measured valley is the step of the lowest smoothed loss; its error is the distance from the
-  predicted valley, as a fraction of training.
+  valley of the prediction smoothed the same way, as a fraction of training.
 """
 
 from __future__ import annotations
@@ -29,18 +31,20 @@ def smooth(steps: np.ndarray, values: np.ndarray, total_steps: int, fraction: fl
     """Centered moving average over a window of ``fraction * total_steps`` training steps.
 
     ``steps`` must be strictly increasing. Each point becomes the mean of the points whose step is
-    within half a window of its own (cumulative sums and two binary searches: O(n log n))."""
+    within half a window of its own (cumulative sums and two binary searches: O(n log n)).
+    ``values`` may be 2-D: each row (the last axis runs over ``steps``) is smoothed alike."""
     steps = np.asarray(steps, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    if steps.size != values.size:
-        raise ValueError(f"{steps.size} steps but {values.size} values")
+    if steps.size != values.shape[-1]:
+        raise ValueError(f"{steps.size} steps but {values.shape[-1]} values")
     if steps.size and np.any(np.diff(steps) <= 0):
         raise ValueError("steps must be strictly increasing")
     half = max(0.0, fraction * total_steps / 2.0)
     low = np.searchsorted(steps, steps - half, side="left")
     high = np.searchsorted(steps, steps + half, side="right")
-    prefix = np.concatenate(([0.0], np.cumsum(values)))
-    return (prefix[high] - prefix[low]) / (high - low)
+    zeros = np.zeros(values.shape[:-1] + (1,))
+    prefix = np.concatenate((zeros, np.cumsum(values, axis=-1)), axis=-1)
+    return (prefix[..., high] - prefix[..., low]) / (high - low)
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -62,8 +66,9 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / norm) if norm > 0 else float("nan")
 
 
-def fit_m(steps: np.ndarray, smoothed: np.ndarray, coefficients: np.ndarray, p: float) -> tuple[float, float]:
-    """The m on `M_GRID` whose predicted TREC correlates best with ``smoothed``: (m, r_p)."""
+def fit_m(steps: np.ndarray, smoothed: np.ndarray, coefficients: np.ndarray, p: float, smoothing: float = 0.0) -> tuple[float, float]:
+    """The m on `M_GRID` whose predicted TREC (sampled at ``steps``, smoothed by ``smoothing``
+    like the measured curve) correlates best with ``smoothed``: (m, r_p)."""
     steps = np.asarray(steps, dtype=np.int64)
     total = coefficients.size
     peak_scaled = (coefficients[steps] / coefficients.max()) ** p
@@ -74,7 +79,7 @@ def fit_m(steps: np.ndarray, smoothed: np.ndarray, coefficients: np.ndarray, p: 
     # blocks of grid values at once: memory is GRID_BLOCK x sampled steps
     for start in range(0, M_GRID.size, GRID_BLOCK):
         grid = M_GRID[start : start + GRID_BLOCK]
-        predicted = 1.0 - peak_scaled[None, :] * np.exp(grid[:, None] * log_fraction[None, :])
+        predicted = smooth(steps, 1.0 - peak_scaled[None, :] * np.exp(grid[:, None] * log_fraction[None, :]), total, smoothing)
         centered = predicted - predicted.mean(axis=1, keepdims=True)
         norms = np.sqrt((centered * centered).sum(axis=1)) * target_norm
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -94,7 +99,7 @@ class Agreement:
     m_fit: float
     valley_step: int
     valley_measured: float  # fraction of training, (step + 1) / T
-    valley_predicted: float
+    valley_predicted: float  # of the prediction smoothed like the measured curve
     valley_error: float  # |measured - predicted|, fraction of training
 
     def as_dict(self, suffix: str = "") -> dict[str, float]:
@@ -108,18 +113,24 @@ class Agreement:
         }
 
 
-def agreement(steps: np.ndarray, smoothed: np.ndarray, coefficients: np.ndarray, p: float, m: float) -> Agreement:
-    """Compare a smoothed measured curve (at ``steps``) with the prediction from ``coefficients``."""
+def agreement(steps: np.ndarray, smoothed: np.ndarray, coefficients: np.ndarray, p: float, m: float,
+              smoothing: float = 0.0) -> Agreement:
+    """Compare a measured curve (at ``steps``) smoothed by the window ``smoothing`` with the
+    prediction from ``coefficients``, sampled at the same steps and smoothed by the same window."""
     steps = np.asarray(steps, dtype=np.int64)
     total = coefficients.size
-    predicted = predicted_trec(coefficients, p, m)
-    m_fit, r_fit = fit_m(steps, smoothed, coefficients, p)
+
+    def predicted(exponent: float) -> np.ndarray:
+        return smooth(steps, predicted_trec(coefficients, p, exponent)[steps], total, smoothing)
+
+    prediction = predicted(m)
+    m_fit, r_fit = fit_m(steps, smoothed, coefficients, p, smoothing)
     valley_step = int(steps[int(np.argmin(smoothed))])
     valley_measured = (valley_step + 1) / total
-    valley_predicted = (int(np.argmin(predicted)) + 1) / total
+    valley_predicted = (int(steps[int(np.argmin(prediction))]) + 1) / total
     return Agreement(
-        r_p=pearson(smoothed, predicted[steps]),
-        r_p_m0=pearson(smoothed, predicted_trec(coefficients, p, 0.0)[steps]),
+        r_p=pearson(smoothed, prediction),
+        r_p_m0=pearson(smoothed, predicted(0.0)),
         r_p_fit=r_fit,
         m=m,
         m_fit=m_fit,

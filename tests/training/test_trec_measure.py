@@ -31,6 +31,28 @@ def test_smooth_matches_a_brute_force_window_on_irregular_steps():
         smooth(steps[::-1], values, 1000, 0.05)
 
 
+def test_smooth_treats_every_row_of_a_matrix_like_a_curve():
+    steps = np.arange(0, 400, 3)
+    rows = np.random.default_rng(1).normal(size=(4, steps.size))
+    together = smooth(steps, rows, 400, 0.05)
+    assert np.array_equal(together, np.stack([smooth(steps, row, 400, 0.05) for row in rows]))
+
+
+def test_the_prediction_is_smoothed_like_the_measured_curve():
+    """A measured curve that is exactly the prediction, smoothed: r_p 1 and no valley error, since
+    both curves are blurred alike; the unsmoothed prediction would differ at the step drop."""
+    coefficients = step_decay_coefficients()
+    steps = np.arange(0, coefficients.size, 2)
+    exact = predicted_trec(coefficients, 0.5, 1.75)[steps]
+    smoothed = smooth(steps, 5.0 + 0.1 * exact, coefficients.size, 0.08)
+    alike = agreement(steps, smoothed, coefficients, 0.5, 1.75, smoothing=0.08)
+    assert alike.r_p == pytest.approx(1.0, abs=1e-12) and alike.valley_error == 0.0
+    assert alike.m_fit == pytest.approx(1.75, abs=0.011)
+    assert alike.valley_predicted < 0.7  # the smoothed drop's valley comes before the raw one (0.70)
+    unlike = agreement(steps, smoothed, coefficients, 0.5, 1.75)
+    assert unlike.r_p < 0.99 and unlike.valley_predicted == pytest.approx(0.7, abs=0.003)  # the sampled step before the drop
+
+
 def test_minmax_and_pearson():
     assert minmax(np.array([2.0, 4.0, 3.0])).tolist() == [0.0, 1.0, 0.5]
     assert pearson(np.arange(5.0), 3 * np.arange(5.0) + 1) == pytest.approx(1.0)
