@@ -155,8 +155,9 @@ class AveragingSection(_Section):
     T-1-j*S, j = 0..K-1). ``sma`` weighs them equally; ``ema`` starts from the oldest and folds each
     newer one in as theta <- (1 - alpha)*theta + alpha*theta_k, so the newest weighs alpha and the
     oldest (1 - alpha)^(K-1). The prediction of such a variant is the averaged model's TREC
-    (docs/trec-math.md); (K - 1)*S must be less than the recipe's steps. Only predicted so far:
-    the train stage refuses a variant with averaging (it does not keep the snapshots yet)."""
+    (docs/trec-math.md); (K - 1)*S must be less than the recipe's steps. Training keeps a running
+    sum of the snapshots (in its checkpoints, so a resumed run delivers the same average) and
+    delivers the average, the raw final weights beside it; ZeRO-3 is refused."""
 
     kind: Literal["ema", "sma"] = Field(description="ema: exponential average from the oldest snapshot; sma: equal weights")
     checkpoints: int = Field(ge=1, description="K, the snapshots averaged (1: the final weights alone)")

@@ -1,6 +1,7 @@
 """A variant's own schedule and checkpoint averaging through the stages: its own prediction (and
 only then a fingerprint of its own), the placement window that prediction gives, the schedule
-training uses, and the train stage's refusal of averaging before any work."""
+training uses, the averaging the job folds in, and the train stage's refusal of averaging under ZeRO-3
+before any work."""
 
 from __future__ import annotations
 
@@ -100,22 +101,37 @@ def test_the_stored_prediction_and_the_placement_window_follow_the_variant(tmp_p
     assert len(set(windows.values())) == 3
 
 
-def test_training_refuses_averaging_before_any_work(tmp_path, test_corpus):
-    target = Target(RECIPE, "constant-sma")
-    expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet (the train stage would deliver the raw "
-                "final model, not the average); `trecflow predict --variant constant-sma` predicts it; remove averaging from this variant to train it")
+def test_training_refuses_averaging_under_zero3_before_any_work(tmp_path, test_corpus):
+    data = copy.deepcopy(BASE)
+    data["curriculum"]["variants"] = copy.deepcopy(VARIANTS)
+    data["training"]["zero_stage"] = 3
+    zero3 = parse_recipe(data)
+    target = Target(zero3, "constant-sma")
+    expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging needs training.zero_stage 0, 1 or 2 (ZeRO-3 partitions "
+                "the weights the average adds up); use ZeRO-1 or 2, or remove averaging from this variant")
     assert TRAIN.refusal(target) == expected
-    assert TRAIN.refusal(Target(RECIPE, "constant")) is None and TRAIN.refusal(Target(RECIPE, "valley")) is None
+    assert TRAIN.refusal(Target(zero3, "constant")) is None and TRAIN.refusal(Target(RECIPE, "constant-sma")) is None
     assert TRAIN.requirement(target, "r.yaml") == f"r.yaml: {expected}"
     with pytest.raises(RecipeError) as raised:
         GRAPH.check_runnable(target, None, "r.yaml")
     assert str(raised.value) == f"r.yaml: {expected}"
     GRAPH.check_runnable(target, "place", "r.yaml")  # up to placement nothing is refused
-    GRAPH.check_runnable(Target(RECIPE, "constant"), None, "r.yaml")
+    GRAPH.check_runnable(Target(RECIPE, "constant-sma"), None, "r.yaml")  # averaging under ZeRO-1 trains
     # `trecflow status` (the same plan) shows the refusal, and that what follows training waits on it
     plans = {plan.stage: plan for plan in plan_stages(GRAPH, Store(str(tmp_path / "status")), target)}
     assert plans["train"].state == SKIPPED and plans["train"].note == f"refused: {expected}"
     assert plans["reevaluate"].state == SKIPPED and plans["reevaluate"].note == "needs train"
-    with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet"):
+    with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging needs"):
         run_stage(TRAIN, target, Store(str(tmp_path / "store")), upstream={}, progress=None)  # refused before it reads an input
     assert not (tmp_path / "store").exists()
+
+
+def test_averaging_has_its_own_training_fingerprint_and_the_job_folds_the_predicted_weights():
+    from tasks.train import averaging_plan
+
+    plain = train_fingerprint(RECIPE.for_variant("constant"), "place", "base", "constant")
+    averaged = train_fingerprint(RECIPE.for_variant("constant-sma"), "place", "base", "constant-sma")
+    assert plain != averaged and plain == train_fingerprint(RECIPE.for_variant("constant"), "place", "base")
+    plan = averaging_plan(RECIPE, "constant-sma", 48)
+    assert plan == {"snapshots": [35, 39, 43, 47], "weights": [0.25] * 4}  # 4 snapshots 4 steps apart, the newest after the last step
+    assert averaging_plan(RECIPE, "constant", 48) is None
