@@ -135,3 +135,20 @@ def test_averaging_has_its_own_training_fingerprint_and_the_job_folds_the_predic
     plan = averaging_plan(RECIPE, "constant-sma", 48)
     assert plan == {"snapshots": [35, 39, 43, 47], "weights": [0.25] * 4}  # 4 snapshots 4 steps apart, the newest after the last step
     assert averaging_plan(RECIPE, "constant", 48) is None
+
+
+def test_the_comparison_draws_each_variant_against_its_own_prediction(tmp_path):
+    from flows.compare import variant_predictions
+    from training.trec_plot import plot_comparison
+
+    store = Store(str(tmp_path / "store"))
+    outcomes = {name: {"predict": {"fingerprint": run_predict(RECIPE, store, variant=name).fingerprint}}
+                for name in ("uniform", "valley", "constant", "constant-sma")}
+    predictions = variant_predictions(store, list(outcomes), outcomes)
+    assert [owners for owners, _, _ in predictions] == [["uniform", "valley"], ["constant"], ["constant-sma"]]
+    for owners, fractions, values in predictions:
+        np.testing.assert_array_equal(values, read_curve(store, outcomes[owners[0]]["predict"]["fingerprint"])["trec_pred"].to_numpy())
+        assert fractions[-1] == 1.0
+    assert np.argmin(predictions[1][2]) == 47 and np.argmin(predictions[2][2]) < 47  # constant LR: the end; averaged: earlier
+    rows = [{"variant": name, "val_loss_hq": 5.0, "val_loss_general": 5.5, "hq_window": None, "trec_valley_measured": None} for name in outcomes]
+    assert plot_comparison(predictions, rows, "t").startswith(b"\x89PNG")
