@@ -152,3 +152,14 @@ def test_the_comparison_draws_each_variant_against_its_own_prediction(tmp_path):
     assert np.argmin(predictions[1][2]) == 47 and np.argmin(predictions[2][2]) < 47  # constant LR: the end; averaged: earlier
     rows = [{"variant": name, "val_loss_hq": 5.0, "val_loss_general": 5.5, "hq_window": None, "trec_valley_measured": None} for name in outcomes]
     assert plot_comparison(predictions, rows, "t").startswith(b"\x89PNG")
+
+
+def test_the_lr_decay_overlay_declares_the_papers_variants_on_the_study_recipe():
+    recipe = load_recipe(CONFIGS / "study.yaml", [str(CONFIGS / "overlays" / "lr-decay.yaml")])
+    assert list(recipe.curriculum.variants) == ["uniform", "ascending", "ascending-moderate", "ascending-constant-ema",
+                                                "ascending-moderate-ema", "trec_valley-constant-ema"]
+    assert recipe.schedule.kind == "linear" and predict(recipe, "ascending").lrs[-1] == 0.0
+    moderate = predict(recipe, "ascending-moderate")
+    assert moderate.lrs[-1] == pytest.approx(0.33 * 2e-3, rel=0.01)
+    averaged = predict(recipe, "ascending-constant-ema")
+    assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 319  # constant LR: the end; its EMA: the oldest snapshot
