@@ -462,7 +462,8 @@ def calibrate(
     rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0 left out)")]
     for name, law in fitted["laws"].items():
         rows.append((f"law {name}", f"m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} "
-                                    f"({len(law['runs'])} runs, rms log error {law['rms_log_error']:.3g}) {law['note']}".rstrip()))
+                                    f"({len(law['runs'])} runs, R^2 in log space {'n/a' if law.get('r2_log') is None else format(law['r2_log'], '.3f')}, "
+                                    f"rms log error {law['rms_log_error']:.3g}) {law['note']}".rstrip()))
     rows += [(f"not fitted {name}", why) for name, why in fitted["not_fitted"].items()]
     rows.append(("saved", fitted["uri"]))
     typer.echo(aligned(rows))
@@ -827,11 +828,13 @@ from flows.forecast_command import forecast  # noqa: E402  (commands of their ow
 from flows.init_command import init  # noqa: E402
 from flows.rank import rank  # noqa: E402
 from flows.study import study  # noqa: E402
+from flows.sweep import sweep  # noqa: E402
 
 app.command("init")(init)
 app.command("forecast")(forecast)
 app.command("rank")(rank)
 app.command("study")(study)
+app.command("sweep")(sweep)
 
 
 def main() -> None:
