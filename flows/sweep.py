@@ -153,6 +153,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline, load_run
     from tasks.calibrate import run_calibrate
+    from training.calibration import CalibrationError
 
     started = time.monotonic()
     recipe, points = load_sweep(sweep)  # bad input: a RecipeError before any work
@@ -164,9 +165,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         logger.info("point tau %g, T %d (%d of %d)", point.tau, point.steps, position, len(grid))
         outcome = cpt_pipeline(PipelineRun(recipe_path=point.recipe_path, overlays=point.overlays, set=point.set, variant=SWEEP_VARIANT))
         rows.append(point_row(point, outcome))
-    law = run_calibrate(store)  # CalibrationError (a ValueError: one line) when the table cannot give a law
+    try:
+        law = {"fitted": True, **run_calibrate(store)}
+    except CalibrationError as error:  # too few (or too alike) runs in the table: the points stay recorded
+        law = {"fitted": False, "reason": str(error), "laws": {}}
+        logger.warning("no law: %s", error)
     held_out = None
-    if sweep.held_out is not None:
+    if sweep.held_out is not None and law["fitted"]:
         point = points[-1]
         logger.info("held-out point tau %g, T %d with trec.m: calibrated", point.tau, point.steps)
         outcome = cpt_pipeline(PipelineRun(recipe_path=point.recipe_path, overlays=point.overlays, set=point.set, variant=SWEEP_VARIANT))
@@ -198,6 +203,8 @@ def sweep_text(result: dict[str, Any]) -> str:
     for row in result["points"]:
         lines.append(f"{row['tau']:>8g} {row['steps']:>7,} {row['m_fit']:>6.2f} {row['r_p_fit']:>8.3f} {row['r_p']:>8.3f}")
     lines.append("")
+    if not result["law"]["fitted"]:
+        lines.append(f"no law: {result['law']['reason']}" + ("; the held-out point was not run" if result["held_out"] is None else ""))
     for name, law in result["law"]["laws"].items():
         r2 = "n/a" if law.get("r2_log") is None else f"{law['r2_log']:.3f}"
         lines.append(f"law {name}: m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} over {len(law['runs'])} runs; "
