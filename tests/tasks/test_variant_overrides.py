@@ -163,3 +163,35 @@ def test_the_lr_decay_overlay_declares_the_papers_variants_on_the_study_recipe()
     assert moderate.lrs[-1] == pytest.approx(0.33 * 2e-3, rel=0.01)
     averaged = predict(recipe, "ascending-constant-ema")
     assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 319  # constant LR: the end; its EMA: the oldest snapshot
+
+
+def test_m_calibrated_follows_a_variants_own_schedule_kind(tmp_path):
+    from tasks.calibrate import record_run, resolve_m, run_calibrate
+    from training.calibration import CalibrationRun
+
+    store = Store(str(tmp_path / "store"))
+    grid = [(20, 0.1), (20, 0.3), (80, 0.1), (80, 0.3), (300, 0.5)]
+    for kind, scale in (("linear", 0.8), ("constant", 2.0)):
+        for i, (tpp, tau) in enumerate(grid):
+            record_run(store, CalibrationRun(f"{kind}{i}", "r", "uniform", kind, tpp, tau, scale * tpp**0.25 * tau**-0.6, 0.95, 300))
+    run_calibrate(store)
+    data = copy.deepcopy(BASE)
+    data["schedule"]["kind"] = "linear"
+    data["trec"]["m"] = "calibrated"
+    data["curriculum"]["variants"] = {"uniform": {"strategy": "uniform"}, "constant": {"strategy": "trec_valley", "schedule": CONSTANT}}
+    resolved = resolve_m(parse_recipe(data), store)
+    shared, constant = predict(resolved), predict(resolved, "constant")
+    law = 0.25 * np.log(shared.tpp) - 0.6 * np.log(shared.tau)
+    assert resolved.trec.m == shared.m == pytest.approx(0.8 * np.exp(law), rel=1e-5)
+    assert constant.m == pytest.approx(2.0 * np.exp(law), rel=1e-5)  # its own kind's law
+    assert predict_fingerprint(resolved, "constant") != predict_fingerprint(resolved.model_copy(update={"_calibrated_m": {}}), "constant")
+    data["curriculum"]["variants"]["wsd"] = {"strategy": "uniform", "schedule": {"kind": "wsd", "cooldown": 0.2}}
+    pooled = run_calibrate(store)["laws"]["all"]
+    assert predict(resolve_m(parse_recipe(data), store), "wsd").m == pytest.approx(
+        pooled["C"] * shared.tpp ** pooled["mu1"] * shared.tau ** pooled["mu2"], rel=1e-5)  # no wsd law: the pooled one
+    only_linear = Store(str(tmp_path / "linear"))
+    for i, (tpp, tau) in enumerate(grid):
+        record_run(only_linear, CalibrationRun(f"linear{i}", "r", "uniform", "linear", tpp, tau, 0.8 * tpp**0.25 * tau**-0.6, 0.95, 300))
+    run_calibrate(only_linear)
+    with pytest.raises(RecipeError, match=r"^trec.m: calibrated \(variant constant, schedule constant\): the calibration has no law for schedule 'constant'"):
+        resolve_m(parse_recipe(data), only_linear)
