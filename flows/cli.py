@@ -194,6 +194,12 @@ def format_plan(sized: dict) -> str:
         ("store", f"{store['total']:,.0f} GB: tokens {store['tokens']:,.0f}, sample index {store['sample_index']:.2f}, "
          f"checkpoints kept {store['checkpoints']:,.0f}, final model {store['final_model']:.1f}"),
     ]
+    for cost in sized.get("averaging", []):
+        rows.append((f"averaging ({cost['variant']})",
+                     f"{cost['kind']} of {cost['checkpoints']} snapshots {cost['every']:,} steps apart, from step {cost['first_snapshot_step']:,} "
+                     f"({cost['span_hours']:,.1f} h): a running sum of {cost['host_memory_gb']:.1f} GB (fp32) in rank 0's host memory; "
+                     f"+{cost['per_checkpoint_gb']:.1f} GB in each of the {cost['checkpoints_carrying_it']} checkpoints of that span "
+                     f"({cost['written_gb']:,.0f} GB written by rank 0); +{cost['stored_gb']:,.1f} GB stored (with the raw final model)"))
     return aligned(rows)
 
 
@@ -402,7 +408,7 @@ REEVALUATE_KEYS = (
     "trec_pearson", "trec_pearson_raw", "trec_pearson_corrected", "trec_pearson_m0", "trec_pearson_fit", "m", "m_fit", "curve",
     "content_confounded", "trec_valley_measured", "trec_valley_predicted", "trec_valley_error", "val_loss_hq", "val_loss_general",
     "val_loss_by_source", "steps", "steps_evaluated", "sequences_per_step", "tokens_evaluated", "tokens_per_second", "retried_units",
-    "reference", "sampling_study", "hq_window", "raw", "corrected", "calibration_entry", "fingerprint", "uri", "reused",
+    "reference", "sampling_study", "hq_window", "raw", "corrected", "calibration_entry", "final_model", "fingerprint", "uri", "reused",
 )
 
 
@@ -456,7 +462,8 @@ def calibrate(
     rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0 left out)")]
     for name, law in fitted["laws"].items():
         rows.append((f"law {name}", f"m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} "
-                                    f"({len(law['runs'])} runs, rms log error {law['rms_log_error']:.3g}) {law['note']}".rstrip()))
+                                    f"({len(law['runs'])} runs, R^2 in log space {'n/a' if law.get('r2_log') is None else format(law['r2_log'], '.3f')}, "
+                                    f"rms log error {law['rms_log_error']:.3g}) {law['note']}".rstrip()))
     rows += [(f"not fitted {name}", why) for name, why in fitted["not_fitted"].items()]
     rows.append(("saved", fitted["uri"]))
     typer.echo(aligned(rows))
@@ -821,11 +828,13 @@ from flows.forecast_command import forecast  # noqa: E402  (commands of their ow
 from flows.init_command import init  # noqa: E402
 from flows.rank import rank  # noqa: E402
 from flows.study import study  # noqa: E402
+from flows.sweep import sweep  # noqa: E402
 
 app.command("init")(init)
 app.command("forecast")(forecast)
 app.command("rank")(rank)
 app.command("study")(study)
+app.command("sweep")(sweep)
 
 
 def main() -> None:

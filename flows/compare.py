@@ -25,6 +25,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from trecflow.settings import ensure_home
 
 ensure_home()  # before the ephemeral Prefect server opens its database there
@@ -47,7 +49,7 @@ from training.trec_plot import plot_comparison
 
 # The comparison table's columns, in order.
 COLUMNS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window",
-           "content_confounded", "final_loss", "mlflow_run_id")
+           "content_confounded", "final_loss", "val_loss_hq_averaged_minus_final", "val_loss_general_averaged_minus_final", "mlflow_run_id")
 
 
 def compared_variants(comparison: Comparison, curriculum: CurriculumSection) -> list[str]:
@@ -72,6 +74,13 @@ def comparison_row(variant: str, outcome: dict[str, Any]) -> dict[str, Any]:
     measured = outcome_summary(outcome, "reevaluate")
     placed = outcome_summary(outcome, "place")
     trained = outcome_summary(outcome, "train")
+    final = measured.final_model if measured else None  # a variant that averages checkpoints: its raw final model
+
+    def averaged_minus_final(key: str) -> float | None:
+        if final is None or getattr(final, key) is None or getattr(measured, key) is None:
+            return None
+        return getattr(measured, key) - getattr(final, key)
+
     return {
         "variant": variant,
         "val_loss_hq": measured.val_loss_hq if measured else None,
@@ -81,8 +90,25 @@ def comparison_row(variant: str, outcome: dict[str, Any]) -> dict[str, Any]:
         "hq_window": None if placed is None or placed.window is None else list(placed.window),
         "content_confounded": measured.content_confounded if measured else None,
         "final_loss": trained.final_loss if trained else None,
+        "val_loss_hq_averaged_minus_final": averaged_minus_final("val_loss_hq"),
+        "val_loss_general_averaged_minus_final": averaged_minus_final("val_loss_general"),
         "mlflow_run_id": outcome["mlflow_run_id"],
     }
+
+
+def variant_predictions(store, variants: list[str], outcomes: dict[str, Any]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """Each distinct prediction the variants were placed and measured against, with the variants
+    that share it (variants with their own schedule or averaging have their own):
+    ``(variants, fractions, predicted TREC)``, in the variants' order."""
+    shared: dict[str, list[str]] = {}
+    for variant in variants:
+        if outcomes[variant].get("predict"):
+            shared.setdefault(outcomes[variant]["predict"]["fingerprint"], []).append(variant)
+    predictions = []
+    for fingerprint, names in shared.items():
+        curve = read_curve(store, fingerprint)
+        predictions.append((names, curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy()))
+    return predictions
 
 
 def comparison_csv(rows: list[dict[str, Any]]) -> bytes:
@@ -139,9 +165,7 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
         for row in rows:
             tracker.log_metrics(parent_id, {f"{row['variant']}.{key}": row[key] for key in ("val_loss_hq", "val_loss_general", "trec_pearson")
                                             if row[key] is not None})
-        predict_fp = next(iter(outcomes.values()))["predict"]["fingerprint"]
-        curve = read_curve(store, predict_fp)
-        plot = plot_comparison(curve["fraction"].to_numpy(), curve["trec_pred"].to_numpy(), rows, f"{recipe.name}: curriculum variants")
+        plot = plot_comparison(variant_predictions(store, variants, outcomes), rows, f"{recipe.name}: curriculum variants")
         tracker.log_artifact_bytes(parent_id, "comparison.png", plot)
         curves = [variant_curves(store, variant, outcomes[variant], every=1) for variant in variants]
         tracker.log_artifact_bytes(parent_id, "curves.png", plot_variant_curves(curves, f"{recipe.name}: curriculum variants"))

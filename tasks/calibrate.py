@@ -53,7 +53,9 @@ def read_law(store: Store) -> dict[str, Any] | None:
 
 
 def resolve_m(recipe: Recipe, store: Store) -> Recipe:
-    """``recipe`` itself when m is a number; else a copy whose m comes from the stored law."""
+    """``recipe`` itself when m is a number; else a copy whose m comes from the stored law, for the
+    recipe's schedule kind and, kept for `Recipe.for_variant`, for the kind of every variant that
+    sets its own schedule (a kind without a law is a RecipeError naming the variant)."""
     if recipe.trec.m != "calibrated":
         return recipe
     law = read_law(store)
@@ -61,8 +63,16 @@ def resolve_m(recipe: Recipe, store: Store) -> Recipe:
         raise RecipeError(f"trec.m: calibrated, but {store.uri(FOLDER, LAW_FILE)} does not exist; run `trecflow calibrate` first")
     tau = 1.0 / (recipe.optimizer.peak_lr * recipe.optimizer.weight_decay * recipe.steps)
     tpp = recipe.data.tokens / recipe.model.params
-    try:
-        m, _ = law_m(law, recipe.schedule.kind, tpp, tau)
-    except CalibrationError as error:
-        raise RecipeError(f"trec.m: calibrated: {error}") from None
-    return recipe.model_copy(update={"trec": recipe.trec.model_copy(update={"m": round(m, 6)})})
+    kinds = {recipe.schedule.kind: "trec.m: calibrated"}
+    for name, variant in recipe.curriculum.variants.items():
+        if variant.schedule is not None:
+            kinds.setdefault(variant.schedule.kind, f"trec.m: calibrated (variant {name}, schedule {variant.schedule.kind})")
+    by_kind = {}
+    for kind, field in kinds.items():
+        try:
+            by_kind[kind] = round(law_m(law, kind, tpp, tau)[0], 6)
+        except CalibrationError as error:
+            raise RecipeError(f"{field}: {error}") from None
+    resolved = recipe.model_copy(update={"trec": recipe.trec.model_copy(update={"m": by_kind[recipe.schedule.kind]})})
+    resolved._calibrated_m = by_kind
+    return resolved

@@ -104,6 +104,19 @@ class Sampling(Summary):
 
 
 @dataclass(frozen=True)
+class FinalModelCheck(Summary):
+    """For a run that delivers an average of checkpoints: the raw final model beside it, its
+    held-out losses, and the measured curve's r_p against the raw final model's prediction (the
+    average's own is the summary's ``trec_pearson``)."""
+
+    model_uri: str
+    val_loss_hq: float | None
+    val_loss_general: float | None
+    trec_pearson: float
+    trec_valley_predicted: float
+
+
+@dataclass(frozen=True)
 class ReevaluateSummary(AgreementSummary):
     """The measured TREC of one run against the prediction: the primary curve's agreement (the
     corrected one with a reference, else raw: the inherited fields) first, then raw and corrected in full, the sparser
@@ -139,6 +152,7 @@ class ReevaluateSummary(AgreementSummary):
     calibration_entry: str | None
     noise_raw: float | None = omitted_when_none()  # SD of the raw curve around its smoothed self
     noise_corrected: float | None = omitted_when_none()
+    final_model: FinalModelCheck | None = omitted_when_none()  # with checkpoint averaging: the raw final model
 
 
 def reevaluate_fingerprint(recipe: Recipe, train_fp: str, place_fp: str, predict_fp: str, reference_fp: str | None, evalset_fp: str) -> str:
@@ -292,6 +306,13 @@ class ReevaluateStage(
             metrics["reevaluate_tokens_per_second"] = summary.tokens_per_second
         for source, loss in summary.val_loss_by_source.items():
             metrics[f"val_loss_{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}"] = loss
+        final = summary.final_model
+        if final is not None:  # the raw final model beside the average, and what averaging changed
+            metrics["trec_pearson_final_prediction"] = final.trec_pearson
+            for key in ("val_loss_hq", "val_loss_general"):
+                if getattr(final, key) is not None and getattr(summary, key) is not None:
+                    metrics[f"{key}_final_model"] = getattr(final, key)
+                    metrics[f"{key}_averaged_minus_final"] = getattr(summary, key) - getattr(final, key)
         return metrics
 
     def tags(self, summary: ReevaluateSummary) -> dict[str, str]:
@@ -331,6 +352,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     if trained_on != index_fp:
         raise RecipeError(f"{trained.uri}: the model was trained on the index {trained_on!r}, not on {index_fp!r}")
     model_uri = trained_result.summary.model_uri
+    final_model_uri = getattr(trained_result.summary, "final_model_uri", None)  # set when model_uri is an average of checkpoints
     pack_fp = expected_inputs["pack"]
     fp = output.fingerprint
     seq_len = recipe.data.seq_len
@@ -358,6 +380,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         store.put_atomic(output.file_path(name), buffer.getvalue())
 
     held_out: dict[str, np.ndarray] = {}
+    held_out_final: dict[str, np.ndarray] = {}
     spec = ModelSpec(model_uri, store.endpoint_url, precision=section.precision, use_gpu=section.use_gpu, micro_batch=section.micro_batch,
                      threads=section.cpus_per_actor)
     # one pool of actors for the reference's losses (the ones not cached), the sampled steps and the held-out set
@@ -376,6 +399,9 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         chunk = max(1, -(-len(evalset.tokens) // section.actors))
         eval_units = [Unit(start, evalset.tokens[start : start + chunk], 0) for start in range(0, len(evalset.tokens), chunk)]
         pool.run(eval_units, lambda unit, losses: held_out.__setitem__(unit.key, losses), by_id=False, progress=progress, label="held-out")
+        if final_model_uri is not None:
+            pool.run(eval_units, lambda unit, losses: held_out_final.__setitem__(unit.key, losses), by_id=False, progress=progress,
+                     label="held-out, raw final model", spec=replace(spec, uri=final_model_uri))
         retried = pool.retried - retried_before
 
     table = read_parts(store, output.path)
@@ -386,6 +412,13 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     prediction: PredictSummary = predicted.summary
     composition = read_npy(index.output, COMPOSITION_FILE)
     measured = Measured.compute(table, reference_by_sequence, curve, prediction, section, index.steps)
+    final_model = None
+    if final_model_uri is not None:
+        final_validation = held_out_losses(evalset, np.concatenate([held_out_final[key] for key in sorted(held_out_final)]))
+        final_agreement = measured.against(curve["c_final"].to_numpy(), float(prediction.p), float(prediction.m), section.smoothing)
+        final_model = FinalModelCheck(model_uri=final_model_uri, val_loss_hq=final_validation["val_loss_hq"],
+                                      val_loss_general=final_validation["val_loss_general"], trec_pearson=final_agreement.r_p,
+                                      trec_valley_predicted=final_agreement.valley_predicted)
 
     evaluated_tokens = int(table["tokens"].to_numpy().sum())
     summary = ReevaluateSummary(
@@ -407,6 +440,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
         fingerprint=fp,
         calibration_entry=None,
         **measured.noise(),
+        final_model=final_model,
     )
     if not summary.content_confounded:
         entry = CalibrationRun(fp, recipe.name, variant, recipe.for_variant(variant).schedule.kind, prediction.tpp, prediction.tau,
@@ -490,6 +524,12 @@ class Measured:
         """The SD of each curve around its smoothed self (the per-step noise the smoothing averages)."""
         return {"noise_raw": float(np.std(self.raw - self.raw_smoothed)),
                 "noise_corrected": None if self.corrected is None else float(np.std(self.corrected - self.corrected_smoothed))}
+
+    def against(self, coefficients: np.ndarray, p: float, m: float, smoothing: float) -> Agreement:
+        """The primary curve's agreement with another prediction (e.g. the raw final model's,
+        beside an averaged model's)."""
+        smoothed = self.corrected_smoothed if self.corrected_agreement is not None else self.raw_smoothed
+        return agreement(self.steps, smoothed, coefficients, p, m, smoothing)
 
     @property
     def primary(self) -> Agreement:

@@ -5,15 +5,18 @@ fingerprints this recipe and variant expect, the base model's vocabulary must ho
 tokenizer's, and a checkpoint left in the store must be of this run and world size (the batch
 dividing across the workers is checked with the recipe).
 
-Output ``<store>/train/<fingerprint>/``: ``model/`` (``save_pretrained`` with the tokenizer),
+Output ``<store>/train/<fingerprint>/``: ``model/`` (``save_pretrained`` with the tokenizer: the
+delivered model, the average of the snapshots for a variant with ``averaging``; the raw final
+weights are then beside it in ``final_model/``),
 ``audit/attempt-*/part-*.jsonl`` (one record per step of every attempt), ``run.json`` (what makes
 runs comparable: `training.loss_curves.run_descriptor`), ``summary.json`` and the manifest last. Checkpoints go to ``<store>/checkpoints/<fingerprint>/`` through Ray Train (the
 last ``keep_checkpoints``); they outlive a failed attempt, so a Prefect retry of `train_cpt`
 resumes from the latest one, and they are logged to MLflow as store URIs, not uploaded.
 A variant with its own ``schedule`` trains with it (`Recipe.for_variant`: the schedule object its
-prediction integrated); a variant with ``averaging`` is refused before any work (`TrainStage.refusal`:
-averaging is predicted, not trained yet). The fingerprint covers the index, the base model, the
-optimizer, schedule and the training
+prediction integrated); a variant with ``averaging`` keeps the running average of its snapshots
+in the job (`training.cpt_job`; with ZeRO-3 it is refused before any work, `TrainStage.refusal`).
+The fingerprint covers the index, the base model, the optimizer, schedule, the averaging (when
+there is one) and the training
 settings that change the numbers (not logging, checkpoint cadence or retries, nor the ``collapse``
 section: the monitor only watches), and an injected LR fault (`training.cpt_job.FAULT_ENV`, a
 testing aid) when there is one.
@@ -30,7 +33,7 @@ warning line (`CollapseEvents`); a run the monitor stopped fails the stage with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -39,11 +42,12 @@ from trecflow.fingerprint import fingerprint
 from trecflow.progress import as_progress
 from trecflow.recipe import Recipe, RecipeError
 from trecflow.settings import tracking_uri
-from trecflow.stage import VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
+from trecflow.stage import OMIT_NONE, VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
 from training.audit import check_audit, read_audit
+from training.averaging import averaging_weights, snapshot_steps
 from training.collapse import CollapseStopped, FamilyCurve, describe_family, fit_family, same_family, usable_curve
-from training.cpt_job import COLLAPSE_EVENT, FAULT_ENV, MODEL_DIR, JobError, JobSpec, checkpoint_root, injected_lr_fault, run_job
+from training.cpt_job import COLLAPSE_EVENT, FAULT_ENV, FINAL_MODEL_DIR, MODEL_DIR, JobError, JobSpec, checkpoint_root, injected_lr_fault, run_job
 from training.deepspeed_config import fingerprint_part
 from training.loss_curves import RUN_FILE, catalog, final_trajectory, run_descriptor
 from training.models import model_vocab_size
@@ -86,7 +90,8 @@ class AuditSummary(Summary):
 @dataclass(frozen=True)
 class TrainSummary(Summary):
     """A trained run: final loss, throughput, where it resumed (None: it did not), the model and
-    the checkpoints kept (store URIs), the audit, the workers and the output's fingerprint."""
+    the checkpoints kept (store URIs), the audit, the workers and the output's fingerprint; with
+    checkpoint averaging, ``model_uri`` is the averaged model and ``final_model_uri`` the raw one."""
 
     steps: int
     final_loss: float
@@ -97,10 +102,16 @@ class TrainSummary(Summary):
     checkpoints: tuple[str, ...]
     workers: int
     fingerprint: str
+    # with averaging: the raw final weights (model_uri is the average); keyword-only and left out of
+    # the JSON when None, so summaries that extend this one (the tiny base's) add fields after it
+    final_model_uri: str | None = field(default=None, metadata={OMIT_NONE: True}, kw_only=True)
 
 
-def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
+def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str, variant: str | None = None) -> str:
     config = recipe.section("optimizer", "schedule", "training")
+    averaging = recipe.averaging(variant)
+    if averaging is not None:  # only then: every other run keeps its fingerprint
+        config["averaging"] = averaging.model_dump(mode="json")
     for key in NOT_FINGERPRINTED:
         config["training"].pop(key)
     config["steps"] = recipe.steps
@@ -111,6 +122,15 @@ def train_fingerprint(recipe: Recipe, place_fp: str, base_fp: str) -> str:
     if fault is not None:  # a faulty run is another output: it never takes a normal run's place
         config["lr_fault"] = fault
     return fingerprint(STAGE, STAGE_VERSION, config, {"place": place_fp, "base": base_fp})
+
+
+def averaging_plan(recipe: Recipe, variant: str | None, steps: int) -> dict[str, Any] | None:
+    """The job's averaging (`JobSpec.averaging`): the snapshot steps and their weights, oldest
+    first, exactly as the predictor weighs them; None when the variant does not average."""
+    averaging = recipe.averaging(variant)
+    if averaging is None:
+        return None
+    return {"snapshots": snapshot_steps(averaging, steps).tolist(), "weights": averaging_weights(averaging).tolist()}
 
 
 def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | None) -> None:
@@ -250,16 +270,16 @@ class TrainStage(
     latest checkpoint unless the stage is forced."""
 
     def refusal(self, target: Target) -> str | None:
-        """Checkpoint averaging is predicted, not trained yet: a variant with ``averaging`` is refused
-        rather than trained into its raw final model as if it were the average."""
-        if target.recipe.averaging(target.variant) is None:
+        """ZeRO-3 partitions the parameters, so no rank holds the weights to add to the running
+        average: a variant with ``averaging`` under ZeRO-3 is refused before any work."""
+        if target.recipe.averaging(target.variant) is None or target.recipe.training.zero_stage != 3:
             return None
-        field = f"curriculum.variants.{target.variant}.averaging"
-        return (f"{field}: checkpoint averaging is not trained yet (the train stage would deliver the raw final model, not the average); "
-                f"`trecflow predict --variant {target.variant}` predicts it; remove averaging from this variant to train it")
+        return (f"curriculum.variants.{target.variant}.averaging: checkpoint averaging needs training.zero_stage 0, 1 or 2 "
+                f"(ZeRO-3 partitions the weights the average adds up); use ZeRO-1 or 2, or remove averaging from this variant")
 
     def fingerprint(self, target: Target, upstream: Mapping[str, StageResult], store: Store) -> str:
-        return train_fingerprint(target.recipe.for_variant(target.variant), upstream["place"].fingerprint, upstream["base"].fingerprint)
+        return train_fingerprint(target.recipe.for_variant(target.variant), upstream["place"].fingerprint, upstream["base"].fingerprint,
+                                 target.variant)
 
     def manifest_inputs(self, target: Target, upstream: Mapping[str, StageResult], fingerprint: str) -> dict[str, str]:
         return {"place": upstream["place"].fingerprint, "base": upstream["base"].fingerprint, "tokenizer": upstream["tokenizer"].fingerprint}
@@ -284,7 +304,8 @@ class TrainStage(
             ("resumed from step", "-" if summary.resumed_from_step is None else f"{summary.resumed_from_step:,}"),
             ("audit", f"{audit.records:,} records over {len(audit.attempts)} attempt(s); {audit.reexecuted_steps:,} re-executed steps; "
                       f"every planned batch exactly once: {audit.exactly_once}"),
-            ("model", summary.model_uri),
+            ("model", summary.model_uri + (" (the average of the snapshots)" if summary.final_model_uri else "")),
+            *([("final model (raw)", summary.final_model_uri)] if summary.final_model_uri else []),
             ("checkpoints", ", ".join(summary.checkpoints) or "-"),
         ]
 
@@ -301,20 +322,24 @@ class TrainStage(
         return metrics
 
     def tags(self, summary: TrainSummary) -> dict[str, str]:
-        return {"trecflow.model_uri": summary.model_uri, "trecflow.checkpoints": " ".join(summary.checkpoints)[:5000]}
+        tags = {"trecflow.model_uri": summary.model_uri, "trecflow.checkpoints": " ".join(summary.checkpoints)[:5000]}
+        if summary.final_model_uri:
+            tags["trecflow.final_model_uri"] = summary.final_model_uri
+        return tags
 
 
 TRAIN = TrainStage()
 
 
 def run_train(recipe: Recipe, store: Store, index_fp: str, expected_inputs: dict[str, str], base: BaseModel, force: bool = False,
-              progress: Callable[[str], None] = print) -> StageResult[TrainSummary]:
-    """Train (or resume, or reuse) the run of ``recipe`` on the committed index ``index_fp`` from
-    ``base`` alone; the index must carry ``expected_inputs``."""
+              progress: Callable[[str], None] = print, variant: str | None = None) -> StageResult[TrainSummary]:
+    """Train (or resume, or reuse) the run of ``recipe`` (as ``variant`` runs it: its schedule and
+    averaging) on the committed index ``index_fp`` from ``base`` alone; the index must carry
+    ``expected_inputs``."""
     from trecflow.runner import run_stage
 
     upstream = {"tokenizer": expected_inputs["tokenizer"], "place": stored_index(store, index_fp, expected_inputs), "base": base_result(base)}
-    return run_stage(TRAIN, Target(recipe), store, upstream, force=force, progress=progress)
+    return run_stage(TRAIN, Target(recipe, variant), store, upstream, force=force, progress=progress)
 
 
 def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, output: StageOutput, progress: Callable[[str], None],
@@ -354,6 +379,7 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         collapse=None if family is None else {"family": family.as_json(), "threshold": recipe.collapse.threshold,
                                               "patience": recipe.collapse.patience, "stop": recipe.collapse.stop},
         lr_fault=lr_fault,
+        averaging=averaging_plan(recipe, variant, index.steps),
     )
     training = recipe.training
     progress(
@@ -387,6 +413,7 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         checkpoints=[store.uri(path[len(store.root.rstrip("/")) + 1 :]) for path in checkpoints],
         workers=training.workers,
         fingerprint=fp,
+        final_model_uri=output.file_uri(FINAL_MODEL_DIR) if spec.averaging is not None else None,
     )
     descriptor = run_descriptor(recipe, variant)
     if lr_fault is not None:  # never a family member of other runs
@@ -394,7 +421,7 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
     output.write_bytes(RUN_FILE, json.dumps(descriptor, indent=2).encode())
     for path in store.fs.find(output.path):
         name = path[len(output.path.rstrip("/")) + 1 :]
-        if name.startswith((f"{MODEL_DIR}/", "audit/")):
+        if name.startswith((f"{MODEL_DIR}/", f"{FINAL_MODEL_DIR}/", "audit/")):
             output.record_file(name)
     progress(
         f"train: final loss {summary.final_loss:.4f}, {summary.tokens_per_second:,.0f} tokens/s, "

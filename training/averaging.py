@@ -1,5 +1,6 @@
-"""Checkpoint averaging as the TREC predictor sees it: which snapshots, their weights, and the EMA
-coefficients of the averaged model (docs/trec-math.md, "Averaged checkpoints").
+"""Checkpoint averaging: which snapshots, their weights, the EMA coefficients of the averaged model
+as the TREC predictor sees it (docs/trec-math.md, "Averaged checkpoints"), and `SnapshotAverage`,
+the running sum the training job keeps to deliver that model.
 
 The snapshot after step k holds theta_k = prod_{s<=k}(1 - alpha_s) * theta_0 + sum_{t<=k} c_t(k) x_t,
 with c_t(k) = alpha_t * prod_{t<s<=k}(1 - alpha_s) for t <= k and 0 after k: the predictor's EMA
@@ -69,3 +70,53 @@ def averaged_coefficients(lrs: np.ndarray, weight_decay: float, averaging: Avera
     weights = averaging_weights(averaging)
     per_snapshot, initial = checkpoint_coefficients(lrs, weight_decay, snapshot_steps(averaging, lrs.size))
     return weights @ per_snapshot, float(weights @ initial)
+
+
+class SnapshotAverage:
+    """The averaged model a training run delivers, built while it trains: after each snapshot step
+    k_j the current weights are added with their weight w_j (`averaging_weights`), so after the
+    last snapshot the sums are sum_j w_j theta_{k_j} — the SMA, or the EMA fold from the oldest,
+    which expands to the same weighted sum. One model-sized buffer (float32, or float64 for float64
+    weights) holds the sums; nothing is kept per snapshot. `state` / `restore` carry the sums and
+    the steps folded so far through a checkpoint, so a resumed run delivers the same average."""
+
+    def __init__(self, snapshots, weights):
+        self.weights = {int(step): float(weight) for step, weight in zip(snapshots, weights, strict=True)}
+        self.folded: list[int] = []
+        self.sums: dict = {}
+
+    def wants(self, step: int) -> bool:
+        """Whether the weights after ``step`` are a snapshot not folded in yet."""
+        return step in self.weights and step not in self.folded
+
+    def fold(self, step: int, named_tensors) -> None:
+        """Add the weights after ``step`` (``(name, tensor)`` pairs) with the snapshot's weight."""
+        import torch
+
+        if not self.wants(step):
+            raise ValueError(f"step {step} is not a snapshot still to fold (snapshots {sorted(self.weights)}, folded {self.folded})")
+        weight = self.weights[step]
+        for name, tensor in named_tensors:
+            value = tensor.detach().to("cpu")
+            dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+            total = self.sums.get(name)
+            if total is None:
+                total = self.sums[name] = torch.zeros(value.shape, dtype=dtype)
+            total.add_(value.to(dtype), alpha=weight)
+        self.folded.append(step)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.folded) == len(self.weights)
+
+    def state(self) -> dict:
+        return {"folded": list(self.folded), "sums": self.sums}
+
+    def restore(self, state: dict, next_step: int) -> None:
+        """Take a checkpoint's state; ValueError unless it folded exactly the snapshots before
+        ``next_step`` (the step the resumed run starts at)."""
+        expected = sorted(step for step in self.weights if step < next_step)
+        if sorted(state["folded"]) != expected:
+            raise ValueError(f"the checkpoint's average folded the snapshots {sorted(state['folded'])}, "
+                             f"but a run resuming at step {next_step} needs exactly {expected}")
+        self.folded, self.sums = list(state["folded"]), state["sums"]

@@ -69,6 +69,8 @@ def fit_group(runs: list[CalibrationRun]) -> dict[str, Any]:
     for name, value in zip(fitted, solution[1:]):
         law[name] = float(value)
     law["rms_log_error"] = float(np.sqrt(np.mean(residual**2)))
+    spread = float(np.sum((target - target.mean()) ** 2))
+    law["r2_log"] = 1.0 - float(np.sum(residual**2)) / spread if spread > 0 else None  # R^2 of the fit in log space
     not_fitted = [f"{name} (one {var} value)" for name, var in (("mu1", "TPP"), ("mu2", "tau")) if name not in fitted]
     law["note"] = "not fitted, held at 0: " + ", ".join(not_fitted) if not_fitted else ""
     return law

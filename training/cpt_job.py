@@ -20,6 +20,15 @@
    through Ray Train's storage (the store: a local folder or S3), keeping the last N;
 5. at the end, rank 0 saves the model in Hugging Face format with the tokenizer.
 
+With ``JobSpec.averaging`` (a variant's checkpoint averaging), rank 0 also adds the weights after
+each snapshot step to a running weighted sum (`training.averaging.SnapshotAverage`: one
+model-sized float32 buffer on the host, nothing per snapshot), saves that sum with every
+checkpoint (`AVERAGE_FILE`, beside DeepSpeed's files, once the first snapshot is folded) and
+restores it on resume, so a resumed run delivers the same average; ``keep_checkpoints`` is not
+involved. At the end the averaged weights are the delivered model (``model/``) and the raw final
+weights are saved beside them (``final_model/``). ZeRO-3 is refused with averaging (its
+parameters are partitioned; rank 0 does not hold them whole).
+
 With ``JobSpec.collapse`` (the run's family curve and the monitor's settings), rank 0 also feeds
 each step's loss to the collapse monitor (`training.collapse.CollapseMonitor`, O(1) a step; a
 resumed run replays its earlier steps from the audit log first), logs ``collapse_residual``,
@@ -47,7 +56,9 @@ from trecflow.store import Store
 
 CHECKPOINT_TAG = "ds"
 CHECKPOINT_INFO = "trecflow_checkpoint.json"
-MODEL_DIR = "model"
+MODEL_DIR = "model"  # the delivered model: the average of the snapshots when the run averages
+FINAL_MODEL_DIR = "final_model"  # with averaging: the raw final weights, beside the average
+AVERAGE_FILE = "trecflow_average.pt"  # with averaging: the running sum of the snapshots folded so far
 PID_DIR = "_work/pids"
 COLLAPSE_EVENT = "_work/collapse.json"  # the collapse monitor's state: written at the first drift, a stop, the end
 COLLAPSE_TAG = "trecflow.collapse"  # MLflow tag: drift, stopped or ok
@@ -83,6 +94,8 @@ class JobSpec:
     collapse: dict[str, Any] | None = None
     # A testing aid (`injected_lr_fault`): {"first", "steps", "factor"}; None: no fault.
     lr_fault: dict[str, Any] | None = None
+    # Checkpoint averaging: {"snapshots": [step, ...], "weights": [w, ...]} oldest first; None: off.
+    averaging: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.deepspeed is None:
@@ -345,6 +358,11 @@ def train_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=spec.deepspeed)
 
     start = 0
+    average = None
+    if spec.averaging is not None and rank == 0:
+        from training.averaging import SnapshotAverage
+
+        average = SnapshotAverage(spec.averaging["snapshots"], spec.averaging["weights"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -353,6 +371,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 raise JobError(f"checkpoint {info} is not of this run ({spec.run_fingerprint}) and world size {world}")
             _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             start = int(client_state["step"])
+            if average is not None:
+                saved = os.path.join(folder, AVERAGE_FILE)
+                state = torch.load(saved, weights_only=True) if os.path.exists(saved) else {"folded": [], "sums": {}}
+                try:
+                    average.restore(state, start)
+                except ValueError as error:
+                    raise JobError(f"checkpoint of step {start}: {error}") from None
 
     watched = rank == 0 and spec.collapse is not None
     earlier_losses = _earlier_losses(store, spec.output_path, start) if watched else []  # read before this attempt writes
@@ -383,6 +408,8 @@ def train_worker(config: dict[str, Any]) -> None:
             engine.step()
             losses.append(loss.detach().float())
         applied_lr = float(engine.optimizer.param_groups[0]["lr"])
+        if average is not None and average.wants(step):
+            average.fold(step, engine.module.named_parameters())
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, op=dist.ReduceOp.SUM)
         last_loss = float(mean) / world
@@ -402,7 +429,7 @@ def train_worker(config: dict[str, Any]) -> None:
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
         if stop or (step + 1) % training.checkpoint_every == 0 or step + 1 == steps:
-            _save_checkpoint(engine, spec, step + 1, world, last_loss, rank)
+            _save_checkpoint(engine, spec, step + 1, world, last_loss, rank, average)
         if stop:
             stopped_after = step
             break
@@ -411,11 +438,22 @@ def train_worker(config: dict[str, Any]) -> None:
         if watch is not None:
             watch.write("stopped" if stopped_after is not None else ("drift" if watch.monitor.first_drift else "ok"), stopped_after)
     if stopped_after is None:
-        _save_model(engine, spec, store, rank, training.zero_stage)
+        if spec.averaging is None:
+            _save_model(engine, spec, store, rank, training.zero_stage, MODEL_DIR)
+        else:
+            _save_model(engine, spec, store, rank, training.zero_stage, FINAL_MODEL_DIR)
+            if average is not None:
+                if not average.complete:
+                    raise JobError(f"averaging: snapshots {sorted(set(average.weights) - set(average.folded))} were never folded in")
+                with torch.no_grad():  # training is over: the module takes the averaged weights
+                    for name, parameter in engine.module.named_parameters():
+                        parameter.copy_(average.sums[name])
+            _save_model(engine, spec, store, rank, training.zero_stage, MODEL_DIR)
 
 
-def _save_checkpoint(engine, spec: JobSpec, next_step: int, world: int, loss: float, rank: int) -> None:
+def _save_checkpoint(engine, spec: JobSpec, next_step: int, world: int, loss: float, rank: int, average=None) -> None:
     import ray.train
+    import torch
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
@@ -424,11 +462,13 @@ def _save_checkpoint(engine, spec: JobSpec, next_step: int, world: int, loss: fl
         if rank == 0:
             with open(os.path.join(folder, CHECKPOINT_INFO), "w") as handle:
                 json.dump(state, handle)
+            if average is not None and average.folded:
+                torch.save(average.state(), os.path.join(folder, AVERAGE_FILE))
         ray.train.report({"step": next_step, "loss": loss}, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _save_model(engine, spec: JobSpec, store: Store, rank: int, zero_stage: int) -> None:
-    """Rank 0 writes the model (``save_pretrained``) and the tokenizer under ``model/``."""
+def _save_model(engine, spec: JobSpec, store: Store, rank: int, zero_stage: int, name: str) -> None:
+    """Rank 0 writes the module's weights (``save_pretrained``) and the tokenizer under ``name``."""
     import contextlib
 
     import deepspeed
@@ -440,13 +480,13 @@ def _save_model(engine, spec: JobSpec, store: Store, rank: int, zero_stage: int)
         tokenizer = store.output("tokenizer", spec.tokenizer_fingerprint)
         with tempfile.TemporaryDirectory() as folder:
             engine.module.save_pretrained(folder, safe_serialization=True)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                with open(os.path.join(folder, name), "wb") as handle:
-                    handle.write(tokenizer.read_bytes(name))
-            destination = f"{spec.output_path}/{MODEL_DIR}"
+            for file in ("tokenizer.json", "tokenizer_config.json"):
+                with open(os.path.join(folder, file), "wb") as handle:
+                    handle.write(tokenizer.read_bytes(file))
+            destination = f"{spec.output_path}/{name}"
             store.fs.makedirs(destination, exist_ok=True)
-            for name in sorted(os.listdir(folder)):
-                store.fs.put_file(os.path.join(folder, name), f"{destination}/{name}")
+            for file in sorted(os.listdir(folder)):
+                store.fs.put_file(os.path.join(folder, file), f"{destination}/{file}")
 
 
 def run_job(spec: JobSpec, progress: Callable[[str], None] = print):

@@ -26,6 +26,7 @@ BYTES_GRAD_BF16 = 2
 BYTES_OPTIMIZER_FP32 = 12  # master weights 4 + Adam m 4 + Adam v 4
 BYTES_CHECKPOINT = BYTES_PARAM_BF16 + BYTES_OPTIMIZER_FP32
 BYTES_SAMPLE_ID = 8  # one int64 sequence id per sequence per step in the sample index
+BYTES_AVERAGE = 4  # checkpoint averaging's running sum of the snapshots: fp32, one copy on rank 0's host
 GB = 1e9
 
 
@@ -56,6 +57,30 @@ def zero_memory_gb(params: float, gpus: int) -> dict[str, float]:
         "zero2": (p + (g + o) / gpus) / GB,
         "zero3": (p + g + o) / gpus / GB,
     }
+
+
+def averaging_costs(recipe: Recipe, checkpoint_every: int, step_seconds: float, keep_checkpoints: int) -> list[dict]:
+    """For each declared variant that averages checkpoints: what the running average costs. Rank 0
+    holds one fp32 copy of the parameters on its host from the first snapshot to the end, and every
+    checkpoint written in that span carries it (one file, written by rank 0); the raw final model is
+    stored beside the averaged one."""
+    costs = []
+    steps, params = recipe.steps, recipe.model.params
+    for name, variant in recipe.curriculum.variants.items():
+        averaging = variant.averaging
+        if averaging is None:
+            continue
+        first = steps - 1 - (averaging.checkpoints - 1) * averaging.every  # the step after which the oldest snapshot is taken
+        # checkpoints after steps n-1 with n a multiple of checkpoint_every, and after the last step
+        carrying = steps // checkpoint_every - first // checkpoint_every + (1 if steps % checkpoint_every else 0)
+        sum_gb = BYTES_AVERAGE * params / GB
+        costs.append({
+            "variant": name, "kind": averaging.kind, "checkpoints": averaging.checkpoints, "every": averaging.every,
+            "first_snapshot_step": first, "span_steps": steps - first, "span_hours": (steps - first) * step_seconds / 3600.0,
+            "host_memory_gb": sum_gb, "per_checkpoint_gb": sum_gb, "checkpoints_carrying_it": carrying,
+            "written_gb": carrying * sum_gb, "stored_gb": min(carrying, keep_checkpoints) * sum_gb + BYTES_PARAM_BF16 * params / GB,
+        })
+    return costs
 
 
 def plan(
@@ -152,5 +177,6 @@ def plan(
         "reeval_gpu_hours": reeval_gpu_hours,
         "reeval_with_reference_gpu_hours": 2.0 * reeval_gpu_hours,
         "store_gb": {**store, "total": sum(store.values())},
+        "averaging": averaging_costs(recipe, checkpoint_every, step_seconds, keep_checkpoints),
         "warnings": summary["warnings"],
     }

@@ -150,9 +150,11 @@ def plot_measured(
     return png_bytes(figure)
 
 
-def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dict], title: str = "") -> bytes:
+def plot_comparison(predictions: list[tuple[list[str], np.ndarray, np.ndarray]], rows: list[dict], title: str = "") -> bytes:
     """PNG bytes: held-out losses per variant (hq and general) beside the predicted TREC with each
-    variant's HQ window and measured valley."""
+    variant's HQ window and measured valley. ``predictions``: each distinct predicted TREC as
+    ``(the variants it belongs to, fractions, values)``; a variant with its own schedule or averaging
+    is drawn against its own prediction, in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,9 +176,13 @@ def plot_comparison(fractions: np.ndarray, predicted: np.ndarray, rows: list[dic
     bars.set_ylabel("held-out loss (nats/token)")
     bars.legend(fontsize=8)
     bars.grid(axis="y", alpha=0.3)
-    index = _strided(fractions.size)
-    curve.plot(fractions[index], predicted[index], color="tab:red", linewidth=1.3, label="predicted TREC")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of = {row["variant"]: colors[number % len(colors)] for number, row in enumerate(rows)}
+    for owners, fractions, predicted in predictions:
+        index = _strided(fractions.size)
+        own = len(predictions) > 1 and len(owners) == 1  # one variant's own prediction: its colour
+        curve.plot(fractions[index], predicted[index], color=color_of.get(owners[0], "tab:red") if own else "tab:red", linewidth=1.3,
+                   linestyle="--" if own else "-", label=f"predicted TREC ({', '.join(owners)})")
     for number, row in enumerate(rows):
         color = colors[number % len(colors)]
         if row.get("hq_window"):

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 from trecflow.recipe_yaml import RecipeError, compose, read_file, read_yaml  # noqa: F401 (RecipeError, read_yaml: re-exported)
 
@@ -155,8 +155,9 @@ class AveragingSection(_Section):
     T-1-j*S, j = 0..K-1). ``sma`` weighs them equally; ``ema`` starts from the oldest and folds each
     newer one in as theta <- (1 - alpha)*theta + alpha*theta_k, so the newest weighs alpha and the
     oldest (1 - alpha)^(K-1). The prediction of such a variant is the averaged model's TREC
-    (docs/trec-math.md); (K - 1)*S must be less than the recipe's steps. Only predicted so far:
-    the train stage refuses a variant with averaging (it does not keep the snapshots yet)."""
+    (docs/trec-math.md); (K - 1)*S must be less than the recipe's steps. Training keeps a running
+    sum of the snapshots (in its checkpoints, so a resumed run delivers the same average) and
+    delivers the average, the raw final weights beside it; ZeRO-3 is refused."""
 
     kind: Literal["ema", "sma"] = Field(description="ema: exponential average from the oldest snapshot; sma: equal weights")
     checkpoints: int = Field(ge=1, description="K, the snapshots averaged (1: the final weights alone)")
@@ -707,6 +708,10 @@ class ReevaluationSection(_Section):
 class Recipe(_Section):
     """A whole CPT job. Derived quantities (steps, tau, ...) are properties, never stored."""
 
+    # ``trec.m: calibrated`` resolved per schedule kind (`tasks.calibrate.resolve_m`): a variant with
+    # its own schedule of another kind predicts with that kind's m (`for_variant`). Not a field.
+    _calibrated_m: dict[str, float] = PrivateAttr(default_factory=dict)
+
     name: str = Field(
         "recipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name (a recipe file's stem when left out)"
     )
@@ -859,7 +864,10 @@ class Recipe(_Section):
         section = self.own_variant(variant)
         if section is None or section.schedule is None:
             return self
-        return self.model_copy(update={"schedule": section.schedule})
+        update: dict[str, Any] = {"schedule": section.schedule}
+        if section.schedule.kind in self._calibrated_m:  # m: calibrated, resolved for this schedule's kind
+            update["trec"] = self.trec.model_copy(update={"m": self._calibrated_m[section.schedule.kind]})
+        return self.model_copy(update=update)
 
     def averaging(self, variant: str | None) -> AveragingSection | None:
         """The checkpoint averaging of variant ``variant`` (None: it delivers its final weights)."""

@@ -40,6 +40,14 @@ def reevaluation_rows(summary: Any) -> list[tuple[str, str]]:
         ("val_loss_general", number(summary.val_loss_general)),
     ]
     rows += [(f"  val_loss {source}", number(loss)) for source, loss in summary.val_loss_by_source.items()]
+    final = getattr(summary, "final_model", None)
+    if final is not None:  # the model evaluated is an average of checkpoints: the raw final model beside it
+        rows += [
+            ("raw final model", final.model_uri),
+            ("  its val_loss_hq / general", f"{number(final.val_loss_hq)} / {number(final.val_loss_general)}"),
+            ("  r_p vs its prediction", f"{number(final.trec_pearson)} (valley {number(final.trec_valley_predicted)}; the average's prediction: "
+                                        f"{number(summary.trec_pearson)})"),
+        ]
     for name, entry in (summary.sampling_study or {}).items():
         rows.append((f"r_p {name.replace('_', ' ')}", ", ".join(f"{kind} {number(value)}" for kind, value in entry.items())))
     rows.append(("content-confounded", "yes: the tier mix moves in time; not used for calibration" if summary.content_confounded else "no"))

@@ -163,13 +163,14 @@ def test_predict_an_unknown_variant_is_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "run"])
-def test_training_an_averaged_variant_is_refused_in_one_line_before_any_work(tmp_path, command):
+def test_training_an_averaged_variant_under_zero3_is_refused_in_one_line_before_any_work(tmp_path, command):
     import yaml
 
     from trecflow.recipe import read_yaml
 
     data = read_yaml((CONFIGS / "test.yaml").read_text())
     data["curriculum"]["variants"] = {"avg": {"strategy": "trec_valley", "averaging": {"kind": "sma", "checkpoints": 3, "every": 5}}}
+    data["training"]["zero_stage"] = 3
     recipe = tmp_path / "avg.yaml"
     recipe.write_text(yaml.safe_dump(data))
     home = tmp_path / "home"
@@ -177,7 +178,6 @@ def test_training_an_averaged_variant_is_refused_in_one_line_before_any_work(tmp
                             env={**os.environ, "TRECFLOW_HOME": str(home)})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: {recipe}: curriculum.variants.avg.averaging: checkpoint averaging is not trained yet (the train stage would "
-                     "deliver the raw final model, not the average); `trecflow predict --variant avg` predicts it; remove averaging from "
-                     "this variant to train it"], lines
+    assert lines == [f"error: {recipe}: curriculum.variants.avg.averaging: checkpoint averaging needs training.zero_stage 0, 1 or 2 "
+                     "(ZeRO-3 partitions the weights the average adds up); use ZeRO-1 or 2, or remove averaging from this variant"], lines
     assert not (home / "store").exists() and not (home / "mlflow.db").exists()  # nothing was started or written

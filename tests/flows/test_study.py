@@ -274,7 +274,7 @@ def test_study_recipe_trains_each_seed_on_the_shared_stages_and_a_rerun_reuses_e
         assert run.data.metrics["val_loss_general"] == summary.val_loss_general
 
 
-def test_variants_with_their_own_schedule_compute_their_prediction_and_averaging_is_refused(tmp_path):
+def test_variants_with_their_own_schedule_compute_their_prediction_and_averaging_under_zero3_is_refused(tmp_path):
     import yaml
 
     from trecflow.recipe import RecipeError, parse_recipe, read_yaml
@@ -288,6 +288,9 @@ def test_variants_with_their_own_schedule_compute_their_prediction_and_averaging
     assert given_stages(recipe, "constant", shared) == {"pack": "p1", "base": "b1"}  # its run predicts its own schedule
     path = tmp_path / "avg.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(RecipeError, match=r"avg.yaml: curriculum.variants.avg.averaging: checkpoint averaging is not trained yet"):
+    assert sorted(load_study(Study(recipe_path=str(path), seeds=2))[1]) == ["avg", "constant", "uniform"]  # averaging trains under ZeRO-1
+    data["training"]["zero_stage"] = 3
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"avg.yaml: curriculum.variants.avg.averaging: checkpoint averaging needs training.zero_stage"):
         load_study(Study(recipe_path=str(path), seeds=2))
     assert load_study(Study(recipe_path=str(path), seeds=2, variants=["uniform", "constant"]))[1] == ["uniform", "constant"]

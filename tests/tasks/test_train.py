@@ -34,6 +34,37 @@ def train(trainable, recipe=None, force: bool = False, **kwargs):
     )
 
 
+AVERAGING = {"kind": "ema", "checkpoints": 5, "every": 8, "alpha": 0.2}  # snapshots after steps 15, 23, 31, 39, 47
+
+
+def averaged_recipe(trainable):
+    """The test recipe with a ``uniform`` variant that averages 5 snapshots 8 steps apart, and
+    checkpoints kept at each of them (every 8 steps, the last 5: after steps 15 .. 47)."""
+    data = trainable["recipe"].model_dump(mode="json")
+    data["curriculum"]["variants"] = {"averaged": {"strategy": "uniform", "averaging": AVERAGING}}
+    data["training"]["keep_checkpoints"] = 5  # not fingerprinted
+    return parse_recipe(data)
+
+
+def model_weights(uri: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(uri, "model.safetensors"))
+
+
+def checkpoint_weights(store: Store, fingerprint: str) -> dict[int, dict[str, np.ndarray]]:
+    """The module weights of every kept checkpoint, by the step it was taken after."""
+    import torch
+
+    weights = {}
+    for info in store.fs.glob(f"{checkpoint_root(store, fingerprint)}/*/checkpoint_*/{CHECKPOINT_INFO}"):
+        folder = info.rsplit("/", 1)[0]
+        step = json.loads(store.fs.cat_file(info))["step"] - 1
+        state = torch.load(f"{folder}/ds/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        weights[step] = {name: tensor.numpy() for name, tensor in state.items()}
+    return weights
+
+
 def test_tiny_base_is_pretrained_on_the_base_split_and_saved_in_hf_format(trainable):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,14 +113,34 @@ def start_over(store: Store, fingerprint: str) -> None:
     store.fs.rm(checkpoint_root(store, fingerprint), recursive=True)
 
 
-def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_loss(trainable):
+def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_loss_and_average(trainable):
+    """A run that averages checkpoints: the delivered model is the weighted average of the
+    snapshots (checked against the kept checkpoints' weights), the raw final weights are beside it,
+    and a run killed after the first snapshot resumes to the same losses and the same average."""
     store = trainable["store"]
-    clean = train(trainable)
+    recipe = averaged_recipe(trainable)
+    clean = train(trainable, recipe, variant="averaged")
     summary = clean.summary
     assert summary.audit.exactly_once and summary.audit.reexecuted_steps == 0
     assert summary.resumed_from_step is None and summary.steps == 48
     clean_loss = summary.final_loss
-    assert len(summary.checkpoints) == 2  # keep_checkpoints
+    assert len(summary.checkpoints) == 5  # keep_checkpoints
+
+    # the delivered model is sum_j w_j theta_{k_j} over the snapshots; the raw final model is the last checkpoint's
+    from training.averaging import averaging_weights
+
+    assert summary.model_uri.endswith("/model") and summary.final_model_uri.endswith("/final_model")
+    snapshots = checkpoint_weights(store, clean.fingerprint)
+    assert sorted(snapshots) == [15, 23, 31, 39, 47]
+    weights = averaging_weights(recipe.averaging("averaged"))
+    averaged, final = model_weights(summary.model_uri), model_weights(summary.final_model_uri)
+    moved = 0.0
+    for name, value in averaged.items():
+        expected = sum(weight * snapshots[step][name].astype(np.float64) for weight, step in zip(weights, sorted(snapshots)))
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(final[name], snapshots[47][name])
+        moved = max(moved, float(np.abs(value - final[name]).max()))
+    assert moved > 1e-3  # the average is not the final model
 
     # the applied LR is the predictor's schedule at every step
     schedule = LRSchedule.from_recipe(trainable["recipe"])
@@ -101,7 +152,7 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     output = store.output("train", clean.fingerprint)
     start_over(store, clean.fingerprint)
     killed = Killer(store, output.path, step=20)
-    resumed = train(trainable)
+    resumed = train(trainable, recipe, variant="averaged")
     assert killed.wait(5), "the worker was never killed"
     audit = resumed.summary.audit
     assert audit.exactly_once and audit.attempts == (1, 2)
@@ -114,6 +165,11 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     first = [record for record in records if record["attempt"] == 1]
     assert 20 <= first[-1]["step"] < 47
     assert audit.reexecuted_steps == sum(1 for record in first if record["step"] >= resumed_from)
+    # the resumed run restored the average of the snapshots before its checkpoint (after step 15) and delivers the same model
+    assert resumed_from == 16
+    again = model_weights(resumed.summary.model_uri)
+    for name, value in averaged.items():
+        np.testing.assert_allclose(again[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_failed_run_resumes_from_the_store_when_the_task_is_retried(trainable):

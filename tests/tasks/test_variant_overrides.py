@@ -1,6 +1,7 @@
 """A variant's own schedule and checkpoint averaging through the stages: its own prediction (and
 only then a fingerprint of its own), the placement window that prediction gives, the schedule
-training uses, and the train stage's refusal of averaging before any work."""
+training uses, the averaging the job folds in, and the train stage's refusal of averaging under ZeRO-3
+before any work."""
 
 from __future__ import annotations
 
@@ -100,22 +101,97 @@ def test_the_stored_prediction_and_the_placement_window_follow_the_variant(tmp_p
     assert len(set(windows.values())) == 3
 
 
-def test_training_refuses_averaging_before_any_work(tmp_path, test_corpus):
-    target = Target(RECIPE, "constant-sma")
-    expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet (the train stage would deliver the raw "
-                "final model, not the average); `trecflow predict --variant constant-sma` predicts it; remove averaging from this variant to train it")
+def test_training_refuses_averaging_under_zero3_before_any_work(tmp_path, test_corpus):
+    data = copy.deepcopy(BASE)
+    data["curriculum"]["variants"] = copy.deepcopy(VARIANTS)
+    data["training"]["zero_stage"] = 3
+    zero3 = parse_recipe(data)
+    target = Target(zero3, "constant-sma")
+    expected = ("curriculum.variants.constant-sma.averaging: checkpoint averaging needs training.zero_stage 0, 1 or 2 (ZeRO-3 partitions "
+                "the weights the average adds up); use ZeRO-1 or 2, or remove averaging from this variant")
     assert TRAIN.refusal(target) == expected
-    assert TRAIN.refusal(Target(RECIPE, "constant")) is None and TRAIN.refusal(Target(RECIPE, "valley")) is None
+    assert TRAIN.refusal(Target(zero3, "constant")) is None and TRAIN.refusal(Target(RECIPE, "constant-sma")) is None
     assert TRAIN.requirement(target, "r.yaml") == f"r.yaml: {expected}"
     with pytest.raises(RecipeError) as raised:
         GRAPH.check_runnable(target, None, "r.yaml")
     assert str(raised.value) == f"r.yaml: {expected}"
     GRAPH.check_runnable(target, "place", "r.yaml")  # up to placement nothing is refused
-    GRAPH.check_runnable(Target(RECIPE, "constant"), None, "r.yaml")
+    GRAPH.check_runnable(Target(RECIPE, "constant-sma"), None, "r.yaml")  # averaging under ZeRO-1 trains
     # `trecflow status` (the same plan) shows the refusal, and that what follows training waits on it
     plans = {plan.stage: plan for plan in plan_stages(GRAPH, Store(str(tmp_path / "status")), target)}
     assert plans["train"].state == SKIPPED and plans["train"].note == f"refused: {expected}"
     assert plans["reevaluate"].state == SKIPPED and plans["reevaluate"].note == "needs train"
-    with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging is not trained yet"):
+    with pytest.raises(RecipeError, match="^test/constant-sma: curriculum.variants.constant-sma.averaging: checkpoint averaging needs"):
         run_stage(TRAIN, target, Store(str(tmp_path / "store")), upstream={}, progress=None)  # refused before it reads an input
     assert not (tmp_path / "store").exists()
+
+
+def test_averaging_has_its_own_training_fingerprint_and_the_job_folds_the_predicted_weights():
+    from tasks.train import averaging_plan
+
+    plain = train_fingerprint(RECIPE.for_variant("constant"), "place", "base", "constant")
+    averaged = train_fingerprint(RECIPE.for_variant("constant-sma"), "place", "base", "constant-sma")
+    assert plain != averaged and plain == train_fingerprint(RECIPE.for_variant("constant"), "place", "base")
+    plan = averaging_plan(RECIPE, "constant-sma", 48)
+    assert plan == {"snapshots": [35, 39, 43, 47], "weights": [0.25] * 4}  # 4 snapshots 4 steps apart, the newest after the last step
+    assert averaging_plan(RECIPE, "constant", 48) is None
+
+
+def test_the_comparison_draws_each_variant_against_its_own_prediction(tmp_path):
+    from flows.compare import variant_predictions
+    from training.trec_plot import plot_comparison
+
+    store = Store(str(tmp_path / "store"))
+    outcomes = {name: {"predict": {"fingerprint": run_predict(RECIPE, store, variant=name).fingerprint}}
+                for name in ("uniform", "valley", "constant", "constant-sma")}
+    predictions = variant_predictions(store, list(outcomes), outcomes)
+    assert [owners for owners, _, _ in predictions] == [["uniform", "valley"], ["constant"], ["constant-sma"]]
+    for owners, fractions, values in predictions:
+        np.testing.assert_array_equal(values, read_curve(store, outcomes[owners[0]]["predict"]["fingerprint"])["trec_pred"].to_numpy())
+        assert fractions[-1] == 1.0
+    assert np.argmin(predictions[1][2]) == 47 and np.argmin(predictions[2][2]) < 47  # constant LR: the end; averaged: earlier
+    rows = [{"variant": name, "val_loss_hq": 5.0, "val_loss_general": 5.5, "hq_window": None, "trec_valley_measured": None} for name in outcomes]
+    assert plot_comparison(predictions, rows, "t").startswith(b"\x89PNG")
+
+
+def test_the_lr_decay_overlay_declares_the_papers_variants_on_the_study_recipe():
+    recipe = load_recipe(CONFIGS / "study.yaml", [str(CONFIGS / "overlays" / "lr-decay.yaml")])
+    assert list(recipe.curriculum.variants) == ["uniform", "ascending", "ascending-moderate", "ascending-constant-ema",
+                                                "ascending-moderate-ema", "trec_valley-constant-ema"]
+    assert recipe.schedule.kind == "linear" and predict(recipe, "ascending").lrs[-1] == 0.0
+    moderate = predict(recipe, "ascending-moderate")
+    assert moderate.lrs[-1] == pytest.approx(0.33 * 2e-3, rel=0.01)
+    averaged = predict(recipe, "ascending-constant-ema")
+    assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 319  # constant LR: the end; its EMA: the oldest snapshot
+
+
+def test_m_calibrated_follows_a_variants_own_schedule_kind(tmp_path):
+    from tasks.calibrate import record_run, resolve_m, run_calibrate
+    from training.calibration import CalibrationRun
+
+    store = Store(str(tmp_path / "store"))
+    grid = [(20, 0.1), (20, 0.3), (80, 0.1), (80, 0.3), (300, 0.5)]
+    for kind, scale in (("linear", 0.8), ("constant", 2.0)):
+        for i, (tpp, tau) in enumerate(grid):
+            record_run(store, CalibrationRun(f"{kind}{i}", "r", "uniform", kind, tpp, tau, scale * tpp**0.25 * tau**-0.6, 0.95, 300))
+    run_calibrate(store)
+    data = copy.deepcopy(BASE)
+    data["schedule"]["kind"] = "linear"
+    data["trec"]["m"] = "calibrated"
+    data["curriculum"]["variants"] = {"uniform": {"strategy": "uniform"}, "constant": {"strategy": "trec_valley", "schedule": CONSTANT}}
+    resolved = resolve_m(parse_recipe(data), store)
+    shared, constant = predict(resolved), predict(resolved, "constant")
+    law = 0.25 * np.log(shared.tpp) - 0.6 * np.log(shared.tau)
+    assert resolved.trec.m == shared.m == pytest.approx(0.8 * np.exp(law), rel=1e-5)
+    assert constant.m == pytest.approx(2.0 * np.exp(law), rel=1e-5)  # its own kind's law
+    assert predict_fingerprint(resolved, "constant") != predict_fingerprint(resolved.model_copy(update={"_calibrated_m": {}}), "constant")
+    data["curriculum"]["variants"]["wsd"] = {"strategy": "uniform", "schedule": {"kind": "wsd", "cooldown": 0.2}}
+    pooled = run_calibrate(store)["laws"]["all"]
+    assert predict(resolve_m(parse_recipe(data), store), "wsd").m == pytest.approx(
+        pooled["C"] * shared.tpp ** pooled["mu1"] * shared.tau ** pooled["mu2"], rel=1e-5)  # no wsd law: the pooled one
+    only_linear = Store(str(tmp_path / "linear"))
+    for i, (tpp, tau) in enumerate(grid):
+        record_run(only_linear, CalibrationRun(f"linear{i}", "r", "uniform", "linear", tpp, tau, 0.8 * tpp**0.25 * tau**-0.6, 0.95, 300))
+    run_calibrate(only_linear)
+    with pytest.raises(RecipeError, match=r"^trec.m: calibrated \(variant constant, schedule constant\): the calibration has no law for schedule 'constant'"):
+        resolve_m(parse_recipe(data), only_linear)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trecflow.recipe import AveragingSection, ScheduleSection, parse_recipe, read_yaml
-from training.averaging import averaged_coefficients, averaging_weights, checkpoint_coefficients, snapshot_steps
+from training.averaging import SnapshotAverage, averaged_coefficients, averaging_weights, checkpoint_coefficients, snapshot_steps
 from training.schedules import LRSchedule
 from training.torch_schedule import set_step_lr
 from training.trec import ema_coefficients, ema_coefficients_loop, predict
@@ -113,6 +113,38 @@ def test_adamw_zero_gradients_the_averaged_weights_are_the_predicted_weight_on_t
     np.testing.assert_allclose(averaged, initial_weight * start, rtol=1e-10)
     _, final_initial = ema_coefficients(schedule.lrs(), weight_decay)
     assert initial_weight > final_initial  # the older snapshots kept more of theta_0
+
+
+@pytest.mark.parametrize("averaging", [sma(4, 25), ema(6, 20, 0.2)], ids=["sma", "ema"])
+def test_the_jobs_running_average_of_a_zero_gradient_adamw_is_the_predicted_weight_on_theta0(averaging):
+    """What the training job does (`SnapshotAverage` folded after each snapshot step, carried
+    through a checkpoint in the middle) on a real AdamW with zero gradients: the predicted
+    averaged model's weight on theta_0, to 1e-10."""
+    schedule = LRSchedule(ScheduleSection(kind="cosine", warmup=0.1, final_lr_ratio=0.1), peak_lr=0.01, steps=200)
+    weight_decay, start = 2.0, torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    snapshots = snapshot_steps(averaging, schedule.steps)
+    weights = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([weights], lr=1.0, betas=(0.9, 0.95), weight_decay=weight_decay)
+    average = SnapshotAverage(snapshots, averaging_weights(averaging))
+    resume_at = int(snapshots[1]) + 3  # a checkpoint after the second snapshot: the state a resumed run restores
+    for step in range(schedule.steps):
+        set_step_lr(optimizer, schedule, step)
+        weights.grad = torch.zeros_like(weights)
+        optimizer.step()
+        if average.wants(step):
+            average.fold(step, [("w", weights)])
+        if step + 1 == resume_at:
+            restored = SnapshotAverage(snapshots, averaging_weights(averaging))
+            restored.restore(copy.deepcopy(average.state()), resume_at)
+            average = restored
+    assert average.complete and average.folded == snapshots.tolist()
+    _, initial_weight = averaged_coefficients(schedule.lrs(), weight_decay, averaging)
+    np.testing.assert_allclose(average.sums["w"].numpy(), initial_weight * start.numpy(), rtol=1e-10)
+    first = int(snapshots[0])
+    with pytest.raises(ValueError, match=rf"folded the snapshots \[\], but a run resuming at step {first + 1} needs exactly \[{first}\]"):
+        SnapshotAverage(snapshots, averaging_weights(averaging)).restore({"folded": [], "sums": {}}, first + 1)
+    with pytest.raises(ValueError, match="not a snapshot still to fold"):
+        average.fold(int(snapshots[-1]), [("w", weights)])
 
 
 def test_adamw_any_gradients_the_averaged_weights_are_the_averaged_coefficients_on_the_updates():

@@ -97,3 +97,22 @@ def test_cli_bad_gpus_is_exit_2():
     result = CliRunner().invoke(app, ["plan", str(CONFIGS / "cpt-3.9b-900b.yaml"), "--gpus", "96"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --gpus: 1024 sequences per step do not split evenly over 96 GPUs"
+
+
+def test_averaging_costs_for_the_paper_scale_job_with_an_ema_variant():
+    """3.9B on 128 GPUs: the running sum is one fp32 copy of the parameters on rank 0's host, and
+    each checkpoint of the averaged span carries it; variants without averaging cost nothing."""
+    from trecflow.recipe import load_recipe
+
+    data = load_recipe(CONFIGS / "cpt-3.9b-900b.yaml").model_dump(mode="json")
+    data["curriculum"]["variants"]["uniform-ema"] = {"strategy": "uniform", "schedule": {"kind": "constant", "warmup": 0.01},
+                                                     "averaging": {"kind": "ema", "checkpoints": 6, "every": 2000, "alpha": 0.2}}
+    sized = plan(parse_recipe(data), 128, keep_checkpoints=3)
+    [cost] = sized["averaging"]
+    assert cost["variant"] == "uniform-ema" and cost["first_snapshot_step"] == 214_575 - 5 * 2000
+    assert cost["host_memory_gb"] == cost["per_checkpoint_gb"] == pytest.approx(4 * 3.9e9 / 1e9)
+    every = sized["checkpoint_every_steps"]
+    in_span = [n for n in range(every, 214_577, every) if n - 1 >= cost["first_snapshot_step"]] + ([214_576] if 214_576 % every else [])
+    assert cost["checkpoints_carrying_it"] == len(in_span) and cost["written_gb"] == pytest.approx(len(in_span) * cost["per_checkpoint_gb"])
+    assert cost["stored_gb"] == pytest.approx(min(len(in_span), 3) * cost["per_checkpoint_gb"] + 2 * 3.9e9 / 1e9)
+    assert plan(RECIPE, 8)["averaging"] == []

@@ -110,6 +110,11 @@ def test_calibration_recovers_a_known_law_and_predicts_with_it():
     law = fitted["laws"]["linear"]
     assert law["C"] == pytest.approx(0.8) and law["mu1"] == pytest.approx(0.25) and law["mu2"] == pytest.approx(-0.6)
     assert law["fitted"] == ["mu1", "mu2"] and law["note"] == ""
+    assert law["r2_log"] == pytest.approx(1.0) and law["rms_log_error"] == pytest.approx(0.0, abs=1e-12)
+    noisy = fit_law(law_runs(noise=0.2))["laws"]["linear"]
+    target = np.log([run.m_star for run in law_runs(noise=0.2)])
+    assert noisy["r2_log"] == pytest.approx(1.0 - len(target) * noisy["rms_log_error"] ** 2 / np.sum((target - target.mean()) ** 2))
+    assert 0.0 < noisy["r2_log"] < 1.0
     m, name = law_m(fitted, "linear", 50.0, 0.2)
     assert name == "linear" and m == pytest.approx(0.8 * 50**0.25 * 0.2**-0.6)
     with pytest.raises(CalibrationError, match="no law for schedule 'step'"):
