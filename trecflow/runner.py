@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from trecflow.integrity import verify_output
 from trecflow.lease import Lease, Owner
 from trecflow.progress import LineThrottle, Progress, ProgressUpdate
 from trecflow.ray_jobs import job_alive
@@ -250,12 +251,15 @@ class Runner:
             return resolved
         started = self.emit(StageEvent(STARTED, stage, target, fingerprint))
         began = time.perf_counter()
-        existed = self.store.output(stage.name, fingerprint).exists()
+        output = self.store.output(stage.name, fingerprint)
+        existed = output.exists()
 
         def compute(force_now: bool) -> StageResult:
             return self.compute(stage, target, upstream, fingerprint, force_now, started.annotations)
 
         try:
+            if existed and not force:  # a committed output is reused (even from the executor's cache) only once verified
+                verify_output(output)
             result = self.executor(stage, target, upstream, fingerprint, force, compute)
         except BaseException as error:
             self.emit(StageEvent(FAILED, stage, target, fingerprint, error=error, seconds=time.perf_counter() - began,
@@ -373,11 +377,12 @@ def default_graph() -> Graph:
 def stored(store: Store, stage: Stage | str, fingerprint: str) -> StageResult:
     """The committed output of ``stage`` (a stage, or the name of one of the pipeline's) with
     ``fingerprint`` as a reused result, its summary read back into the stage's summary type
-    (StoreError if incomplete; SummaryError if the stored summary lacks a field)."""
+    (StoreError if incomplete, foreign, or a file is missing or of another size than the manifest
+    records: `trecflow.integrity.verify_output`; SummaryError if the stored summary lacks a field)."""
     if isinstance(stage, str):
         stage = default_graph()[stage]
     output = store.output(stage.name, fingerprint)
-    manifest = output.manifest()
+    manifest = verify_output(output)
     try:
         summary = read_summary(stage.summary_type, json.loads(output.read_bytes(SUMMARY_FILE)))
     except SummaryError as error:
