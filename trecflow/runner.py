@@ -38,6 +38,7 @@ from trecflow.lease import Lease, Owner
 from trecflow.progress import LineThrottle, Progress, ProgressUpdate
 from trecflow.ray_jobs import job_alive
 from trecflow.recipe import RecipeError
+from trecflow.redact import redact, redact_error
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, SummaryError, Target, read_summary, summary_json
 from trecflow.store import Store
 
@@ -216,6 +217,7 @@ class Runner:
 
     def emit(self, event: StageEvent) -> StageEvent:
         event.depth = self.depth
+        event.message = redact(event.message)  # every reporter shows or records it: no URL's password
         for reporter in self.reporters:
             reporter(event)
         return event
@@ -262,6 +264,7 @@ class Runner:
                 verify_output(output)
             result = self.executor(stage, target, upstream, fingerprint, force, compute)
         except BaseException as error:
+            redact_error(error)
             self.emit(StageEvent(FAILED, stage, target, fingerprint, error=error, seconds=time.perf_counter() - began,
                                  annotations=started.annotations, message=f"{stage.name}: failed: {type(error).__name__}: {error}"))
             raise
@@ -290,7 +293,16 @@ class Runner:
 
     def compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
                 annotations: Mapping[str, Any] | None = None) -> StageResult:
-        """Reuse the complete output, or compute it holding the lease (see the module docstring)."""
+        """Reuse the complete output, or compute it holding the lease (see the module docstring).
+        An error leaves with credentials masked in its message (`trecflow.redact.redact_error`),
+        before an executor (Prefect) logs it."""
+        try:
+            return self._compute(stage, target, upstream, fingerprint, force, annotations)
+        except BaseException as error:
+            raise redact_error(error)
+
+    def _compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
+                 annotations: Mapping[str, Any] | None = None) -> StageResult:
         output = self.store.output(stage.name, fingerprint)
         if output.exists() and not force:
             return self.load(stage, fingerprint)
