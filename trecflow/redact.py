@@ -12,8 +12,10 @@ masked by `trecflow.recipe.Recipe.redacted_dump`; credentials given as environme
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 MASK = "***"
 # scheme://user:password@ -- the password runs up to the last "@" before the host (it may hold "@"
@@ -46,14 +48,21 @@ def redact_value(value: Any) -> Any:
 
 
 def redact_error(error: BaseException) -> BaseException:
-    """``error`` (and the exceptions chained to it) with credentials masked in its message, in
-    place: its type stays, so handlers still tell bad input from a failure; returns it."""
+    """``error`` (and the exceptions chained to it) with credentials masked in place: its
+    message, and the strings its attributes hold (``MlflowException.message``, botocore's
+    ``kwargs``), since a failed run's exception is logged and pickled (Prefect persists it as the
+    run's result). Its type stays, so handlers still tell bad input from a failure; returns it."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         try:
             current.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in current.args)
+            for name, value in list(getattr(current, "__dict__", {}).items()):
+                if isinstance(value, (str, dict, list, tuple)):
+                    masked = redact_value(value)
+                    if masked != value:
+                        setattr(current, name, masked)
             if isinstance(current, OSError):
                 for name in ("strerror", "filename", "filename2"):
                     value = getattr(current, name, None)
@@ -63,3 +72,41 @@ def redact_error(error: BaseException) -> BaseException:
             pass
         current = current.__cause__ or current.__context__
     return error
+
+
+def has_password(url: str | None) -> bool:
+    """True when ``url`` carries a password in its user information."""
+    try:
+        return bool(url) and urlsplit(url).password is not None
+    except ValueError:  # not a URL urlsplit can read: nothing to say
+        return False
+
+
+_installed = False
+
+
+def install_log_redaction() -> None:
+    """Mask credentials in every log record this process creates, whatever logger or handler it
+    goes to (Prefect's console and API handlers, MLflow's, Ray's): the record's message, and the
+    message of the exception it carries (in place), pass through `redact` when the record is
+    made. Idempotent; costs one string check per record."""
+    global _installed
+    if _installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.exc_info and record.exc_info[1] is not None:
+            redact_error(record.exc_info[1])
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: logging reports it itself
+            return record
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return record
+
+    logging.setLogRecordFactory(make)
+    _installed = True

@@ -6,7 +6,9 @@ For each stage a run needs (the ancestors of ``until``, in the graph's order), t
 2. computes its fingerprint **once**, from the recipe and the upstream results;
 3. hands the stage to an *executor* (in a flow: a Prefect task whose cache key is that fingerprint;
    elsewhere: a direct call), which calls back `Runner.compute`:
-   - a complete output (manifest present) is reused unless the stage is forced;
+   - a complete output (manifest present) is reused unless the stage is forced, once verified
+     (`trecflow.integrity.verify_output`: its manifest is this stage's and fingerprint's, every
+     file it lists is present with its size; else a `StoreError` naming the file);
    - otherwise the runner takes the lease on ``<store>/<stage>/<fingerprint>/``
      (`trecflow.lease`), clears an incomplete output (a resumable stage keeps it unless forced),
      runs the stage with a heartbeat renewing the lease, writes ``summary.json`` and commits the
@@ -15,7 +17,9 @@ For each stage a run needs (the ancestors of ``until``, in the graph's order), t
      output; one that finds an expired lease takes it over;
 4. emits events (``started``, ``progress``, ``waiting``, ``reused``, ``finished``, ``failed``,
    ``skipped``, ``note``) to its reporters: MLflow, Prefect artifacts, logs and the CLI subscribe
-   (`flows.reporters`, `flows.progress_reporters`); nothing else in a stage or flow reports.
+   (`flows.reporters`, `flows.progress_reporters`); nothing else in a stage or flow reports. An
+   event's message, and the message of an error leaving the runner, are passed through
+   `trecflow.redact` first: no URL's password reaches a reporter or a log.
 
 A stage reports through ``context.progress`` (`trecflow.progress.Progress`): ``progress(text)`` is a
 ``progress`` event with that message (a note); ``progress.advance(done, total, unit, message)`` is a
