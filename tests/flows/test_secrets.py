@@ -7,6 +7,7 @@ The scanner is `tests.secret_scan`; its numbers (files and bytes read, hits) are
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -110,16 +111,24 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> subpr
     return subprocess.run([str(TRECFLOW), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def planted_run_env(tmp_path: Path, s3_endpoint: str, prefix: str) -> dict[str, str]:
+@pytest.fixture
+def ray_tmp():
+    """A short folder for Ray's session (its socket paths must stay short), removed after the test."""
+    folder = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def planted_run_env(tmp_path: Path, s3_endpoint: str, prefix: str, ray_tmp: str) -> dict[str, str]:
     """A `trecflow` process's environment: the planted credentials, its own home (MLflow's SQLite
-    database, Prefect's result storage), Ray's session folder in ``tmp_path``'s sibling, the
+    database, Prefect's result storage), Ray's session folder ``ray_tmp``, the
     session's Prefect server and the store ``s3://<bucket>/<prefix>`` on moto."""
     import prefect.settings
 
     base_env = {key: value for key, value in os.environ.items() if not key.startswith(("TRECFLOW_", "PREFECT_", "MLFLOW_", "AWS_"))}
     home = tmp_path / "home"
     return {**base_env, **planted_env(), "PYTHONPATH": str(ROOT), "TRECFLOW_HOME": str(home),
-            "RAY_TMPDIR": tempfile.mkdtemp(prefix="rs", dir="/tmp"),  # Ray's socket paths must stay short
+            "RAY_TMPDIR": ray_tmp,
             "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), "AWS_DEFAULT_REGION": "us-east-1",
             "TRECFLOW_STORE": f"s3://{BUCKET}/{prefix}", "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
             "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
@@ -148,11 +157,11 @@ def scan_run(env: dict[str, str], s3_endpoint: str, outputs: dict[str, subproces
 
 
 @pytest.mark.slow
-def test_planted_credentials_appear_nowhere_a_run_writes(prefect_harness, s3_endpoint, test_corpus, tmp_path):
+def test_planted_credentials_appear_nowhere_a_run_writes(prefect_harness, s3_endpoint, test_corpus, tmp_path, ray_tmp):
     """`trecflow run --until ingest` (a Prefect flow and task, MLflow runs, the S3 store, Ray
     tasks) with credentials planted in the environment and the recipe: nothing it wrote or printed
     holds one."""
-    env = planted_run_env(tmp_path, s3_endpoint, f"secrets-{os.getpid()}")
+    env = planted_run_env(tmp_path, s3_endpoint, f"secrets-{os.getpid()}", ray_tmp)
     ran = run_cli(["run", str(scan_recipe(tmp_path, test_corpus)), "--until", "ingest"], env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     result, objects = scan_run(env, s3_endpoint, {"run": ran})
@@ -166,12 +175,12 @@ def test_planted_credentials_appear_nowhere_a_run_writes(prefect_harness, s3_end
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["store endpoint", "tracking URI"])
-def test_a_url_with_a_password_fails_in_one_line_that_masks_it(prefect_harness, s3_endpoint, test_corpus, tmp_path, where):
+def test_a_url_with_a_password_fails_in_one_line_that_masks_it(prefect_harness, s3_endpoint, test_corpus, tmp_path, ray_tmp, where):
     """A run whose store endpoint is a URL with a password (S3 clients refuse one: bad input, exit 2)
     or whose MLflow tracking server is such a URL that cannot be reached (exit 1): one error line
     naming the URL with its password as ***, and nothing written or printed holds a planted
     credential (Prefect's log of the failed flow included)."""
-    env = planted_run_env(tmp_path, s3_endpoint, f"secrets-{os.getpid()}-{where.split()[0]}")
+    env = planted_run_env(tmp_path, s3_endpoint, f"secrets-{os.getpid()}-{where.split()[0]}", ray_tmp)
     closed = url_with_password(f"http://127.0.0.1:{free_port()}")
     recipe = scan_recipe(tmp_path, test_corpus, closed if where == "store endpoint" else None)
     if where == "tracking URI":  # an MLflow server behind basic authentication, asked once
