@@ -54,8 +54,10 @@ class RecipeFile:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one line to stderr (a URL's password as ``***``: `trecflow.redact`) and return the Exit to raise."""
+    from trecflow.redact import redact
+
+    typer.echo(f"error: {redact(message)}", err=True)
     return typer.Exit(code)
 
 

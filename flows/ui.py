@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from trecflow.redact import redact
 from trecflow.settings import configure_environment, ensure_home, home, store_endpoint, store_url, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -322,7 +323,7 @@ def running_ui(
             progress(f"MLflow tracking is the server {ui.mlflow_url}: no local MLflow UI")
             mlflow_ui = None
         else:
-            progress(f"starting the MLflow UI on {ui.mlflow_url} (tracking {tracking_uri()})")
+            progress(f"starting the MLflow UI on {ui.mlflow_url} (tracking {redact(tracking_uri())})")
             mlflow_ui = start_mlflow_ui(host, mlflow_port, env, ui.log_dir / "mlflow.log")
             ui.children.append(mlflow_ui)
 

@@ -39,7 +39,8 @@ from trecflow.fingerprint import fingerprint
 from trecflow.recipe import Recipe, ReevaluationSection, RecipeError
 from trecflow.report import reevaluation_rows
 from trecflow.stage import SUMMARY_FILE, VARIANT_SCOPE, Stage, StageResult, StageContext, Summary, Target, omitted_when_none
-from trecflow.store import StageOutput, Store
+from trecflow.integrity import open_parquet, read_parquet
+from trecflow.store import StageOutput, Store, StoreError
 from training.calibration import CalibrationRun
 from training.difficulty_correction import BETA_GRID, Correction, StepMoments, correct, correct_robust, trimmed_by_beta
 from training.reevaluation import ActorPool, ModelSpec, Unit
@@ -364,7 +365,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     trimmed_grid = beta_grid(section) if reference is not None and section.aggregate == "trimmed" else None
 
     per_unit = section.steps_per_task or max(1, -(-steps.size // (section.actors * 8)))
-    done = {path.rsplit("/", 1)[1] for path in store.fs.glob(f"{output.path}/steps/part-*.parquet")}
+    done = kept_parts(store, output.path, progress)
     units = []
     for start in range(0, steps.size, per_unit):
         stop = min(start + per_unit, steps.size)
@@ -462,12 +463,27 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     return summary
 
 
-def read_parts(store: Store, folder: str) -> pa.Table:
-    """Every complete part of a re-evaluation, sorted by step."""
-    tables = []
+def kept_parts(store: Store, folder: str, progress: Callable[[str], None]) -> set[str]:
+    """The names of the parts an earlier attempt left whose parquet footer reads (one footer read
+    each, only when resuming); a part that does not (truncated or corrupt) is removed, with a note
+    naming it, so that its steps are evaluated again."""
+    kept = set()
     for path in sorted(store.fs.glob(f"{folder}/steps/part-*.parquet")):
-        with store.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+        try:
+            with open_parquet(store, path):  # opening reads and decodes the footer
+                pass
+        except StoreError as error:
+            progress(f"reevaluate: {error}; evaluating its steps again")
+            store.fs.rm(path)
+            continue
+        kept.add(path.rsplit("/", 1)[1])
+    return kept
+
+
+def read_parts(store: Store, folder: str) -> pa.Table:
+    """Every complete part of a re-evaluation, sorted by step (StoreError naming a part that
+    cannot be decoded)."""
+    tables = [read_parquet(store, path) for path in sorted(store.fs.glob(f"{folder}/steps/part-*.parquet"))]
     table = pa.concat_tables(tables)
     return table.sort_by("step")
 

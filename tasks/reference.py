@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from trecflow.recipe import Recipe, RecipeError, parse_recipe
 from trecflow.fingerprint import fingerprint
 from trecflow.stage import Stage, StageContext, StageResult, Summary, Target, omitted_when_none
-from trecflow.store import StageOutput, Store
+from trecflow.integrity import read_parquet
+from trecflow.store import StageOutput, Store, StoreError
 from training.reevaluation import ActorPool, Unit
 
 STAGE = "reference"
@@ -149,13 +150,16 @@ def cache_folder(store: Store, reference: Reference, pack_fp: str) -> str:
 
 
 def read_cache(store: Store, folder: str) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted sequence ids, their losses) of every complete part in ``folder``."""
+    """(sorted sequence ids, their losses) of every complete part in ``folder``; a part that cannot
+    be decoded (truncated or corrupt) is removed, so its sequences are evaluated again."""
     if not store.fs.exists(folder):
         return np.empty(0, np.int64), np.empty(0, np.float64)
     tables = []
     for path in sorted(store.fs.glob(f"{folder}/part-*.parquet")):
-        with store.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+        try:
+            tables.append(read_parquet(store, path))
+        except StoreError:
+            store.fs.rm(path)
     if not tables:
         return np.empty(0, np.int64), np.empty(0, np.float64)
     table = pa.concat_tables(tables)

@@ -17,8 +17,17 @@ The index (``<store>/place/<fingerprint>/``):
 - ``composition.npy``: (steps x 3) int32, the hq / mid / lq sequences of each step.
 - ``index.json``: shape, dtype, chunking and the fingerprints the index was built from.
 
-Local files are memory-mapped; files in an object store are read by byte ranges (one request per
-run of consecutive sequences), so nothing loads a whole array to serve one batch.
+Packed token files are memory-mapped locally and read by byte ranges in an object store (one
+request per run of consecutive sequences), so nothing loads a whole token array to serve one batch.
+
+What is verified on read: opening an index or packed sequences verifies the output
+(`trecflow.integrity.verify_output`: its manifest is this stage's and fingerprint's, every file
+is present with its recorded size: one listing). An index chunk is read whole on first use
+(at most ``tasks.place.CHUNK_BYTES``, 64 MiB) and its SHA-256 checked against the manifest: a
+flipped byte in the index is a `StoreError` naming the chunk, never a silently different batch.
+Cost: every process reads each chunk it uses once (the whole index over a run; about 0.1 s of
+hashing per chunk) and holds at most `CACHED_CHUNKS` in memory. Packed token files are checked by
+size only: hashing them would reread the whole corpus (terabytes at 900B tokens).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from trecflow.integrity import verify_output
 from trecflow.store import StageOutput, Store
 
 PACK_STAGE = "pack"
@@ -46,6 +56,7 @@ INDEX_META = "index.json"
 COMPOSITION_FILE = "composition.npy"
 # The fingerprints an index records; a reader that expects others refuses it, naming each mismatch.
 INDEX_KEYS = ("recipe", "score", "tokenizer", "pack", "strategy", "seed")
+CACHED_CHUNKS = 2  # verified index chunks a reader keeps in memory (a step's batch and the next chunk's)
 
 
 class IndexMismatchError(ValueError):
@@ -139,11 +150,10 @@ class PackedSequences:
 
     def __init__(self, output: StageOutput):
         self.output = output
-        manifest = output.manifest()
+        manifest = verify_output(output)  # every token file present with its recorded size
         self.fingerprint = output.fingerprint
         self.seq_len = int(manifest["counts"]["seq_len"])
-        with output.store.fs.open(output.file_path(TOKEN_FILES), "rb") as handle:
-            table = pq.read_table(handle)
+        table = pq.read_table(io.BytesIO(output.read_bytes(TOKEN_FILES)))  # a few KB: checksum verified
         self.files = table["file"].to_pylist()
         self.first_ids = table["first_id"].to_numpy()
         self.counts = table["count"].to_numpy()
@@ -178,7 +188,7 @@ class SampleIndex:
 
     def __init__(self, store: Store, fingerprint: str, expected: dict[str, str] | None = None):
         output = store.output(PLACE_STAGE, fingerprint)
-        manifest = output.manifest()
+        manifest = verify_output(output)
         recorded = manifest["inputs"]
         if expected:
             differ = [
@@ -197,14 +207,20 @@ class SampleIndex:
         self.steps = int(self.meta["steps"])
         self.batch_size = int(self.meta["sequences_per_step"])
         self.steps_per_chunk = int(self.meta["steps_per_chunk"])
-        self._chunks: dict[int, NpyArray] = {}
+        self._chunks: dict[int, np.ndarray] = {}  # verified chunks, the most recently used last
         self._composition: np.ndarray | None = None
         self._sequences: PackedSequences | None = None
 
-    def _chunk(self, number: int) -> NpyArray:
-        if number not in self._chunks:
-            self._chunks[number] = NpyArray(self.output.store, self.output.file_path(chunk_name(number * self.steps_per_chunk)))
-        return self._chunks[number]
+    def _chunk(self, number: int) -> np.ndarray:
+        """Chunk ``number``, read whole and checked against the manifest's SHA-256 (StoreError
+        naming the file if it differs); the last `CACHED_CHUNKS` used are kept."""
+        chunk = self._chunks.pop(number, None)
+        if chunk is None:
+            chunk = read_npy(self.output, chunk_name(number * self.steps_per_chunk))
+            while len(self._chunks) >= CACHED_CHUNKS:
+                self._chunks.pop(next(iter(self._chunks)))
+        self._chunks[number] = chunk
+        return chunk
 
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.steps:
@@ -214,7 +230,7 @@ class SampleIndex:
         """The sequence ids of step ``step``'s global batch (int64, in batch order)."""
         self._check_step(step)
         number, row = divmod(step, self.steps_per_chunk)
-        return self._chunk(number).rows(np.array([row]))[0].astype(np.int64)
+        return self._chunk(number)[row].astype(np.int64)
 
     def batches(self, steps: np.ndarray) -> np.ndarray:
         """The global batches of ``steps`` (any order) as a (len(steps), sequences) int64 array,
@@ -226,7 +242,7 @@ class SampleIndex:
         numbers = steps // self.steps_per_chunk
         for number in np.unique(numbers):
             where = np.flatnonzero(numbers == number)
-            out[where] = self._chunk(int(number)).rows(steps[where] - number * self.steps_per_chunk)
+            out[where] = self._chunk(int(number))[steps[where] - number * self.steps_per_chunk]
         return out
 
     def rank_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:

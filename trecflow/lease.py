@@ -9,7 +9,8 @@ on S3. Of two runners racing for generation *n*, exactly one creates it; the oth
 lease and waits. A released or expired lease is taken over by creating generation *n + 1*; a
 holder that finds a higher generation than its own when it renews has lost the lease
 (`LeaseLost`) and stops. Nothing here deletes a lease file: the files are a few hundred bytes and
-record who computed what.
+record who computed what. A lease file is always replaced whole, so one that cannot be read (a
+corrupted store) counts as expired: it is taken over like the lease of a process that died.
 
 Why not Prefect's transaction locks: Prefect 3 isolates a cache key with a lock manager that lives
 with one Prefect installation (a file lock in ``PREFECT_HOME``, or Redis), so two flow processes
@@ -99,8 +100,12 @@ class Lease:
         generations = sorted(int(name[len(LEASE_PREFIX) : -5]) for name in names if name.startswith(LEASE_PREFIX) and name.endswith(".json"))
         if not generations:
             return None
-        data = json.loads(fs.cat_file(self._path(generations[-1])))
-        return LeaseRecord(generations[-1], Owner(**data["owner"]), data["expires_unix"], data["released"])
+        path = self._path(generations[-1])
+        try:
+            data = json.loads(fs.cat_file(path))
+            return LeaseRecord(generations[-1], Owner(**data["owner"]), float(data["expires_unix"]), bool(data["released"]))
+        except (ValueError, KeyError, TypeError):  # written whole (atomic), so only a corrupted store has such a file
+            return LeaseRecord(generations[-1], Owner(PROCESS, f"unreadable {self.output.file_uri(path.rsplit('/', 1)[1])}"), 0.0, False)
 
     def _record(self, released: bool = False) -> bytes:
         return json.dumps({"owner": asdict(self.owner), "expires_unix": time.time() + self.seconds, "released": released}).encode()
@@ -126,7 +131,16 @@ class Lease:
         current = self.current()
         if current is None or current.generation != self.generation:
             raise LeaseLost(f"{self.output.uri}: the lease was taken over (generation {current.generation if current else None}, ours {self.generation})")
-        self.output.store.fs.pipe_file(self._path(self.generation), self._record())
+        self._overwrite(self._path(self.generation), self._record())
+
+    def _overwrite(self, path: str, data: bytes) -> None:
+        """Replace our lease file whole: a reader never sees half a record (an S3 PUT is atomic;
+        elsewhere a temporary file is renamed into place)."""
+        store = self.output.store
+        if store.url.startswith("s3://"):
+            store.fs.pipe_file(path, data)
+        else:
+            store.put_atomic(path, data)
 
     def release(self) -> None:
         """Mark our lease released (the next runner takes the next generation at once)."""
@@ -134,7 +148,7 @@ class Lease:
             return
         current = self.current()
         if current is not None and current.generation == self.generation:
-            self.output.store.fs.pipe_file(self._path(self.generation), self._record(released=True))
+            self._overwrite(self._path(self.generation), self._record(released=True))
         self.generation = None
 
     def heartbeat(self, on_lost: Callable[[BaseException], None] | None = None) -> Heartbeat:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from trecflow.redact import redact
 from trecflow.stage import StageResult, Target
 from trecflow.store import Store
 
@@ -78,9 +79,11 @@ def submission_id(stage: str, fingerprint: str, attempt: int) -> str:
 
 
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The settings a job gets through its ``runtime_env``: `FORWARDED_ENV` only, never a credential."""
+    """The settings a job gets through its ``runtime_env``: `FORWARDED_ENV` only, never a credential:
+    a URL holding a password (``MLFLOW_TRACKING_URI=postgresql://user:pass@db/...``) is not
+    forwarded (the cluster's nodes set it in their own environment, as they do credentials)."""
     environ = os.environ if environ is None else environ
-    env = {key: environ[key] for key in FORWARDED_ENV if key in environ}
+    env = {key: environ[key] for key in FORWARDED_ENV if key in environ and redact(environ[key]) == environ[key]}
     leaked = [key for key in env if SECRET_NAME.search(key)]
     if leaked:  # FORWARDED_ENV is a constant; this guards its future edits
         raise AssertionError(f"credentials must not travel in a runtime_env: {leaked}")

@@ -6,7 +6,9 @@ For each stage a run needs (the ancestors of ``until``, in the graph's order), t
 2. computes its fingerprint **once**, from the recipe and the upstream results;
 3. hands the stage to an *executor* (in a flow: a Prefect task whose cache key is that fingerprint;
    elsewhere: a direct call), which calls back `Runner.compute`:
-   - a complete output (manifest present) is reused unless the stage is forced;
+   - a complete output (manifest present) is reused unless the stage is forced, once verified
+     (`trecflow.integrity.verify_output`: its manifest is this stage's and fingerprint's, every
+     file it lists is present with its size; else a `StoreError` naming the file);
    - otherwise the runner takes the lease on ``<store>/<stage>/<fingerprint>/``
      (`trecflow.lease`), clears an incomplete output (a resumable stage keeps it unless forced),
      runs the stage with a heartbeat renewing the lease, writes ``summary.json`` and commits the
@@ -15,7 +17,9 @@ For each stage a run needs (the ancestors of ``until``, in the graph's order), t
      output; one that finds an expired lease takes it over;
 4. emits events (``started``, ``progress``, ``waiting``, ``reused``, ``finished``, ``failed``,
    ``skipped``, ``note``) to its reporters: MLflow, Prefect artifacts, logs and the CLI subscribe
-   (`flows.reporters`, `flows.progress_reporters`); nothing else in a stage or flow reports.
+   (`flows.reporters`, `flows.progress_reporters`); nothing else in a stage or flow reports. An
+   event's message, and the message of an error leaving the runner, are passed through
+   `trecflow.redact` first: no URL's password reaches a reporter or a log.
 
 A stage reports through ``context.progress`` (`trecflow.progress.Progress`): ``progress(text)`` is a
 ``progress`` event with that message (a note); ``progress.advance(done, total, unit, message)`` is a
@@ -33,10 +37,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from trecflow.integrity import verify_output
 from trecflow.lease import Lease, Owner
 from trecflow.progress import LineThrottle, Progress, ProgressUpdate
 from trecflow.ray_jobs import job_alive
 from trecflow.recipe import RecipeError
+from trecflow.redact import redact, redact_error
 from trecflow.stage import SUMMARY_FILE, Stage, StageContext, StageResult, SummaryError, Target, read_summary, summary_json
 from trecflow.store import Store
 
@@ -215,6 +221,7 @@ class Runner:
 
     def emit(self, event: StageEvent) -> StageEvent:
         event.depth = self.depth
+        event.message = redact(event.message)  # every reporter shows or records it: no URL's password
         for reporter in self.reporters:
             reporter(event)
         return event
@@ -250,14 +257,18 @@ class Runner:
             return resolved
         started = self.emit(StageEvent(STARTED, stage, target, fingerprint))
         began = time.perf_counter()
-        existed = self.store.output(stage.name, fingerprint).exists()
+        output = self.store.output(stage.name, fingerprint)
+        existed = output.exists()
 
         def compute(force_now: bool) -> StageResult:
             return self.compute(stage, target, upstream, fingerprint, force_now, started.annotations)
 
         try:
+            if existed and not force:  # a committed output is reused (even from the executor's cache) only once verified
+                verify_output(output)
             result = self.executor(stage, target, upstream, fingerprint, force, compute)
         except BaseException as error:
+            redact_error(error)
             self.emit(StageEvent(FAILED, stage, target, fingerprint, error=error, seconds=time.perf_counter() - began,
                                  annotations=started.annotations, message=f"{stage.name}: failed: {type(error).__name__}: {error}"))
             raise
@@ -286,7 +297,16 @@ class Runner:
 
     def compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
                 annotations: Mapping[str, Any] | None = None) -> StageResult:
-        """Reuse the complete output, or compute it holding the lease (see the module docstring)."""
+        """Reuse the complete output, or compute it holding the lease (see the module docstring).
+        An error leaves with credentials masked in its message (`trecflow.redact.redact_error`),
+        before an executor (Prefect) logs it."""
+        try:
+            return self._compute(stage, target, upstream, fingerprint, force, annotations)
+        except BaseException as error:
+            raise redact_error(error)
+
+    def _compute(self, stage: Stage, target: Target, upstream: Mapping[str, StageResult], fingerprint: str, force: bool,
+                 annotations: Mapping[str, Any] | None = None) -> StageResult:
         output = self.store.output(stage.name, fingerprint)
         if output.exists() and not force:
             return self.load(stage, fingerprint)
@@ -373,11 +393,12 @@ def default_graph() -> Graph:
 def stored(store: Store, stage: Stage | str, fingerprint: str) -> StageResult:
     """The committed output of ``stage`` (a stage, or the name of one of the pipeline's) with
     ``fingerprint`` as a reused result, its summary read back into the stage's summary type
-    (StoreError if incomplete; SummaryError if the stored summary lacks a field)."""
+    (StoreError if incomplete, foreign, or a file is missing or of another size than the manifest
+    records: `trecflow.integrity.verify_output`; SummaryError if the stored summary lacks a field)."""
     if isinstance(stage, str):
         stage = default_graph()[stage]
     output = store.output(stage.name, fingerprint)
-    manifest = output.manifest()
+    manifest = verify_output(output)
     try:
         summary = read_summary(stage.summary_type, json.loads(output.read_bytes(SUMMARY_FILE)))
     except SummaryError as error:

@@ -19,6 +19,7 @@ from typing import Any
 
 import fsspec
 
+from trecflow.redact import has_password, redact
 from trecflow.settings import merge_options, store_options
 
 MANIFEST = "_MANIFEST.json"
@@ -42,6 +43,9 @@ class Store:
         if "://" not in url:  # a local folder: always absolute, so URLs recorded elsewhere stay valid
             url = os.path.abspath(os.path.expanduser(url))
         self.url = url.rstrip("/")
+        if has_password(self.endpoint_url):  # botocore and aiohttp refuse it, in words that do not say which URL
+            raise ValueError(f"S3 endpoint {redact(self.endpoint_url)}: an endpoint URL takes no user name or password; "
+                             f"give S3 credentials as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options())
 
     def storage_options(self) -> dict[str, Any]:

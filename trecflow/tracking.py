@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trecflow.recipe import Recipe
+from trecflow.redact import redact
 from trecflow.settings import tracking_uri
 from trecflow.store import Store
 
@@ -50,7 +51,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """A thin, explicit wrapper over `mlflow.MlflowClient` for one store."""
+    """A thin, explicit wrapper over `mlflow.MlflowClient` for one store. Parameters and tags are
+    recorded through `trecflow.redact.redact` (a URL's password as ``***``)."""
 
     def __init__(self, store: Store):
         import mlflow
@@ -91,7 +93,7 @@ class Tracker:
     def start_run(self, recipe: Recipe, run_name: str, tags: dict[str, str], with_params: bool = True) -> str:
         """A new run in the recipe's experiment (with the recipe as parameters unless
         ``with_params`` is False); returns its id."""
-        run = self.client.create_run(self.experiment_id(recipe.name), run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id(recipe.name), run_name=run_name, tags={key: redact(str(value)) for key, value in tags.items()})
         if with_params:
             self.log_params(run.info.run_id, flatten(recipe.redacted_dump()))  # storage options' secrets as ***
         return run.info.run_id
@@ -143,7 +145,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        entries = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in sorted(params.items())]
+        entries = [Param(key, redact(str(value))[:MAX_PARAM_CHARS]) for key, value in sorted(params.items())]  # no URL's password
         for start in range(0, len(entries), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=entries[start : start + 100])
 
@@ -159,7 +161,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self.client.set_tag(run_id, key, redact(str(value)))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
