@@ -26,7 +26,7 @@ from typing import Any
 from trecflow.recipe import Recipe
 
 STORE_OPTIONS_ENV = "TRECFLOW_STORE_OPTIONS"
-# botocore's retry policy for every S3 client (docs/recipe.md, "Store options", gives the reasons)
+# botocore's retry policy for every S3 client (why: docs/cluster.md, "An object store that throttles or fails")
 S3_RETRY_MODE = "standard"
 S3_MAX_ATTEMPTS = 5
 

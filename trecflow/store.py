@@ -15,6 +15,7 @@ branches on local versus S3 beyond building the filesystem.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,9 +39,8 @@ class StoreUnavailable(OSError):
 
 
 def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) of a store URL or a location inside one: an ``s3://`` URL gets a
-    `trecflow.store_s3.RetryingS3FileSystem` with ``endpoint_url``, its retry settings and ``TRECFLOW_STORE_OPTIONS``;
-    other URLs fsspec's own with ``TRECFLOW_STORE_OPTIONS``; a local path none."""
+    """(filesystem, path) of a store URL or a location inside one, with `storage_options`: an
+    ``s3://`` URL gets a `trecflow.store_s3.RetryingS3FileSystem`, other URLs fsspec's own."""
     options = storage_options(url, endpoint_url)
     if url.startswith("s3://"):
         from trecflow.store_s3 import RetryingS3FileSystem  # s3fs takes seconds to import: only for S3
@@ -52,15 +52,15 @@ def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
 
 def storage_options(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
     """fsspec options for ``url`` (a fresh dict on every call: callers may mutate it): for
-    ``s3://`` the endpoint and the retry settings (`trecflow.store_s3.S3_OPTIONS`), then ``TRECFLOW_STORE_OPTIONS`` merged over them (a
-    local path takes none)."""
+    ``s3://`` the endpoint and the retry settings (`trecflow.store_s3.S3_OPTIONS`), then
+    ``TRECFLOW_STORE_OPTIONS`` merged over them (a local path takes none)."""
     if "://" not in url:
         return {}
     options: dict[str, Any] = {}
     if url.startswith("s3://"):
         from trecflow.store_s3 import S3_OPTIONS
 
-        options = merge_options(S3_OPTIONS, {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {})
+        options = merge_options(copy.deepcopy(S3_OPTIONS), {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {})
     return merge_options(options, store_options())
 
 

@@ -13,12 +13,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from trecflow.settings import S3_MAX_ATTEMPTS, S3_RETRY_MODE
 from trecflow.store import StoreUnavailable
 
-# botocore's own retries, on every S3 request (docs/recipe.md, "Store options", gives the reasons):
-# "standard" mode retries 500/502/503/504, throttling (SlowDown) and lost connections with jittered
-# exponential backoff (at most 20 s a wait) and a client-wide retry quota, so a store that is down
-# fails in seconds instead of hammering it; 5 attempts ride out a throttling burst of ~15 s. The
-# connect timeout is short (a loopback or in-region endpoint answers in milliseconds); the read
-# timeout is long enough for a loaded server to answer a multipart part without a spurious retry.
+# botocore's retries on every S3 request (why each value: docs/cluster.md, "An object store that
+# throttles or fails"): "standard" mode retries 500/502/503/504, throttling (SlowDown) and lost
+# connections with jittered exponential backoff and a client-wide retry quota; 5 attempts ride out
+# a burst of about 15 s. A short connect timeout (an in-region endpoint answers in milliseconds), a
+# read timeout long enough for a loaded server to answer a multipart part without a spurious retry.
 S3_OPTIONS: dict[str, Any] = {
     "config_kwargs": {"retries": {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS}, "connect_timeout": 10, "read_timeout": 60},
 }
