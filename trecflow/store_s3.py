@@ -21,10 +21,10 @@ from trecflow.store import StoreUnavailable
 S3_OPTIONS: dict[str, Any] = {
     "config_kwargs": {"retries": {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS}, "connect_timeout": 10, "read_timeout": 60},
 }
-# s3fs's own retry loop (around botocore's): re-reads a body cut short and re-runs a call that
-# botocore gave up on with SlowDown or a lost connection; 2 rounds (s3fs's default is 5, which with
-# botocore's 5 attempts makes 25 requests per failed call).
-S3FS_ROUNDS = 2
+# s3fs's own retry loop (around botocore's): reads a body cut short again (twice at most) and re-runs
+# a call that botocore gave up on with SlowDown or a lost connection; 3 rounds (s3fs's default is 5,
+# which with botocore's 5 attempts makes 25 requests per failing call).
+S3FS_ROUNDS = 3
 WRITES = {"put_object", "upload_part", "upload_part_copy", "create_multipart_upload", "complete_multipart_upload", "copy_object"}
 READS = {"get_object", "head_object", "list_objects_v2", "list_objects", "head_bucket", "get_object_tagging"}
 

@@ -4,10 +4,10 @@ fault-injecting proxy (`tests.s3_fault_proxy`), with trecflow's retry settings
 
 - The store alone: faults at a high rate are ridden out, the injection is the same for the same
   seed, and a store that is down fails with one line naming the object and the operation.
-- The pipeline on configs/test.yaml: every stage completes through faults at a moderate rate; a
-  total outage during re-evaluation fails the run with one line, leaves no manifest, and the rerun
-  after recovery keeps the re-evaluation parts written before the outage; the results equal the
-  fault-free run of the session (`compared_test`, the same recipe on the same S3 server).
+- The pipeline on configs/test.yaml: the session's compare (`compared_test`, two variants at once)
+  ran through faults at a moderate rate and its results equal the fault-free local runs of the
+  same recipe; a total outage during re-evaluation fails the run with one line and no manifest,
+  and the rerun after recovery keeps the parts written before it and gives the same curve.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from trecflow.store import Store, StoreUnavailable
 from ..conftest import BUCKET, environment
 from ..s3_fault_proxy import S3FaultProxy
 
-FAULT_RATE = 0.06
 SEED = 16
 BYTE_IDENTICAL = ("score", "tokenizer", "pack", "place")  # score shards, tokenizer, packed tokens, sample index
 VOLATILE = ("_MANIFEST.json", "summary.json")  # timings, attempts and timestamps may differ
-REEVALUATE_PART = r"/reevaluate/[0-9a-f]+/steps/part-[^/]+\.parquet$"
 
 
 def objects(client, prefix: str) -> dict[str, bytes]:
@@ -86,7 +84,7 @@ def test_the_store_rides_out_faults_the_same_way_for_a_seed_and_names_the_object
         name: data for name, data in contents[1].items() if name != "stage/fp/_MANIFEST.json"}
 
     # S3 down: one line naming the object, the operation, the attempts and the answer (2 attempts
-    # through TRECFLOW_STORE_OPTIONS, merged over trecflow's retry settings; SlowDown gets s3fs's 2 rounds)
+    # through TRECFLOW_STORE_OPTIONS, merged over trecflow's retry settings; SlowDown gets s3fs's 3 rounds)
     monkeypatch.setenv("TRECFLOW_STORE_OPTIONS", json.dumps({"config_kwargs": {"retries": {"total_max_attempts": 2}}}))
     with S3FaultProxy(s3_endpoint) as proxy:
         store = Store(f"s3://{BUCKET}/{prefix}", proxy.url)
@@ -98,85 +96,101 @@ def test_the_store_rides_out_faults_the_same_way_for_a_seed_and_names_the_object
         assert str(raised.value) == f"s3://{BUCKET}/{prefix}/stage/fp/file-0: read failed after 2 attempts: HTTP 503"  # a HEAD: no body
         with pytest.raises(StoreUnavailable) as raised:
             store.fs.pipe_file(store.output("stage", "fp").file_path("new"), b"data")
-        assert str(raised.value) == f"s3://{BUCKET}/{prefix}/stage/fp/new: write failed after 4 attempts: 503 SlowDown"
-        assert proxy.report()["faults"] == {"outage": 6} and proxy.retries == 4
+        assert str(raised.value) == f"s3://{BUCKET}/{prefix}/stage/fp/new: write failed after 6 attempts: 503 SlowDown"  # 3 rounds
+        assert proxy.report()["faults"] == {"outage": 8} and proxy.retries == 6
         proxy.outage = False
         assert not store.fs.exists(store.output("stage", "fp").file_path("new"))  # a 404 is still an answer, not an outage
+
+
+def local_files(store: Store, stage: str, fingerprint: str) -> dict[str, bytes]:
+    """Every file of an output in a local store, by name (lease, temporary and volatile files left out)."""
+    folder = store.output(stage, fingerprint).path
+    names = [path[len(folder) + 1 :] for path in store.fs.find(folder)]
+    return {name: store.fs.cat_file(f"{folder}/{name}") for name in names
+            if name not in VOLATILE and "_LEASE-" not in name and not name.rsplit("/", 1)[-1].startswith(".")}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.usefixtures("prefect_harness", "test_corpus")
-def test_the_pipeline_survives_s3_faults_and_resumes_after_an_outage_with_the_fault_free_results(compared_test, s3_endpoint, tmp_path):
+def test_the_pipeline_survives_s3_faults_and_resumes_after_an_outage(compared_test, staged_test, trained_test, s3_faults, s3_endpoint, tmp_path):
+    """``compared_test`` ran through faults at COMPARE_FAULT_RATE; its results equal the fault-free
+    local runs (``staged_test``, ``trained_test``). Then its uniform re-evaluation again: S3 goes
+    down after the first part, one line, no manifest; after recovery the rerun keeps the parts and
+    ends with the faulted run's TREC curve."""
     from typer.testing import CliRunner
 
     from flows.cli import app
     from flows.params import PipelineRun
     from flows.pipeline import cpt_pipeline
 
+    from ..conftest import COMPARE_FAULT_RATE
+
+    faults = compared_test["faults"]
+    print(f"compare through S3 faults at {COMPARE_FAULT_RATE:.0%}: {faults}")
+    assert faults["injected"] >= 0.5 * COMPARE_FAULT_RATE * faults["requests"] and set(faults["faults"]) >= {
+        "error500", "error503", "slowdown", "reset", "slow", "truncate"}
+    assert faults["retries"] >= faults["injected"] - faults["faults"]["slow"] - 5  # (a lease poll may not come back)
+
+    # every stage's output equals the fault-free run's: score shards, tokenizer, packed tokens, sample index
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    prefix = f"faults-{uuid.uuid4().hex[:8]}"
-    recipe_path = compared_test["recipe_path"]
-    with S3FaultProxy(s3_endpoint, rate=FAULT_RATE, seed=SEED, slow_seconds=0.5) as proxy:
-        env = {
-            "TRECFLOW_STORE": f"s3://{BUCKET}/{prefix}",
-            "AWS_ENDPOINT_URL": proxy.url,
-            "MLFLOW_S3_ENDPOINT_URL": proxy.url,  # MLflow's artifacts in the store go through the proxy too
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "TRECFLOW_LEASE_SECONDS": "30",  # a lease the outage kept from being released expires soon
-        }
-        with environment(env):
-            # 1. every stage up to training, through faults at FAULT_RATE
-            state = cpt_pipeline(PipelineRun(recipe_path=recipe_path, variant="uniform", until="train"), return_state=True)
-            assert state.is_completed(), state
-            survived = proxy.report()
-
-            # 2. S3 goes down once re-evaluation has written its first part: one line, exit 1. Two
-            # attempts a request (TRECFLOW_STORE_OPTIONS), each retried at once (at most one fault in a row)
-            proxy.max_in_a_row = 1
-            proxy.outage_after("PUT", REEVALUATE_PART)
-            with environment({"TRECFLOW_STORE_OPTIONS": json.dumps({"config_kwargs": {"retries": {"total_max_attempts": 2}}})}):
-                result = CliRunner().invoke(app, ["run", recipe_path, "--variant", "uniform"])
-            assert proxy.outage
-            lines = [line for line in result.stderr.splitlines() if line.strip()]
-            print("outage:", lines[-1:], proxy.report())
-            assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
-            assert len(lines) == 1 and re.fullmatch(rf"error: .*s3://{BUCKET}/{prefix}/\S+: (read|write|delete) failed after \d+ attempts: 503 SlowDown", lines[0]), lines
-            stored = objects(client, prefix)
-            parts = sorted(name for name in stored if re.search(REEVALUATE_PART, f"/{name}"))
-            folder = parts[0].split("/steps/")[0]
-            assert not any(name.startswith("reevaluate/") and name.endswith("_MANIFEST.json") for name in stored)  # no manifest
-            assert f"{folder}/_MANIFEST.json" not in stored and parts
-
-            # 3. S3 is back: the rerun completes and keeps the parts written before the outage
-            proxy.outage, proxy.max_in_a_row = False, 2
-            before = dict(proxy.seen)
-            state = cpt_pipeline(PipelineRun(recipe_path=recipe_path, variant="uniform"), return_state=True)
-            assert state.is_completed(), state
-            outcome = state.result()
-            rewritten = [part for part in parts if proxy.seen.get(f"PUT /{BUCKET}/{prefix}/{part}", 0) > before.get(f"PUT /{BUCKET}/{prefix}/{part}", 0)]
-            assert rewritten == [], rewritten
-        final = proxy.report()
-    print(f"faults up to training: {survived}; whole test: {final}; re-evaluation parts kept across the outage: {len(parts)}")
-    assert final["injected"] - final["faults"].get("outage", 0) >= 20 and len(final["faults"]) >= 6
-
-    # the results equal the fault-free run's
-    reference = compared_test["result"]["outcomes"]["uniform"]
-    reference_prefix = compared_test["env"]["TRECFLOW_STORE"].removeprefix(f"s3://{BUCKET}/")
+    prefix = compared_test["env"]["TRECFLOW_STORE"].removeprefix(f"s3://{BUCKET}/")
+    uniform = compared_test["result"]["outcomes"]["uniform"]
+    reference = {**{stage: staged_test[stage] for stage in ("score", "tokenizer", "pack")}, "place": trained_test["place"]}
     for stage in BYTE_IDENTICAL:
-        assert outcome[stage]["fingerprint"] == reference[stage]["fingerprint"], stage
-        folder = f"{stage}/{reference[stage]['fingerprint']}"
-        ours, theirs = objects(client, f"{prefix}/{folder}"), objects(client, f"{reference_prefix}/{folder}")
+        assert uniform[stage]["fingerprint"] == reference[stage].fingerprint, stage
+        ours = objects(client, f"{prefix}/{stage}/{reference[stage].fingerprint}")
         for name in VOLATILE:
-            ours.pop(name, None), theirs.pop(name, None)
+            ours.pop(name, None)
+        theirs = local_files(staged_test["store"], stage, reference[stage].fingerprint)
         assert ours.keys() == theirs.keys() and ours, stage
         assert [name for name in ours if ours[name] != theirs[name]] == [], stage
-    assert outcome["train"]["final_loss"] == pytest.approx(reference["train"]["final_loss"], abs=1e-4)
-    curves = [pq.read_table(io.BytesIO(objects(client, f"{where}/reevaluate/{run['reevaluate']['fingerprint']}")["trec.parquet"]))
-              for where, run in ((prefix, outcome), (reference_prefix, reference))]
-    assert curves[0].column_names == curves[1].column_names and curves[0].num_rows == curves[1].num_rows
-    for column in curves[0].column_names:
-        ours, theirs = curves[0].column(column).to_numpy(zero_copy_only=False), curves[1].column(column).to_numpy(zero_copy_only=False)
+    assert uniform["train"]["final_loss"] == pytest.approx(trained_test["train"].summary.final_loss, abs=1e-4)
+
+    # the uniform re-evaluation (and the reference-loss cache) again, fault-free but for an outage
+    store = Store(compared_test["env"]["TRECFLOW_STORE"], s3_endpoint)
+    fingerprint = uniform["reevaluate"]["fingerprint"]
+    faulted_curve = pq.read_table(io.BytesIO(store.output("reevaluate", fingerprint).read_bytes("trec.parquet")))
+    store.output("reevaluate", fingerprint).invalidate()
+    store.fs.rm(store.path("refcache"), recursive=True)
+    env = {
+        **compared_test["env"],
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",  # the compare's runs stay as they were
+        "TRECFLOW_LEASE_SECONDS": "30",  # a lease the outage kept from being released expires soon
+    }
+    parts = rf"/{prefix}/(reevaluate/{fingerprint}/steps|refcache/[^/]+)/part-[^/]+\.parquet$"
+    try:
+        with environment(env):
+            # S3 goes down once the first step part is in place: 2 attempts a request (TRECFLOW_STORE_OPTIONS) for a short test
+            s3_faults.outage_after("PUT", rf"/{prefix}/reevaluate/{fingerprint}/steps/part-[^/]+\.parquet$")
+            options = json.dumps({"config_kwargs": {"retries": {"total_max_attempts": 2}}})
+            with environment({"TRECFLOW_STORE_OPTIONS": options, "AWS_MAX_ATTEMPTS": "2"}):
+                result = CliRunner().invoke(app, ["run", compared_test["recipe_path"], "--variant", "uniform"])
+            assert s3_faults.outage
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            print("outage:", lines[-3:], s3_faults.report())
+            assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+            assert len(lines) == 1 and re.fullmatch(
+                rf"error: .*s3://{BUCKET}/{prefix}/\S+: (read|write|delete) failed after \d+ attempts: (503 SlowDown|HTTP 503)", lines[0]), lines
+            kept = sorted(name for name in objects(client, prefix) if re.search(parts, f"/{prefix}/{name}"))
+            assert any("/steps/" in name for name in kept) and any(name.startswith("refcache/") for name in kept), kept
+            assert not store.output("reevaluate", fingerprint).exists()  # no manifest
+
+            # S3 is back: the rerun completes, keeps every part written before the outage, and ends with the faulted run's curve
+            s3_faults.outage = False
+            before = dict(s3_faults.seen)
+            state = cpt_pipeline(PipelineRun(recipe_path=compared_test["recipe_path"], variant="uniform"), return_state=True)
+            assert state.is_completed(), state
+            rewritten = [name for name in kept if s3_faults.seen[f"PUT /{BUCKET}/{prefix}/{name}"] > before.get(f"PUT /{BUCKET}/{prefix}/{name}", 0)]
+            assert rewritten == [], rewritten
+    finally:
+        s3_faults.outage = False
+    print(f"parts kept across the outage: {len(kept)}")
+    assert state.result()["reevaluate"]["fingerprint"] == fingerprint
+    curve = pq.read_table(io.BytesIO(store.output("reevaluate", fingerprint).read_bytes("trec.parquet")))
+    assert curve.column_names == faulted_curve.column_names and curve.num_rows == faulted_curve.num_rows > 0
+    for column in curve.column_names:
+        ours, theirs = curve.column(column).to_numpy(zero_copy_only=False), faulted_curve.column(column).to_numpy(zero_copy_only=False)
         if np.issubdtype(ours.dtype, np.number):
             np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6, err_msg=column)
         else:
