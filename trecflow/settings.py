@@ -10,7 +10,7 @@
   job's spec in the store or in a ``runtime_env``.
 - ``MLFLOW_TRACKING_URI`` overrides the tracking database.
 - S3 retries: every S3 client trecflow makes uses botocore's ``standard`` retry mode with
-  `S3_MAX_ATTEMPTS` attempts (`trecflow.store.S3_OPTIONS` for the store; ``AWS_RETRY_MODE`` and
+  `S3_MAX_ATTEMPTS` attempts (`trecflow.store_s3.S3_OPTIONS` for the store; ``AWS_RETRY_MODE`` and
   ``AWS_MAX_ATTEMPTS``, unless set, for MLflow's own boto3 client of artifacts in an S3 store).
 
 `configure_environment` must run before Prefect is imported: Prefect reads ``PREFECT_HOME`` then.
