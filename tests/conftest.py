@@ -9,8 +9,12 @@
   prediction) in a local store, made once.
 - ``trainable`` / ``trained_test``: that store with the uniform index and the tiny base, and then
   the uniform variant's CPT run (each made once).
+- ``s3_faults``: our fault-injecting proxy (`tests.s3_fault_proxy`) in front of ``s3_endpoint``,
+  transparent (rate 0) unless a test turns faults on.
 - ``compared_test``: a concurrent `compare_curricula` run of configs/test.yaml on a cold S3 store
-  (its stage events in a file), reused by the flow's cache and force tests and the UI test.
+  (its stage events in a file), reused by the flow's cache and force tests and the UI test. It
+  runs through ``s3_faults`` at `COMPARE_FAULT_RATE` (every stage meets S3 faults; the local
+  ``staged_test``/``trained_test`` are its fault-free twins), which is transparent after it.
 - ``demo_corpus``: the real demo corpus, fetched from Debian and npm (slow tests only).
 - ``mlflow_uri``: a fresh MLflow SQLite database for one test.
 """
@@ -73,6 +77,16 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
+def s3_faults(s3_endpoint):
+    """The fault-injecting proxy in front of moto's server for the session (no faults until a test
+    sets its ``rate`` or ``outage``)."""
+    from .s3_fault_proxy import S3FaultProxy
+
+    with S3FaultProxy(s3_endpoint, seed=16, slow_seconds=0.5) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
 def test_corpus() -> dict[str, Path]:
     """configs/test.yaml's corpus, written into the session's TRECFLOW_HOME."""
     from .corpus_builder import build_test_corpus
@@ -128,6 +142,7 @@ def trained_test(trainable):
 
 
 COMPARE_VARIANTS = ["uniform", "trec_valley"]
+COMPARE_FAULT_RATE = 0.05  # of the S3 requests of the session's compare: 500, 503, SlowDown, resets, slow, cut short
 
 
 @contextlib.contextmanager
@@ -146,10 +161,12 @@ def environment(values: dict[str, str]):
 
 
 @pytest.fixture(scope="session")
-def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
+def compared_test(prefect_harness, test_corpus, s3_faults, tmp_path_factory):
     """`compare_curricula` on configs/test.yaml (variants `COMPARE_VARIANTS`) once per session,
-    through Prefect's harness, with the store on moto's S3 server and MLflow on its own SQLite
-    database. ``env`` points a flow run (or `trecflow ui`'s worker) at the same store and database."""
+    through Prefect's harness, with the store on moto's S3 server behind ``s3_faults`` (faults at
+    `COMPARE_FAULT_RATE` while it runs; ``faults`` is the proxy's report) and MLflow on its own
+    SQLite database (its artifacts in the store, through the proxy too). ``env`` points a flow run
+    (or `trecflow ui`'s worker) at the same store and database."""
     import uuid
 
     from flows.compare import compare_curricula
@@ -161,15 +178,20 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
     events = tmp_path_factory.mktemp("compare-events") / "events.jsonl"
     env = {
         "TRECFLOW_STORE": f"s3://{BUCKET}/compare-{uuid.uuid4().hex[:8]}",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ENDPOINT_URL": s3_faults.url,
+        "MLFLOW_S3_ENDPOINT_URL": s3_faults.url,
         "MLFLOW_TRACKING_URI": tracking,
     }
     recipe_path = str(CONFIGS / "test.yaml")
     # the variants at once on the cold store, as on a cluster: the shared stages run once (leases)
-    with environment({**env, "TRECFLOW_EVENTS": str(events)}):
-        state = compare_curricula(Comparison(recipe_path=recipe_path, variants=COMPARE_VARIANTS, concurrent=True), return_state=True)
-    assert state.is_completed(), state
+    s3_faults.rate = COMPARE_FAULT_RATE
+    try:
+        with environment({**env, "TRECFLOW_EVENTS": str(events)}):
+            state = compare_curricula(Comparison(recipe_path=recipe_path, variants=COMPARE_VARIANTS, concurrent=True), return_state=True)
+    finally:
+        s3_faults.rate = 0.0
+    faults = s3_faults.report()
+    assert state.is_completed(), (state, faults)
     result = state.result()
     return {
         "home": Path(_SESSION_HOME),
@@ -182,6 +204,7 @@ def compared_test(prefect_harness, test_corpus, s3_endpoint, tmp_path_factory):
         "result": result,
         "tracking_uri": tracking,
         "events": events,
+        "faults": faults,
     }
 
 

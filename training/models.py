@@ -38,9 +38,13 @@ def tiny_llama_config(section: TinyModelSection, vocab_size: int, eos_id: int, s
 
 
 def location_filesystem(location: str, endpoint_url: str | None):
-    """(filesystem, path) of a local path or URL; ``endpoint_url`` applies to ``s3://``."""
-    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if location.startswith("s3://") and endpoint_url else {}
-    return fsspec.core.url_to_fs(location, **options)
+    """(filesystem, path) of a local path or URL; an ``s3://`` location is opened as the store is
+    (`trecflow.store.filesystem`: ``endpoint_url``, the retry settings, ``TRECFLOW_STORE_OPTIONS``)."""
+    from trecflow.store import filesystem
+
+    if location.startswith("s3://"):
+        return filesystem(location, endpoint_url)
+    return fsspec.core.url_to_fs(location)
 
 
 def fetch_checkpoint(location: str, endpoint_url: str | None = None) -> Path:

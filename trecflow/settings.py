@@ -9,6 +9,9 @@
   own environment, as credentials are: never from the recipe, so they are not in MLflow, in a
   job's spec in the store or in a ``runtime_env``.
 - ``MLFLOW_TRACKING_URI`` overrides the tracking database.
+- S3 retries: every S3 client trecflow makes uses botocore's ``standard`` retry mode with
+  `S3_MAX_ATTEMPTS` attempts (`trecflow.store_s3.S3_OPTIONS` for the store; ``AWS_RETRY_MODE`` and
+  ``AWS_MAX_ATTEMPTS``, unless set, for MLflow's own boto3 client of artifacts in an S3 store).
 
 `configure_environment` must run before Prefect is imported: Prefect reads ``PREFECT_HOME`` then.
 """
@@ -23,6 +26,9 @@ from typing import Any
 from trecflow.recipe import Recipe
 
 STORE_OPTIONS_ENV = "TRECFLOW_STORE_OPTIONS"
+# botocore's retry policy for every S3 client (why: docs/cluster.md, "An object store that throttles or fails")
+S3_RETRY_MODE = "standard"
+S3_MAX_ATTEMPTS = 5
 
 
 class SettingsError(ValueError):
@@ -100,6 +106,10 @@ def configure_environment() -> None:
     # A fresh ephemeral database migrates on first start: slower than Prefect's 20 s on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    # MLflow's boto3 client (artifacts in an S3 store) reads botocore's retry policy from the
+    # environment: the store's policy, unless the user chose one
+    os.environ.setdefault("AWS_RETRY_MODE", S3_RETRY_MODE)
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS))
     # Ray 2.60 turns token authentication on by default; the embedded cluster is loopback only.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

@@ -1,6 +1,11 @@
 """The artifact store: a URL (a local folder or any fsspec URL: ``s3://bucket/prefix``,
 ``gs://...``, ``memory://...``) handled through fsspec. Its filesystem options are the S3 endpoint
-(``endpoint_url``) merged with ``TRECFLOW_STORE_OPTIONS`` (`trecflow.settings.store_options`).
+(``endpoint_url``) and, for ``s3://``, the retry settings `trecflow.store_s3.S3_OPTIONS`, with
+``TRECFLOW_STORE_OPTIONS`` (`trecflow.settings.store_options`) merged over them.
+
+An S3 request that still fails after every retry (a 5xx answer, throttling, a lost connection)
+raises `StoreUnavailable`, one line naming the object's URL, the operation, the attempts and the
+last answer (`trecflow.store_s3.RetryingS3FileSystem`); a missing object is still ``FileNotFoundError``.
 
 Layout: each stage writes under ``<store>/<stage>/<fingerprint>/``. Data files are written first
 and ``_MANIFEST.json`` (fingerprint, inputs, counts, file sizes and SHA-256 checksums) last, by an
@@ -10,6 +15,7 @@ branches on local versus S3 beyond building the filesystem.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,9 +30,39 @@ from trecflow.settings import merge_options, store_options
 
 MANIFEST = "_MANIFEST.json"
 
-
 class StoreError(RuntimeError):
     """A store that cannot be reached or an output that is missing or corrupt."""
+
+
+class StoreUnavailable(OSError):
+    """An S3 request that failed after every retry; its message is one line naming the object's
+    URL, the operation, the attempts and the last answer (an ``OSError``, as s3fs's errors are)."""
+
+
+def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of a store URL or a location inside one, with `storage_options`: an
+    ``s3://`` URL gets a `trecflow.store_s3.RetryingS3FileSystem`, other URLs fsspec's own."""
+    options = storage_options(url, endpoint_url)
+    if url.startswith("s3://"):
+        from trecflow.store_s3 import RetryingS3FileSystem  # s3fs takes seconds to import: only for S3
+
+        fs = RetryingS3FileSystem(**options)
+        return fs, fs._strip_protocol(url)
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def storage_options(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``url`` (a fresh dict on every call: callers may mutate it): for
+    ``s3://`` the endpoint and the retry settings (`trecflow.store_s3.S3_OPTIONS`), then
+    ``TRECFLOW_STORE_OPTIONS`` merged over them (a local path takes none)."""
+    if "://" not in url:
+        return {}
+    options: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        from trecflow.store_s3 import S3_OPTIONS
+
+        options = merge_options(copy.deepcopy(S3_OPTIONS), {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {})
+    return merge_options(options, store_options())
 
 
 @dataclass
@@ -46,16 +82,11 @@ class Store:
         if has_password(self.endpoint_url):  # botocore and aiohttp refuse it, in words that do not say which URL
             raise ValueError(f"S3 endpoint {redact(self.endpoint_url)}: an endpoint URL takes no user name or password; "
                              f"give S3 credentials as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options())
+        self.fs, self.root = filesystem(self.url, self.endpoint_url)
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec options for this store's URL (a fresh dict on every call: callers may mutate it):
-        an ``s3://`` store's ``endpoint_url``, then ``TRECFLOW_STORE_OPTIONS`` merged over it (a
-        local folder takes none)."""
-        if "://" not in self.url:
-            return {}
-        options = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.url.startswith("s3://") and self.endpoint_url else {}
-        return merge_options(options, store_options())
+        """fsspec options for this store's URL (`storage_options`)."""
+        return storage_options(self.url, self.endpoint_url)
 
     def output(self, stage: str, fingerprint: str) -> StageOutput:
         """The output folder of one stage run."""
