@@ -200,12 +200,16 @@ def ingest_fingerprint(corpus: CorpusSection, listings: list[SourceFiles]) -> st
 
 
 def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None) -> Iterator[list[Any]]:
-    """Batches of raw text values of one input file, read with ``datasets`` (streaming)."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    """Batches of raw text values of one input file: JSON lines by `json_lines`, the rest with
+    ``datasets`` (streaming)."""
     options = source_options(source, path, endpoint_url)
     try:
+        if source.format == "jsonl" and not path.endswith(JSON_DOCUMENTS):
+            yield from _jsonl_texts(source, path, options)
+            return
+        import datasets
+
+        datasets.disable_progress_bars()
         if source.format == "disk":
             dataset = datasets.load_from_disk(path, storage_options=copy.deepcopy(options) or None)
             if source.text_field not in dataset.column_names:
@@ -215,9 +219,6 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
                 )
             for batch in dataset.iter(batch_size=READ_BATCH):
                 yield batch[source.text_field]
-            return
-        if source.format == "jsonl" and not path.endswith(JSON_DOCUMENTS):
-            yield from _jsonl_texts(source, path, options)
             return
         builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}[source.format]
         dataset = datasets.load_dataset(
@@ -281,6 +282,8 @@ def json_lines(source: SourceSection, path: str, handle, stop_after: int | None 
             raise IngestError(f"{where} line {number}: longer than {MAX_LINE_BYTES // 1024**2} MiB (one document per line)")
         if not line.strip():
             continue
+        if b"\x00" in line:
+            raise IngestError(f"{where} line {number}: holds a NUL byte, not text (a binary file?)")
         try:
             record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))  # a byte-order mark may open a file
         except UnicodeDecodeError:
