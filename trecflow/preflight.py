@@ -1,7 +1,7 @@
 """Store checks made before any stage runs: a store URL that cannot work is one `PreflightError`
 line naming the URL (never a credential), before anything is computed or written.
 
-- any URL: its scheme is an installed fsspec protocol;
+- any URL: its scheme is an installed fsspec protocol, and it holds no ``user:password@``;
 - a local folder: it is a folder (or can be made one: its nearest existing parent is a writable
   folder); nothing is created;
 - ``s3://bucket/prefix``: a bucket is named, the endpoint answers, the bucket exists and the
@@ -46,6 +46,9 @@ def check_store(url: str, endpoint_url: str | None = None) -> None:
         known = ", ".join(sorted(name for name in fsspec.available_protocols() if name.isalnum() and len(name) <= 5)[:12])
         reason = "unknown scheme" if isinstance(error, ValueError) else f"its package is not installed ({error})"
         raise PreflightError(f"store {shown(url)}: {reason} {scheme!r} (e.g. {known})") from None
+    if "@" in plain.split("://", 1)[1].split("/", 1)[0]:
+        raise PreflightError(f"store {shown(url)}: credentials in the URL are not read (and would be shown wherever the URL is): "
+                             f"give them in the environment or TRECFLOW_STORE_OPTIONS")
     if scheme in ("s3", "s3a"):
         _check_bucket(url, endpoint_url)
 
