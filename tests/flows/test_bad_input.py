@@ -192,6 +192,18 @@ def test_a_bad_corpus_file_is_one_line_naming_the_file_and_line(tmp_path, name, 
     assert one_line(error.value) .startswith(f"corpus source web: {path}{expected}"), str(error.value)
 
 
+def test_a_long_line_is_refused_having_read_no_more_than_its_bound(tmp_path):
+    """The 100 MB line is never held whole: the reader stops one block past `MAX_LINE_BYTES`."""
+    from tasks.ingest import MAX_LINE_BYTES, READ_BLOCK, json_lines
+
+    path = tmp_path / "a.jsonl"
+    _hundred_megabyte_line(path)
+    with path.open("rb") as handle:
+        with pytest.raises(IngestError, match=r"line 1: longer than 16 MiB"):
+            list(json_lines(_source(path), str(path), handle))
+        assert MAX_LINE_BYTES < handle.tell() <= MAX_LINE_BYTES + READ_BLOCK < path.stat().st_size
+
+
 def test_a_corpus_file_that_disappears_between_listing_and_reading_is_named(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text(GOOD_LINES)
