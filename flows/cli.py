@@ -10,6 +10,7 @@ calibration entry needs. Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,25 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+class BadInputWithoutTraceback(logging.Filter):
+    """Prefect logs the traceback of the exception that failed a task or flow run. Bad input found
+    while running (a `ValueError`: `RecipeError`, `IngestError`, ...: a corpus line past the head
+    `tasks.ingest.check_files` reads) is one line the CLI prints itself, so its record keeps the
+    message and drops the traceback; any other failure keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ValueError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_stage_flow(flow_fn, **parameters) -> dict:
-    """Run a stage's flow; bad input found while running is exit 2, other failures exit 1."""
+    """Run a stage's flow; bad input found while running is exit 2 (its traceback kept out of
+    Prefect's log: `BadInputWithoutTraceback`), other failures exit 1."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(item, BadInputWithoutTraceback) for item in logger.filters):
+            logger.addFilter(BadInputWithoutTraceback())
     try:
         return flow_fn(**parameters)
     except ValueError as error:  # RecipeError, IngestError, PlacementError, JobError...: not retried
@@ -267,22 +285,48 @@ def corpus_demo(
 
 
 def check_sources(recipe: Recipe) -> None:
-    """List every corpus source and check the perplexity scorer's model (cheap: no document or
-    weight is read): a missing path or a model that is not a causal LM is one line before any work."""
+    """List every corpus source, read the head of each file (`tasks.ingest.check_files`) and check
+    the perplexity scorer's model (no weight is read): a missing path, an empty, binary or
+    malformed file, or a model that is not a causal LM is one line before any work."""
     if recipe.corpus is None:
         return
-    from tasks.ingest import IngestError, list_source
+    from tasks.ingest import IngestError, check_files, list_source
     from trecflow.settings import store_endpoint
 
     try:
-        for source in recipe.corpus.sources:
-            list_source(source, store_endpoint(recipe))
+        check_files([list_source(source, store_endpoint(recipe)) for source in recipe.corpus.sources], store_endpoint(recipe))
         scoring = recipe.scoring
         if scoring is not None and "perplexity" in scoring.scorers:
             from tasks.scoring.perplexity import check_perplexity_model
 
             check_perplexity_model(scoring.perplexity.model, store_endpoint(recipe))
     except (IngestError, RecipeError) as error:
+        raise fail(str(error)) from None
+
+
+def check_before_work(recipe: Recipe, until: str | None = None, variant: str | None = None) -> None:
+    """Everything a run up to ``until`` (every stage when None) reads or writes that can be checked
+    without computing, before any flow, Ray, MLflow run or store write: the store
+    (`trecflow.preflight`), then, when the run needs them, the corpus sources and the head of each
+    file, the tokenizer and the base checkpoint. A problem is one line and exit code 2."""
+    from flows.params import default_variant
+    from tasks.base_model import check_base
+    from tasks.graph import GRAPH
+    from tasks.tokenizer import check_tokenizer
+    from trecflow.preflight import check_store
+    from trecflow.settings import store_endpoint, store_url
+    from trecflow.stage import Target
+
+    needed = GRAPH.needed(Target(recipe, variant or default_variant(recipe)), until)
+    try:
+        check_store(store_url(recipe), store_endpoint(recipe))
+        if "ingest" in needed:
+            check_sources(recipe)
+        if "tokenizer" in needed and recipe.tokenizer is not None:
+            check_tokenizer(recipe, store_endpoint(recipe))
+        if "base" in needed and recipe.base is not None:
+            check_base(recipe, store_endpoint(recipe))
+    except ValueError as error:  # PreflightError, SettingsError, RecipeError: one line
         raise fail(str(error)) from None
 
 
@@ -299,7 +343,7 @@ def score(
     recipe = load_or_exit(recipe_path)
     if recipe.corpus is None:
         raise fail(f"{recipe_path}: corpus: the score stage needs a corpus section")
-    check_sources(recipe)
+    check_before_work(recipe, "score")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "score", force=force))
     payload = result["score"]  # the JSON view (StageResult.as_dict): --json selects from it
     if as_json:
@@ -354,7 +398,7 @@ def checked_variant(recipe_path: RecipeFile, variant: str | None, stage: str) ->
         injected_lr_fault(recipe.steps)  # the testing aid's variable (when set), checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
-    check_sources(recipe)
+    check_before_work(recipe, stage, variant)
     return variant
 
 
@@ -496,7 +540,7 @@ def base(
         raise fail(f"base: unknown kind {kind!r} (tiny or smollm2)")
     if recipe.base is None or recipe.base.tiny is None:
         raise fail(f"{recipe_path}: base: building a tiny base needs base.tiny and base.pretrain sections")
-    check_sources(recipe)
+    check_before_work(recipe, "base")
     result = run_stage_flow(stage_flow(), run=stage_run(recipe_path, "base", force=force))
     payload = result["base"]  # the JSON view (StageResult.as_dict)
     typer.echo(json.dumps(payload) if as_json else stage_text(stage_result("base", payload)))
@@ -535,18 +579,18 @@ def run(
     from trecflow.stage import Target
 
     try:
-        from flows.pipeline import default_variant, forced_stages
+        from flows.params import default_variant  # (flows.pipeline imports Prefect, which makes its home: after the checks)
 
         recipe.curriculum.variant(variant or default_variant(recipe))
-        forced_stages(force)
+        GRAPH.forced_closure(force or [])
         if until is not None:
-            forced_stages([until])  # an unknown stage: one line, exit 2
+            GRAPH.forced_closure([until])  # an unknown stage: one line, exit 2
         GRAPH.check_runnable(Target(recipe, variant or default_variant(recipe)), until, str(recipe_path))
         if recipe.corpus is not None and recipe.tokenizer is not None:
             check_placement(recipe, variant or default_variant(recipe))
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
-    check_sources(recipe)
+    check_before_work(recipe, until, variant)
     if dry_run:  # the same plan `status` shows: no flow run, no Ray, no MLflow run, nothing written
         from trecflow.inventory import plan_stages
 
@@ -796,7 +840,7 @@ def compare(
         injected_lr_fault(recipe.steps)  # the testing aid's variable (when set), checked before any stage runs
     except (RecipeError, PlacementError) as error:
         raise fail(str(error)) from None
-    check_sources(recipe)
+    check_before_work(recipe)
     from flows.compare import compare_curricula
 
     result = run_stage_flow(compare_curricula, comparison=comparison)

@@ -133,6 +133,23 @@ def path_fingerprint(location: str, endpoint_url: str | None) -> str:
     return fingerprint(STAGE, STAGE_VERSION, {"config": config, "files": listing})
 
 
+def check_base(recipe: Recipe, endpoint_url: str | None = None) -> None:
+    """A ``base.path`` checkpoint that cannot be continued, refused before any work in one
+    `RecipeError` line naming the field and folder: what `check_causal_lm` checks (config.json, a
+    causal LM, weights, safetensors headers), and a vocabulary smaller than the tokenizer's
+    (`check_tokenizer`). A tiny base is built, so nothing to check."""
+    if recipe.base is None or recipe.base.path is None:
+        return
+    from tasks.scoring.perplexity import check_causal_lm
+    from tasks.tokenizer import check_tokenizer
+
+    config = check_causal_lm(recipe.base.path, "base.path", endpoint_url)
+    model_vocab, tokens = config.get("vocab_size"), check_tokenizer(recipe, endpoint_url)
+    if isinstance(model_vocab, int) and tokens is not None and model_vocab < tokens:
+        raise RecipeError(f"base.path: {expand_path(recipe.base.path)} has a vocabulary of {model_vocab:,} tokens, fewer than the "
+                          f"tokenizer's {tokens:,}: token ids past it would have no embedding")
+
+
 class BaseStage(
     Stage[BaseSummary], name=STAGE, version=STAGE_VERSION, inputs=("score", "tokenizer"), sections=("base",), title="Base model",
     task_name="build_base", purpose="a base model", summary_type=BaseSummary

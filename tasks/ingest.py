@@ -33,7 +33,10 @@ Output ``<store>/ingest/<fingerprint>/``: ``shards/`` (doc_id, source, text, cha
 split), ``stats.json`` (documents per source and split; dropped documents by reason) and the
 manifest last. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
 its content; the corpus settings (near-duplicate ones included) are hashed too. Bad input raises
-`IngestError` naming the source and file before any output exists; ``_work/`` is removed at the end.
+`IngestError` naming the source and file (and line) before any output exists: `check_files` reads
+the head of every file first (empty, binary, a bad or over-long JSON line, a parquet schema without
+a text column, a truncated compressed file); a problem further into a file is found by pass 1.
+``_work/`` is removed at the end.
 """
 
 from __future__ import annotations
@@ -197,12 +200,16 @@ def ingest_fingerprint(corpus: CorpusSection, listings: list[SourceFiles]) -> st
 
 
 def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None) -> Iterator[list[Any]]:
-    """Batches of raw text values of one input file, read with ``datasets`` (streaming)."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    """Batches of raw text values of one input file: JSON lines by `json_lines`, the rest with
+    ``datasets`` (streaming)."""
     options = source_options(source, path, endpoint_url)
     try:
+        if source.format == "jsonl" and not path.endswith(JSON_DOCUMENTS):
+            yield from _jsonl_texts(source, path, options)
+            return
+        import datasets
+
+        datasets.disable_progress_bars()
         if source.format == "disk":
             dataset = datasets.load_from_disk(path, storage_options=copy.deepcopy(options) or None)
             if source.text_field not in dataset.column_names:
@@ -212,9 +219,6 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
                 )
             for batch in dataset.iter(batch_size=READ_BATCH):
                 yield batch[source.text_field]
-            return
-        if source.format == "jsonl" and _is_url(path) and path.endswith(COMPRESSED):
-            yield from _compressed_jsonl_texts(source, path, options)
             return
         builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}[source.format]
         dataset = datasets.load_dataset(
@@ -238,29 +242,141 @@ def iter_texts(source: SourceSection, path: str, endpoint_url: str | None = None
         raise IngestError(f"corpus source {source.name}: cannot read {path} ({type(error).__name__}: {message})") from None
 
 
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+JSON_DOCUMENTS = (".json",)  # may hold one JSON array rather than lines: read by ``datasets``
 
 
-def _compressed_jsonl_texts(source: SourceSection, path: str, options: dict[str, Any]) -> Iterator[list[Any]]:
-    """Batches of text values of a compressed JSON-lines file at a URL, decompressed as it streams.
-    (``datasets`` opens compressed files with HTTP client options that S3's client refuses.)"""
+def _jsonl_texts(source: SourceSection, path: str, options: dict[str, Any]) -> Iterator[list[Any]]:
+    """Batches of text values of a JSON-lines file (compressed or not, local or at a URL),
+    decompressed as it streams, each line checked and bounded (`json_lines`: a bad line is named
+    by its number). (``datasets`` opens compressed files with HTTP client options that S3's client
+    refuses, numbers rows rather than lines and reads a line of any length whole.)"""
     batch: list[Any] = []
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", **copy.deepcopy(options)) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise IngestError(f"corpus source {source.name}: {path} line {number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict) or source.text_field not in record:
-                raise IngestError(f"corpus source {source.name}: {path} line {number} has no text field {source.text_field!r}")
-            batch.append(record[source.text_field])
+    with fsspec.open(path, "rb", compression="infer", **copy.deepcopy(options)) as handle:
+        for _, value in json_lines(source, path, handle):
+            batch.append(value)
             if len(batch) == READ_BATCH:
                 yield batch
                 batch = []
     if batch:
         yield batch
+
+
+READ_BLOCK = 1024**2  # bytes read at a time from a JSON-lines file
+MAX_LINE_BYTES = 16 * 1024**2  # a JSON line (one document) longer than this is refused, never read whole
+CHECK_BYTES = 64 * 1024  # what `check_file` reads of each file (and at most one longer line) before any work
+CHECK_THREADS = 16  # files checked at once (the reads are small; an object store answers each in ms)
+
+
+def json_lines(source: SourceSection, path: str, handle, stop_after: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, text value) of each non-blank line of a binary JSON-lines stream, lines
+    numbered as an editor does (from 1). `IngestError` naming the file and line for a line longer
+    than `MAX_LINE_BYTES` (never read whole), not UTF-8, not a JSON object, without the text field
+    or with a text field that is not text. Stops after about ``stop_after`` bytes when given."""
+    where = f"corpus source {source.name}: {path}"
+    read = 0
+    for number, line in enumerate(_lines(handle, MAX_LINE_BYTES, min(READ_BLOCK, stop_after or READ_BLOCK)), 1):
+        if stop_after is not None and read >= stop_after:
+            return
+        read += len(line)
+        if len(line) > MAX_LINE_BYTES:
+            raise IngestError(f"{where} line {number}: longer than {MAX_LINE_BYTES // 1024**2} MiB (one document per line)")
+        if not line.strip():
+            continue
+        if b"\x00" in line:
+            raise IngestError(f"{where} line {number}: holds a NUL byte, not text (a binary file?)")
+        try:
+            record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))  # a byte-order mark may open a file
+        except UnicodeDecodeError:
+            raise IngestError(f"{where} line {number}: not UTF-8 text (a binary file?)") from None
+        except json.JSONDecodeError as error:
+            raise IngestError(f"{where} line {number}: not JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise IngestError(f"{where} line {number}: not a JSON object but a {type(record).__name__}")
+        if source.text_field not in record:
+            raise IngestError(f"{where} line {number} has no text field {source.text_field!r} (fields: {', '.join(sorted(record))})")
+        value = record[source.text_field]
+        if value is not None and not isinstance(value, str):
+            raise IngestError(f"{where} line {number}: field {source.text_field!r} holds {type(value).__name__}, not text")
+        yield number, value
+
+
+def _lines(handle, limit: int, block: int) -> Iterator[bytes]:
+    """The lines of a binary stream (newline kept), read ``block`` bytes at a time. A line longer
+    than ``limit`` is yielded as its first ``limit + 1`` bytes, and nothing after it: memory stays
+    within ``limit + block`` bytes whatever the file holds."""
+    buffer = bytearray()
+    while True:
+        chunk = handle.read(block)
+        start = 0
+        if chunk:
+            buffer.extend(chunk)
+            while (end := buffer.find(b"\n", start)) >= 0:
+                yield bytes(buffer[start : end + 1])
+                start = end + 1
+            del buffer[:start]
+        if len(buffer) > limit:
+            yield bytes(buffer[: limit + 1])
+            return
+        if not chunk:
+            if buffer:
+                yield bytes(buffer)
+            return
+
+
+def check_file(source: SourceSection, path: str, endpoint_url: str | None = None) -> None:
+    """Refuse a listed input file before any work, in one `IngestError` line naming it (and the
+    line): gone since listing, empty, not the source's format, or — within its first `CHECK_BYTES`
+    (decompressed) — a bad JSON line or a parquet schema without a text column. Reads at most
+    `CHECK_BYTES` plus one line of at most `MAX_LINE_BYTES`; errors further into a file are found
+    when ingest reads it."""
+    where = f"corpus source {source.name}: {path}"
+    if source.format in ("disk", "arrow"):
+        return  # a saved dataset is checked by `datasets` when loaded; nothing cheap to add
+    try:
+        fs, target = fsspec.core.url_to_fs(path, **source_options(source, path, endpoint_url))
+        if fs.size(target) == 0:
+            raise IngestError(f"{where}: the file is empty")
+        if source.format == "parquet":
+            with fs.open(target, "rb") as handle:
+                _check_parquet(where, source.text_field, handle)
+            return
+        with fsspec.open(path, "rb", compression="infer", **source_options(source, path, endpoint_url)) as handle:
+            if path.endswith(JSON_DOCUMENTS) and handle.read(1) == b"[":
+                return  # a JSON array file (``datasets`` reads those too): no line to check
+            handle.seek(0)
+            if sum(1 for _ in json_lines(source, path, handle, stop_after=CHECK_BYTES)) == 0 and handle.read(1) == b"":
+                raise IngestError(f"{where}: holds no JSON line (empty or blank)")
+    except IngestError:
+        raise
+    except FileNotFoundError:
+        raise IngestError(f"{where}: listed but gone when read (deleted or moved while listing?)") from None
+    except (OSError, EOFError, ValueError) as error:  # a truncated or corrupt compressed stream, an unreadable file
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise IngestError(f"{where}: cannot read it ({type(error).__name__}: {message})") from None
+
+
+def _check_parquet(where: str, text_field: str, handle) -> None:
+    """A parquet file's footer: readable, with a string column ``text_field``."""
+    try:
+        schema = pq.ParquetFile(handle).schema_arrow
+    except pa.ArrowException as error:
+        raise IngestError(f"{where}: not a readable parquet file ({str(error).splitlines()[0]})") from None
+    if text_field not in schema.names:
+        raise IngestError(f"{where}: parquet schema has no text column {text_field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise IngestError(f"{where}: parquet column {text_field!r} is {kind}, not text")
+
+
+def check_files(listings: list[SourceFiles], endpoint_url: str | None = None) -> None:
+    """`check_file` on every listed file, `CHECK_THREADS` at a time; the first problem in listing
+    order is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(item.source, path) for item in listings for path in item.files]
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+        for future in [pool.submit(check_file, source, path, endpoint_url) for source, path in jobs]:
+            future.result()
 
 
 def _as_text(value: Any, source: SourceSection, path: str) -> str | None:
@@ -629,6 +745,7 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
     ensure_ray()
     near = corpus.near_duplicates if corpus.near_duplicates.enabled else None
     try:
+        check_files(listings, store.endpoint_url)  # the CLI checked them before the flow; a deployment's run checks here
         read = _read_pass(corpus, listings, store, output, progress)
         deduplicated = _dedup_pass(corpus, listings, near, store, output, progress)
         removed: dict[str, int] = {}

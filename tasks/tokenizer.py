@@ -71,7 +71,33 @@ def _base_files(section: TokenizerSection, endpoint_url: str | None) -> tuple[by
         config = json.loads(fs.cat_file(f"{root}/config.json"))
     except FileNotFoundError:
         return data, None
-    return data, config.get("vocab_size")
+    except ValueError as error:
+        raise RecipeError(f"tokenizer.from_base: {location}/config.json is not JSON ({error})") from None
+    return data, config.get("vocab_size") if isinstance(config, dict) else None
+
+
+def check_tokenizer(recipe: Recipe, endpoint_url: str | None = None) -> int | None:
+    """The most token ids the recipe's tokenizer can emit (None without a tokenizer section), after
+    what can be checked without training: a ``from_base`` folder's tokenizer.json loads, holds
+    ``eos_token`` and fits the model's vocab_size (its config.json beside it); `RecipeError` in one
+    line otherwise. ``train_bpe``: its vocab (nothing to read)."""
+    from tokenizers import Tokenizer
+
+    section = recipe.tokenizer
+    if section is None:
+        return None
+    if section.train_bpe is not None:
+        return section.train_bpe.vocab
+    data, model_vocab = _base_files(section, endpoint_url)
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as error:  # not UTF-8, not JSON, not a tokenizer: tokenizers raises its own Exception
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(f"tokenizer.from_base: {expand_path(section.from_base).rstrip('/')}/{TOKENIZER_FILE} is not a tokenizer ({message})") from None
+    if tokenizer.token_to_id(section.eos_token) is None:
+        raise RecipeError(f"tokenizer.eos_token: {section.eos_token!r} is not in the tokenizer's vocabulary ({expand_path(section.from_base)})")
+    check_vocabulary(tokenizer.get_vocab_size(), model_vocab, "tokenizer.from_base")
+    return tokenizer.get_vocab_size()
 
 
 def check_vocabulary(tokenizer_vocab: int, model_vocab: int | None, where: str) -> None:

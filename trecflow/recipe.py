@@ -39,9 +39,20 @@ STRATEGIES = ("uniform", "end", "start", "ascending", "window", "trec_valley", "
 
 
 class _Section(BaseModel):
-    """Base of every recipe section: frozen, unknown keys forbidden, ints accept integral floats."""
+    """Base of every recipe section: frozen, unknown keys forbidden, ints accept integral floats,
+    numbers refuse ``true``/``false`` (which pydantic would read as 1 and 0)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(value, bool) else None
+                if field is not None and _numeric_only(field.annotation):
+                    raise _FieldError(key, f"must be a number, got {str(value).lower()}")
+        return data
 
 
 class ModelSection(_Section):
@@ -941,6 +952,14 @@ def _check_averaging(averaging: AveragingSection, steps: int, field: str) -> Non
             f"{averaging.checkpoints} checkpoints {averaging.every} steps apart span {span} steps; (checkpoints - 1) x every "
             f"must be less than the {steps} steps, so that the oldest snapshot is of a step of this run",
         )
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field's type takes numbers (int, float, a tuple of them, optional) and no boolean."""
+    from typing import get_args
+
+    kinds = {annotation, *get_args(annotation)}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class _FieldError(ValueError):

@@ -8,6 +8,9 @@
   ``[0.9, 0.95]``, ``null``), so ``--set training.workers=2`` sets a number.
 
 Every problem is a `RecipeError` of one line naming the file (and line) or the ``--set`` argument.
+Before any value is built, a document is refused when it is not UTF-8 text, repeats a key in a
+mapping, nests deeper than `MAX_DEPTH` levels, or would expand (aliases counted each time they are
+used) to more than `MAX_NODES` nodes: a "billion laughs" alias bomb costs nothing to refuse.
 """
 
 from __future__ import annotations
@@ -41,23 +44,86 @@ _NumberLoader.add_implicit_resolver(
 )
 
 
+MAX_DEPTH = 50  # mappings and lists nested in each other; a recipe needs 6
+MAX_NODES = 100_000  # nodes after expanding aliases; the largest shipped recipe has a few hundred
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document refused before it is built (the error's mark names the line)."""
+
+
+def _construct_mapping(loader: _NumberLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: a repeated key names both lines."""
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) or key is None:
+            if key in seen:
+                raise _Refused(None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_NumberLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_size(root: yaml.Node | None) -> None:
+    """`_Refused` when the node graph nests deeper than `MAX_DEPTH` or expands to more than
+    `MAX_NODES` nodes (a node reached through several aliases counts each time; memoized, so the
+    check is linear in the document's text)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children = [] if isinstance(node, yaml.ScalarNode) else (
+            [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else node.value)
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        if total > MAX_NODES:
+            raise _Refused(None, None, f"expands to more than {MAX_NODES:,} values (aliases counted each time they are used)", node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
 def read_yaml(text: str) -> Any:
-    """Parse YAML with the recipe loader (``3.9e9`` is a number). Raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_NumberLoader)
+    """Parse YAML with the recipe loader (``3.9e9`` is a number; no repeated keys; bounded depth
+    and expanded size). Raises yaml.YAMLError."""
+    loader = _NumberLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except RecursionError:  # the composer recurses per level: a mark-less refusal
+            raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", loader.get_mark()) from None
+        _check_size(root)
+        return None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def read_file(path: str | Path, what: str = "recipe") -> Any:
     """A YAML file's data; `RecipeError` naming the file (and line) when unreadable or invalid."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         raise RecipeError(f"{path}: cannot read {what} ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RecipeError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}: a binary file?)") from None
     try:
         return read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        position = getattr(error, "position", None)  # a ReaderError (a control character) has no mark
+        line = mark.line + 1 if mark else (text.count("\n", 0, position) + 1 if position is not None else None)
+        where = f" line {line}" if line else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise RecipeError(f"{path}:{where} invalid YAML: {problem}") from None
 

@@ -3,6 +3,7 @@
 - `check_perplexity_model`: a cheap pre-flight of ``scoring.perplexity.model`` (no weights read):
   the folder exists, has a ``config.json`` that transformers parses, names a causal LM, and holds
   weights and a tokenizer. Otherwise a one-line `RecipeError` naming the field and the path.
+  `check_causal_lm` is that check for any field (``base.path`` too), safetensors headers included.
 - `PerplexityScorer`: loads the tokenizer and the model once (a folder in an object store is
   copied to a temporary folder first), then `losses` gives each document's mean cross-entropy
   (nats per predicted token) over its first ``max_tokens`` tokens, in batches of ``batch_size``
@@ -51,14 +52,25 @@ def _causal_lm_names() -> set[str]:
 
 def check_perplexity_model(path: str, endpoint_url: str | None = None, max_tokens: int | None = None) -> None:
     """Raise a one-line `RecipeError` unless ``path`` (a local folder or a store URL) holds a
-    Hugging Face causal LM with weights and a tokenizer. Reads config.json and a listing only.
-    With ``max_tokens``, also refuse a model whose context (max_position_embeddings) is shorter."""
+    Hugging Face causal LM with weights and a tokenizer (`check_causal_lm`). With ``max_tokens``,
+    also refuse a model whose context (max_position_embeddings) is shorter."""
+    config = check_causal_lm(path, FIELD, endpoint_url, needs_tokenizer=True)
+    context = config.get("max_position_embeddings")
+    if max_tokens is not None and isinstance(context, int) and 0 < context < max_tokens:
+        raise RecipeError(f"scoring.perplexity.max_tokens: {max_tokens} exceeds the context of {expand_path(path).rstrip('/')} ({context} tokens)")
+
+
+def check_causal_lm(path: str, field: str, endpoint_url: str | None = None, needs_tokenizer: bool = False) -> dict:
+    """A Hugging Face causal LM's config.json (as a dict), or a one-line `RecipeError` naming
+    ``field`` and ``path``: the folder exists, has a config.json that transformers parses, names
+    a causal LM and holds weights (a safetensors file as long as its header says) and, with
+    ``needs_tokenizer``, a tokenizer. Reads config.json, a listing and safetensors headers only."""
     from transformers import AutoConfig
 
     location = expand_path(path).rstrip("/")
 
     def refuse(problem: str) -> RecipeError:
-        return RecipeError(f"{FIELD}: {location} {problem}".replace("\n", " "))
+        return RecipeError(f"{field}: {location} {problem}".replace("\n", " "))
 
     try:
         fs, root = _filesystem(location, endpoint_url)
@@ -84,9 +96,8 @@ def check_perplexity_model(path: str, endpoint_url: str | None = None, max_token
     except Exception as error:
         raise refuse(f"has a config.json that transformers cannot parse: {type(error).__name__}: {error}") from None
     architectures = list(getattr(config, "architectures", None) or [])
-    causal = _causal_lm_names()
-    if architectures:
-        if not any(name in causal or name.endswith("ForCausalLM") for name in architectures):
+    if architectures:  # transformers' table of causal LMs (it imports torch) only when the name does not say
+        if not any(name.endswith("ForCausalLM") for name in architectures) and not set(architectures) & _causal_lm_names():
             raise refuse(f"is a {'/'.join(architectures)}, not a causal LM")
     else:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -95,11 +106,49 @@ def check_perplexity_model(path: str, endpoint_url: str | None = None, max_token
             raise refuse(f"is a {config.model_type} model with no causal-LM head in transformers")
     if not names & set(WEIGHT_FILES):
         raise refuse(f"has no weights ({' or '.join(WEIGHT_FILES[::2])})")
-    if not names & set(TOKENIZER_FILES):
+    for name in _safetensors_files(fs, root, names, refuse):
+        problem = safetensors_problem(fs, f"{root}/{name}")
+        if problem:
+            raise refuse(f"has a broken {name}: {problem}")
+    if needs_tokenizer and not names & set(TOKENIZER_FILES):
         raise refuse(f"has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...)")
-    context = getattr(config, "max_position_embeddings", None)
-    if max_tokens is not None and isinstance(context, int) and 0 < context < max_tokens:
-        raise RecipeError(f"scoring.perplexity.max_tokens: {max_tokens} exceeds the context of {location} ({context} tokens)")
+    return data
+
+
+def _safetensors_files(fs, root: str, names: set[str], refuse) -> list[str]:
+    """The safetensors files a checkpoint folder holds (its index's shards, each present)."""
+    if "model.safetensors.index.json" not in names:
+        return ["model.safetensors"] if "model.safetensors" in names else []
+    try:
+        shards = sorted(set(json.loads(fs.cat_file(f"{root}/model.safetensors.index.json"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise refuse(f"has a model.safetensors.index.json without a weight_map ({type(error).__name__})") from None
+    missing = [name for name in shards if name not in names]
+    if missing:
+        raise refuse(f"lacks the shard {missing[0]} that model.safetensors.index.json names")
+    return shards
+
+
+def safetensors_problem(fs, path: str) -> str | None:
+    """Why a safetensors file is unusable (its header unreadable, or the file shorter or longer
+    than the tensors the header lays out), or None. Reads the 8-byte length and the header only."""
+    size = fs.size(path)
+    with fs.open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, 100 * 1024**2):
+            return f"its header claims {length:,} bytes of a {size:,}-byte file"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(item["data_offsets"][1]) for key, item in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            return f"unreadable header ({type(error).__name__})"
+    expected = 8 + length + end
+    if size != expected:
+        return f"{size:,} bytes where its header lays out {expected:,} (truncated or padded)"
+    return None
 
 
 def _local_copy(location: str, endpoint_url: str | None, into: str) -> str:

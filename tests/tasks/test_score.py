@@ -245,7 +245,8 @@ def test_quantile_thresholds_give_the_configured_shares():
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
-    """A missing text field: one line naming the file, exit 2, and no retry of the task."""
+    """A missing text field past the head the CLI checks before the flow (`check_files`): found
+    by ingest's read pass, one line naming the file and line, exit 2, no traceback, no retry."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
     from typer.testing import CliRunner
@@ -254,8 +255,9 @@ def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    source = write_jsonl(tmp_path / "docs.jsonl", ["some text"])
-    source.write_text('{"body": "a document without the text field"}\n')
+    source = write_jsonl(tmp_path / "docs.jsonl", [f"document {i} with some text of its own" for i in range(2000)])  # ~100 kB
+    with source.open("a") as handle:
+        handle.write('{"body": "a document without the text field"}\n')
     recipe = (CONFIGS / "test.yaml").read_text().split("corpus:")[0] + (
         f"corpus:\n  sources:\n    - {{name: docs, path: '{source}'}}\n  splits: {{eval: 0.5, cpt: 0.5}}\n"
         "scoring: {scorers: [rules], weights: {rules: 1.0}}\n"
@@ -265,7 +267,8 @@ def test_score_command_fails_fast_on_bad_input(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["score", str(path)])
     assert result.exit_code == 2, result.output
     line = result.stderr.strip().splitlines()[-1]
-    assert line == f"error: corpus source docs: {source} has no text field 'text' (fields: body)"
+    assert line == f"error: corpus source docs: {source} line 2001 has no text field 'text' (fields: body)"
+    assert "Traceback" not in result.stderr
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest_corpus")))
     attempts = [run.run_count for run in runs if run.state.is_failed()]

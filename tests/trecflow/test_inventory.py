@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import save as safetensors_bytes
 from typer.testing import CliRunner
 
 from flows.cli import app, human_age, human_bytes
@@ -97,7 +98,8 @@ def shelf(staged_test, tmp_path_factory):
                       ("pack", staged["pack"].fingerprint), ("predict", staged["predict"].fingerprint)):
         shutil.copytree(source.path(stage, fp), store.path(stage, fp))
     base = store.output("base", SMOLLM2)  # as `trecflow base smollm2` writes it
-    base.write_bytes("model/config.json", json.dumps({"model_type": "llama", "vocab_size": 1024}).encode())
+    base.write_bytes("model/config.json", json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024}).encode())
+    base.write_bytes("model/model.safetensors", safetensors_bytes({"embed": np.zeros((4, 4), dtype=np.float32)}))  # run's pre-flight reads its header
     base.commit()
     base_uri = base.file_uri("model")
 
