@@ -39,7 +39,7 @@ def objects(client, prefix: str) -> dict[str, bytes]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/"):
         for entry in page.get("Contents", []):
             name = entry["Key"][len(prefix) + 1 :]
-            if "/_LEASE-" not in name and not name.rsplit("/", 1)[-1].startswith("."):
+            if not name.rsplit("/", 1)[-1].startswith(("_LEASE-", ".")):
                 found[name] = client.get_object(Bucket=BUCKET, Key=entry["Key"])["Body"].read()
     return found
 
