@@ -106,6 +106,11 @@ def model_card(recipe: Recipe, variant: str, results: Mapping[str, StageResult],
         window = "none" if place.summary.window is None else f"{place.summary.window[0]:.3f}-{place.summary.window[1]:.3f} of training"
         lines += [f"| hq fraction | {place.summary.hq_fraction:g} |", f"| hq window | {window} |"]
     lines.append(f"| schedule | {describe_schedule(recipe.for_variant(variant).schedule)}, peak LR {recipe.optimizer.peak_lr:g} |")
+    averaging = recipe.averaging(variant)
+    if averaging is not None:  # the registered weights are the average; the raw final weights are beside them
+        alpha = f" (alpha {averaging.alpha:g})" if averaging.kind == "ema" else ""
+        lines.append(f"| weights | {averaging.kind}{alpha} of {averaging.checkpoints} snapshots {averaging.every:,} steps apart; "
+                     f"raw final weights: `{train.summary.final_model_uri}` |")
     measured = results.get("reevaluate")
     if measured is not None:
         summary = measured.summary

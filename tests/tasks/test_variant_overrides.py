@@ -195,3 +195,15 @@ def test_m_calibrated_follows_a_variants_own_schedule_kind(tmp_path):
     run_calibrate(only_linear)
     with pytest.raises(RecipeError, match=r"^trec.m: calibrated \(variant constant, schedule constant\): the calibration has no law for schedule 'constant'"):
         resolve_m(parse_recipe(data), only_linear)
+
+
+def test_the_model_card_of_an_averaged_variant_says_what_its_weights_are():
+    from types import SimpleNamespace
+
+    from flows.variant_run import model_card
+
+    train = SimpleNamespace(fingerprint="t1", summary=SimpleNamespace(model_uri="/s/train/t1/model", final_model_uri="/s/train/t1/final_model",
+                                                                      steps=48, final_loss=6.5))
+    card = model_card(RECIPE, "constant-sma", {"train": train}, None)
+    assert "| weights | sma of 4 snapshots 4 steps apart; raw final weights: `/s/train/t1/final_model` |" in card
+    assert "| weights |" not in model_card(RECIPE, "constant", {"train": train}, None)
