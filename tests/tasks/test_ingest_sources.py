@@ -26,6 +26,8 @@ def test_gzipped_jsonl_in_s3_is_read_in_order_and_bad_lines_are_named(s3_endpoin
     batches = list(iter_texts(source, f"s3://{path}", s3_endpoint))
     assert [text for batch in batches for text in batch] == texts and len(batches) > 1
 
-    store.fs.pipe(f"{prefix}/b.jsonl.gz", gzip.compress(b'{"text": "fine"}\n{"body": "no text"}\n'))
+    # in a folder of its own: the listing above is cached by the (shared) S3 filesystem, and a file
+    # written after it would be looked up in that cache
+    store.fs.pipe(f"{prefix}-bad/b.jsonl.gz", gzip.compress(b'{"text": "fine"}\n{"body": "no text"}\n'))
     with pytest.raises(IngestError, match=r"corpus source web: s3://.*/b.jsonl.gz line 2 has no text field 'text'"):
-        list(iter_texts(source, f"s3://{prefix}/b.jsonl.gz", s3_endpoint))
+        list(iter_texts(source, f"s3://{prefix}-bad/b.jsonl.gz", s3_endpoint))
