@@ -164,7 +164,7 @@ def _not_text(folder):
     ("setup", "message"),
     [
         (_missing_field, "has no text field 'body'"),
-        (_unreadable_shard, "cannot read"),
+        (_unreadable_shard, "x.parquet: not a readable parquet file"),
         (_non_utf8, "UTF-8"),
         (_no_files, "no jsonl files"),
         (_only_empty, "yielded no documents"),
