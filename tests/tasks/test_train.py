@@ -165,8 +165,9 @@ def test_a_killed_worker_resumes_each_batch_exactly_once_with_the_same_final_los
     first = [record for record in records if record["attempt"] == 1]
     assert 20 <= first[-1]["step"] < 47
     assert audit.reexecuted_steps == sum(1 for record in first if record["step"] >= resumed_from)
-    # the resumed run restored the average of the snapshots before its checkpoint (after step 15) and delivers the same model
-    assert resumed_from == 16
+    # the resumed run delivers the same average: from step 16 it restored the running sum holding the
+    # snapshot after step 15; from step 8 (when the checkpoint of 16 was not registered before the kill) it had none to restore
+    assert resumed_from in (8, 16)
     again = model_weights(resumed.summary.model_uri)
     for name, value in averaged.items():
         np.testing.assert_allclose(again[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
