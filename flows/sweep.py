@@ -97,12 +97,12 @@ def load_sweep(sweep: Sweep) -> tuple[Recipe, list[SweepPoint]]:
     for point in points:
         label = f"point tau {point.tau:g}, T {point.steps}"
         try:
-            point_recipe = load_recipe(point.recipe_path, point.overlays, [item for item in point.set if item != "trec.m=calibrated"])
+            built = point_recipe(point)
         except RecipeError as error:
             raise RecipeError(f"{label}: {error}") from None
-        if point_recipe.steps != point.steps:
-            raise RecipeError(f"{label}: data.tokens / batch.tokens gives {point_recipe.steps} steps, not {point.steps}")
-        GRAPH.check_runnable(Target(point_recipe, SWEEP_VARIANT), None, sweep.recipe_path)
+        if built.steps != point.steps:
+            raise RecipeError(f"{label}: data.tokens / batch.tokens gives {built.steps} steps, not {point.steps}")
+        GRAPH.check_runnable(Target(built, SWEEP_VARIANT), None, sweep.recipe_path)
     return recipe, points
 
 
