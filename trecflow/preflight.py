@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from types import SimpleNamespace
 from typing import Any
 
 import fsspec
+
+from trecflow.redact import redact
 
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 10
@@ -26,11 +27,6 @@ S3_ATTEMPTS = 2
 
 class PreflightError(ValueError):
     """A store that cannot be used; ``str(err)`` is one line naming its URL."""
-
-
-def shown(url: str) -> str:
-    """``url`` without the ``user:password@`` of its authority, if any."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
 
 
 def check_store(url: str, endpoint_url: str | None = None) -> None:
@@ -45,9 +41,9 @@ def check_store(url: str, endpoint_url: str | None = None) -> None:
     except (ValueError, ImportError) as error:
         known = ", ".join(sorted(name for name in fsspec.available_protocols() if name.isalnum() and len(name) <= 5)[:12])
         reason = "unknown scheme" if isinstance(error, ValueError) else f"its package is not installed ({error})"
-        raise PreflightError(f"store {shown(url)}: {reason} {scheme!r} (e.g. {known})") from None
+        raise PreflightError(f"store {redact(url)}: {reason} {scheme!r} (e.g. {known})") from None
     if "@" in plain.split("://", 1)[1].split("/", 1)[0]:
-        raise PreflightError(f"store {shown(url)}: credentials in the URL are not read (and would be shown wherever the URL is): "
+        raise PreflightError(f"store {redact(url)}: credentials in the URL are not read (and would be shown wherever the URL is): "
                              f"give them in the environment or TRECFLOW_STORE_OPTIONS")
     if scheme in ("s3", "s3a"):
         _check_bucket(url, endpoint_url)
@@ -88,7 +84,7 @@ def _check_bucket(url: str, endpoint_url: str | None) -> None:
 
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     if not bucket:
-        raise PreflightError(f"store {shown(url)}: no bucket named (s3://BUCKET/prefix)")
+        raise PreflightError(f"store {redact(url)}: no bucket named (s3://BUCKET/prefix)")
     options: dict[str, Any] = Store.storage_options(SimpleNamespace(url=url, endpoint_url=endpoint_url))  # as the store opens it
     client_kwargs = dict(options.get("client_kwargs") or {})
     endpoint = client_kwargs.get("endpoint_url") or options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
@@ -103,14 +99,14 @@ def _check_bucket(url: str, endpoint_url: str | None) -> None:
         aws_access_key_id=options.get("key"), aws_secret_access_key=options.get("secret"), aws_session_token=options.get("token"),
         config=config,
     )
-    where = f"store {shown(url)}" + (f" (endpoint {shown(endpoint)})" if endpoint else "")
+    where = f"store {redact(url)}" + (f" (endpoint {redact(endpoint)})" if endpoint else "")
     try:
         client.head_bucket(Bucket=bucket)
     except NoCredentialsError:
         raise PreflightError(f"{where}: no S3 credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, "
                              f"or key/secret in TRECFLOW_STORE_OPTIONS)") from None
     except EndpointConnectionError:
-        raise PreflightError(f"{where}: cannot connect to the S3 endpoint {shown(endpoint or 'of AWS')}") from None
+        raise PreflightError(f"{where}: cannot connect to the S3 endpoint {redact(endpoint or 'of AWS')}") from None
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -4,8 +4,9 @@ terminal, a log, MLflow or Prefect.
 What it masks (as ``***``): the password of a URL's user information
 (``postgresql://user:***@db/mlflow``, ``http://user:***@host:9000``) and the values of query
 parameters that carry credentials (``?password=``, ``token=``, ``X-Amz-Signature=``,
-``X-Amz-Credential=``, ``X-Amz-Security-Token=``...). The user name, host and path stay, so a
-redacted URL still says where it points. Storage options under a recipe's ``storage_options`` are
+``X-Amz-Credential=``, ``X-Amz-Security-Token=``...) and AWS access key IDs wherever they appear
+(``AKIA``/``ASIA`` and 16 more capitals or digits: an ``s3://KEY:SECRET@bucket`` URL's user name is
+one). Other user names, hosts and paths stay, so a redacted URL still says where it points. Storage options under a recipe's ``storage_options`` are
 masked by `trecflow.recipe.Recipe.redacted_dump`; credentials given as environment variables
 (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_TOKEN``) are never copied into anything recorded.
 """
@@ -28,8 +29,14 @@ _SECRET_QUERY = re.compile(
 )
 
 
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+
+
 def redact(text: str) -> str:
-    """``text`` with every URL password and credential query value replaced by ``***``."""
+    """``text`` with every URL password, credential query value and AWS access key ID replaced by
+    ``***``."""
+    if "KIA" in text or "SIA" in text:
+        text = _AWS_KEY_ID.sub(MASK, text)
     if "://" not in text and "=" not in text:
         return text
     text = _USERINFO.sub(lambda match: match["head"] + MASK, text)

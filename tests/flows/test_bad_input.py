@@ -372,7 +372,7 @@ def test_store_urls_that_cannot_work_are_one_line_naming_the_url(tmp_path, s3_en
         ("no-bucket", "s3:///store", s3_endpoint, "store s3:///store: no bucket named (s3://BUCKET/prefix)"),
         ("unreachable-endpoint", f"s3://{BUCKET}/store", dead, f"store s3://{BUCKET}/store (endpoint {dead}): cannot connect to the S3 endpoint {dead}"),
         ("missing-bucket", "s3://no-such-bucket/store", s3_endpoint, f"store s3://no-such-bucket/store (endpoint {s3_endpoint}): the bucket 'no-such-bucket' does not exist"),
-        ("credentials-in-the-url", f"s3://AKIAFAKE:s3cr3t@{BUCKET}/store", s3_endpoint, f"store s3://***@{BUCKET}/store: credentials in the URL are not read"),
+        ("credentials-in-the-url", f"s3://AKIAFAKE:s3cr3t@{BUCKET}/store", s3_endpoint, f"store s3://AKIAFAKE:***@{BUCKET}/store: credentials in the URL are not read"),
         ("local-path-is-a-file", str(afile), None, f"store {afile}: {afile} is a file, not a folder"),
         ("local-path-under-a-file", str(afile / "store"), None, f"store {afile / 'store'}: cannot create {afile / 'store'}: {afile} is a file, not a folder"),
     ]

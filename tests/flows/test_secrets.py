@@ -35,9 +35,10 @@ TRECFLOW = Path(sys.executable).parent / "trecflow"
     ("https://s3.example/b/k?X-Amz-Credential=AKIA/x&X-Amz-Signature=abc123&part=2",
      "https://s3.example/b/k?X-Amz-Credential=***&X-Amz-Signature=***&part=2"),
     ("https://host/api?token=t0k3n", "https://host/api?token=***"),
+    ("s3://AKIAFAKE7QX2M9TRCKEY:s3cr3t@bucket/store (key AKIAFAKE7QX2M9TRCKEY)", "s3://***:***@bucket/store (key ***)"),
     ("s3://bucket/prefix http://127.0.0.1:9000 postgresql://user@db/x a=b", "s3://bucket/prefix http://127.0.0.1:9000 postgresql://user@db/x a=b"),
 ])
-def test_redact_masks_passwords_and_credential_parameters_only(text, shown):
+def test_redact_masks_passwords_credential_parameters_and_key_ids_only(text, shown):
     assert redact(text) == shown
 
 
@@ -188,8 +189,7 @@ def test_a_url_with_a_password_fails_in_one_line_that_masks_it(prefect_harness, 
         env |= {"MLFLOW_TRACKING_URI": closed, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     failed = run_cli(["run", str(recipe), "--until", "ingest"], env, timeout=300)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    # the store preflight masks the whole user information (***@), the runner's redaction the password (fakeuser:***@)
-    assert len(errors) == 1 and re.search(r"//(fakeuser:)?\*\*\*@127\.0\.0\.1", errors[0]), (failed.stdout[-2000:], failed.stderr[-2000:])
+    assert len(errors) == 1 and re.search(r"//fakeuser:\*\*\*@127\.0\.0\.1", errors[0]), (failed.stdout[-2000:], failed.stderr[-2000:])
     assert failed.returncode == (2 if where == "store endpoint" else 1), errors  # bad input; a service that cannot be reached
     result, _ = scan_run(env, s3_endpoint, {"failed run": failed})
     assert result.hits == [], result.hits
