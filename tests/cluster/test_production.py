@@ -126,13 +126,15 @@ def test_a_killed_flow_run_is_followed_by_one_that_reattaches_to_its_training_jo
     for rank in ranks:
         assert "runtime_resources" in rank["code"] and not rank["code"].startswith(str(ROOT)), rank["code"]
 
-    # no credential in what Ray shows of any job
+    # no credential in what Ray shows of any job (entrypoint, metadata, runtime_env), in any encoding
     from ray.job_submission import JobSubmissionClient
 
+    from ..secret_scan import scan
+
     client = JobSubmissionClient(box.ray_dashboard)
-    for job in jobs(box):
-        shown = json.dumps(client.get_job_info(job.submission_id).dict(), default=str)
-        assert box.secret not in shown and box.access_key not in shown
+    shown = {job.submission_id: json.dumps(client.get_job_info(job.submission_id).dict(), default=str) for job in jobs(box)}
+    assert any("runtime_env" in text for text in shown.values())
+    assert scan(texts=shown, planted={"access key": box.access_key, "secret key": box.secret}).hits == []
 
     # outputs and MLflow artifacts in S3, readable through the MLflow server; nothing on the flow's disk
     for stage in ("ingest", "score", "tokenizer", "pack", "place", "train", "evalset", "reevaluate"):
