@@ -31,12 +31,23 @@ puts the protocol back with ``fs.unstrip_protocol``), read with the source's ``s
 the order tasks run in.
 Output ``<store>/ingest/<fingerprint>/``: ``shards/`` (doc_id, source, text, chars, bytes, words,
 split), ``stats.json`` (documents per source and split; dropped documents by reason) and the
-manifest last. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
+manifest last.
+
+Resumable (`IngestStage.resumable`): every task of a pass ends by writing its result as a marker
+(`marked_task`: ``_work/read/SSSS-FFFFFF.json`` per input file, ``_work/dedup/pPPPPP.json`` and
+``_work/written/pPPPPP.json`` per partition, ``_work/bucket/qQQQQQ.json`` per band partition,
+``_work/cluster/clusters.json``), whole and after the files it vouches
+for. A later attempt of the same output takes marked results as they are and runs only the
+other tasks (a note: ``ingest: read: 3 of 5 files from an earlier attempt``); a file without a
+marker is read again and rewrites its partition files (fixed names, flush by flush, the same
+content) over whatever a dead attempt left of them. `IngestError` (bad input) removes the whole
+partial output. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
 its content; the corpus settings (near-duplicate ones included) are hashed too. Bad input raises
 `IngestError` naming the source and file (and line) before any output exists: `check_files` reads
 the head of every file first (empty, binary, a bad or over-long JSON line, a parquet schema without
 a text column, a truncated compressed file); a problem further into a file is found by pass 1.
-``_work/`` is removed at the end.
+``_work/`` is removed at the end, markers first (an attempt killed while removing it never finds a
+marker whose work is gone).
 """
 
 from __future__ import annotations
