@@ -96,23 +96,23 @@ def kill_point(stage: str, store: Path) -> Callable[[list[dict]], dict | None]:
     return point
 
 
-def session_processes(ray_dir: Path) -> list[int]:
-    """PIDs of processes of the Ray session under ``ray_dir`` (this run's own folder): a command line
-    naming it, or an open file in it (Ray's agents rename their command line)."""
-    mine = []
+def session_processes(ray_dir: Path) -> tuple[list[int], list[int]]:
+    """PIDs of processes of the Ray session under ``ray_dir`` (this run's own folder): those whose
+    command line names it (raylet, GCS, workers), and those that only hold a file open in it (Ray's
+    agents, which rename their command line)."""
+    named, holding = [], []
     prefix = str(ray_dir)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if prefix.encode() in (entry / "cmdline").read_bytes():
-                mine.append(int(entry.name))
-                continue
-            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
-                mine.append(int(entry.name))
+                named.append(int(entry.name))
+            elif any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                holding.append(int(entry.name))
         except OSError:  # gone meanwhile, or not ours to read
             continue
-    return mine
+    return named, holding
 
 
 class Runs:
@@ -123,7 +123,7 @@ class Runs:
         self.tmp_path, self.recipe, self.env, self.ray_root = tmp_path, recipe, env, ray_root
         self.store = Path(env["TRECFLOW_STORE"])
         self.count = 0
-        self.left_behind: dict[str, list[str]] = {}  # killed stage -> Ray processes killed by PID after the grace period
+        self.left_behind: dict[str, list[str]] = {}  # killed stage -> what of its Ray session was killed by PID
 
     def start(self) -> tuple[subprocess.Popen, Path, Path, Path]:
         self.count += 1
@@ -151,12 +151,13 @@ class Runs:
         return read_events(events), record, log
 
     def reap(self, stage: str, ray_dir: Path) -> None:
-        """Wait for the killed run's Ray processes to end; kill those left after the grace period by PID."""
+        """Wait for the killed run's Ray processes to end (its raylet, GCS and workers go with the
+        driver); kill what is left of the session after that, or after the grace period, by PID."""
         deadline = time.monotonic() + GRACE_SECONDS
-        while (left := session_processes(ray_dir)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while (left := session_processes(ray_dir))[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
         names = []
-        for pid in left:
+        for pid in left[0] + left[1]:
             try:
                 names.append((Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
                 os.kill(pid, signal.SIGKILL)
@@ -258,8 +259,8 @@ def test_a_driver_killed_in_every_stage_in_turn_reruns_to_the_results_of_an_unin
     for name in measured.column_names:
         np.testing.assert_allclose(measured[name].to_numpy(zero_copy_only=False).astype(float),
                                    expected[name].to_numpy(zero_copy_only=False).astype(float), rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
-    print(f"\ndriver crash: {len(KILLS)} kills and a last run in {seconds:.0f} s; Ray processes killed by PID after "
-          f"{GRACE_SECONDS:.0f} s: {runs.left_behind}")
+    print(f"\ndriver crash: {len(KILLS)} kills and a last run in {seconds:.0f} s; what was left of each killed run's Ray "
+          f"session, killed by PID: {runs.left_behind}")
 
 
 def kept_work(stage: str, record: dict, store: Path) -> dict:
