@@ -96,23 +96,25 @@ def kill_point(stage: str, store: Path) -> Callable[[list[dict]], dict | None]:
     return point
 
 
-def session_processes(ray_dir: Path) -> tuple[list[int], list[int]]:
-    """PIDs of processes of the Ray session under ``ray_dir`` (this run's own folder): those whose
-    command line names it (raylet, GCS, workers), and those that only hold a file open in it (Ray's
-    agents, which rename their command line)."""
-    named, holding = [], []
+AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")  # outlive their raylet for a minute or two
+
+
+def session_processes(ray_dir: Path) -> dict[int, str]:
+    """The processes of the Ray session under ``ray_dir`` (this run's own folder), PID -> command:
+    those whose command line names it (raylet, GCS) or that hold a file open in it (workers and
+    agents, which rename their command line to ``ray::...``)."""
+    mine = {}
     prefix = str(ray_dir)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if prefix.encode() in (entry / "cmdline").read_bytes():
-                named.append(int(entry.name))
-            elif any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
-                holding.append(int(entry.name))
+            command = (entry / "cmdline").read_bytes()
+            if prefix.encode() in command or any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                mine[int(entry.name)] = command.split(b"\0")[0].decode(errors="replace")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-    return named, holding
+    return mine
 
 
 class Runs:
@@ -151,19 +153,22 @@ class Runs:
         return read_events(events), record, log
 
     def reap(self, stage: str, ray_dir: Path) -> None:
-        """Wait for the killed run's Ray processes to end (its raylet, GCS and workers go with the
-        driver); kill what is left of the session after that, or after the grace period, by PID."""
+        """Wait (at most `GRACE_SECONDS`) for the killed run's Ray processes other than Ray's two
+        agents to end (they go with the driver); then kill what is left of the session by PID and
+        record it."""
         deadline = time.monotonic() + GRACE_SECONDS
-        while (left := session_processes(ray_dir))[0] and time.monotonic() < deadline:
+        while any(not command.encode().startswith(AGENTS) for command in (left := session_processes(ray_dir)).values()):
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.1)
-        names = []
-        for pid in left[0] + left[1]:
+        killed = []
+        for pid, command in left.items():
             try:
-                names.append((Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
                 os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
+                killed.append(command)
+            except ProcessLookupError:
                 continue
-        self.left_behind[stage] = names
+        self.left_behind[stage] = killed
 
     def complete(self) -> tuple[list[dict], Path]:
         process, events, log, _ = self.start()
