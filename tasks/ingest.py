@@ -826,8 +826,8 @@ def _remote(function):
 
 @dataclass(frozen=True)
 class Job:
-    """One task of a pass: its marker's name, what it is computed for, the function and its
-    arguments (the output's URL and endpoint first, as every pass function takes them)."""
+    """One task of a pass: its marker's name, what it is computed for (a kept marker counts only
+    for the same), the function and its arguments."""
 
     name: str
     of: str
@@ -840,7 +840,8 @@ def _run_pass(store: Store, output: StageOutput, folder: str, jobs: list[Job], p
     """The results of one pass's jobs, in order: each job whose marker an earlier attempt left (for
     the same ``of``) is taken from it, the others run as Ray tasks (`marked_task`), each writing its
     marker when done. ``progress`` advances by one ``unit`` as each task ends (``on_result(job,
-    result)`` first); a note says how many were kept."""
+    result)`` first); a note says how many were kept. Bad input in one task (`IngestError`) cancels
+    the others, so that none writes into the output the caller then clears."""
     import ray
 
     kept = kept_markers(store, output, folder)
@@ -862,7 +863,12 @@ def _run_pass(store: Store, output: StageOutput, folder: str, jobs: list[Job], p
     while waiting:
         ready, waiting = ray.wait(waiting, num_returns=1)
         number = pending[ready[0]]
-        results[number] = _unwrap(ray.get, ready[0])
+        try:
+            results[number] = _unwrap(ray.get, ready[0])
+        except IngestError:
+            for ref in waiting:
+                ray.cancel(ref)
+            raise
         if on_result is not None:
             on_result(jobs[number], results[number])
         progress.advance(len(jobs) - len(waiting), len(jobs), unit, message)

@@ -157,10 +157,10 @@ class Runs:
         agents to end (they go with the driver); then kill what is left of the session by PID and
         record it."""
         deadline = time.monotonic() + GRACE_SECONDS
-        while any(not command.encode().startswith(AGENTS) for command in (left := session_processes(ray_dir)).values()):
-            if time.monotonic() > deadline:
-                break
+        left = session_processes(ray_dir)
+        while any(not command.encode().startswith(AGENTS) for command in left.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
+            left = session_processes(ray_dir)
         killed = []
         for pid, command in left.items():
             try:
