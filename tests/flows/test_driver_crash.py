@@ -2,8 +2,9 @@
 subprocess, SIGKILLed in ingest, scoring, packing, the tiny base's pretraining, placement, training
 and re-evaluation in turn (each rerun killed in the next stage; where a stage keeps partial work,
 once some exists), then a last rerun that completes. Checked after each kill: the killed stage has
-no manifest, and the killed run's local Ray processes are gone (any left after a grace period are
-killed by their exact PIDs: processes of the run's own Ray session folder). Checked after each
+no manifest. The killed run's local Ray goes with it, except Ray's two agents, which linger for a
+minute or two: after a grace period for the others, what is left of the session is killed by exact
+PID (processes of the run's own Ray session folder) and reported. Checked after each
 rerun: what was committed before was reused, not computed again; the dead driver's lease was taken
 over at once (its process is gone), never waited for; the partial work was continued (ingest
 files not read again, training resumed from a checkpoint, re-evaluation and reference-loss parts
