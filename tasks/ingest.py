@@ -31,12 +31,23 @@ puts the protocol back with ``fs.unstrip_protocol``), read with the source's ``s
 the order tasks run in.
 Output ``<store>/ingest/<fingerprint>/``: ``shards/`` (doc_id, source, text, chars, bytes, words,
 split), ``stats.json`` (documents per source and split; dropped documents by reason) and the
-manifest last. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
+manifest last.
+
+Resumable (`IngestStage.resumable`): every task of a pass ends by writing its result as a marker
+(`marked_task`: ``_work/read/SSSS-FFFFFF.json`` per input file, ``_work/dedup/pPPPPP.json`` and
+``_work/written/pPPPPP.json`` per partition, ``_work/bucket/qQQQQQ.json`` per band partition,
+``_work/cluster/clusters.json``), whole and after the files it vouches
+for. A later attempt of the same output takes marked results as they are and runs only the
+other tasks (a note: ``ingest: read: 3 of 5 files from an earlier attempt``); a file without a
+marker is read again and rewrites its partition files (fixed names, flush by flush, the same
+content) over whatever a dead attempt left of them. `IngestError` (bad input) removes the whole
+partial output. A source's fingerprint hashes its file listing (path, size, mtime or ETag), not
 its content; the corpus settings (near-duplicate ones included) are hashed too. Bad input raises
 `IngestError` naming the source and file (and line) before any output exists: `check_files` reads
 the head of every file first (empty, binary, a bad or over-long JSON line, a parquet schema without
 a text column, a truncated compressed file); a problem further into a file is found by pass 1.
-``_work/`` is removed at the end.
+``_work/`` is removed at the end, markers first (an attempt killed while removing it never finds a
+marker whose work is gone).
 """
 
 from __future__ import annotations
@@ -462,6 +473,36 @@ def ingest_file(
     return counts
 
 
+def marker_name(source_index: int, file_index: int) -> str:
+    """The name of an input file's pass-1 marker (``SSSS-FFFFFF``, as its partition files begin)."""
+    return f"{source_index:04d}-{file_index:06d}"
+
+
+def marked_task(folder: str, name: str, of: str, output_url: str, endpoint_url: str | None, function, *args: Any) -> Any:
+    """``function(*args)``, then its result as the marker ``_work/<folder>/<name>.json`` (with ``of``,
+    what it was computed for), written whole after the work it vouches for: a later attempt of the
+    same output takes the result from the marker instead of doing the work again."""
+    result = function(*args)
+    store = Store(output_url, endpoint_url)
+    store.put_atomic(store.path("_work", folder, f"{name}.json"), json.dumps({"of": of, "result": result}).encode())
+    return result
+
+
+def kept_markers(store: Store, output: StageOutput, folder: str) -> dict[str, dict[str, Any]]:
+    """The markers an earlier attempt of ``output`` left in ``_work/<folder>/`` (name -> content):
+    one small entry per input file or partition; a marker's temporary file is ignored."""
+    path = output.file_path(f"_work/{folder}")
+    store.fs.invalidate_cache(path)
+    if not store.fs.exists(path):
+        return {}
+    kept = {}
+    for entry in store.fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".json") and not name.startswith("."):
+            kept[name[: -len(".json")]] = json.loads(store.fs.cat_file(entry))
+    return kept
+
+
 def _read_parquet_files(store: Store, files: list[str]) -> pa.Table | None:
     tables = []
     for name in files:
@@ -679,7 +720,7 @@ def _merge(total: dict, part: dict) -> None:
 
 
 class IngestStage(Stage[IngestSummary], name=STAGE, version=STAGE_VERSION, sections=("corpus",), title="Ingest", task_name="ingest_corpus", ray=True,
-                  summary_type=IngestSummary):
+                  resumable=True, summary_type=IngestSummary):
     """Stage 1a: read every source, normalize, deduplicate exactly and split into shards.
 
     Its fingerprint hashes each source's listing (names, sizes, ETags or mtimes): listing a source
@@ -754,15 +795,27 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
             _bucket_pass(corpus, near, store, output, progress)
             removed = _cluster_pass(corpus, listings, store, output, progress)
             written = _write_pass(corpus, store, output, progress)
-    except BaseException:
+    except IngestError:  # bad input: nothing of it is kept (its source must change, and with it the fingerprint)
         output.invalidate()
         raise
-    store.fs.rm(output.file_path("_work"), recursive=True)
+    _remove_work(store, output)
     stats = _stats(listings, read, deduplicated, removed, written)
     for name in stats["shards"]:
         output.record_file(name)
     progress(f"ingest: {stats['documents']:,} documents in {len(stats['shards'])} shards; dropped {stats['dropped']}")
     return IngestSummary.from_json(stats)
+
+
+MARKER_FOLDERS = ("read", "dedup", "bucket", "cluster", "written")  # one per pass, under _work/
+
+
+def _remove_work(store: Store, output: StageOutput) -> None:
+    """Remove ``_work/``: its markers first, so that an attempt killed while removing it never finds
+    a marker whose work is gone (it redoes what lost its marker, and rewrites the same files)."""
+    for folder in MARKER_FOLDERS:
+        if store.fs.exists(output.file_path(f"_work/{folder}")):
+            store.fs.rm(output.file_path(f"_work/{folder}"), recursive=True)
+    store.fs.rm(output.file_path("_work"), recursive=True)
 
 
 def _remote(function):
@@ -771,35 +824,69 @@ def _remote(function):
     return ray.remote(function).options(max_retries=2, retry_exceptions=[OSError])
 
 
-def _gather(refs: list, progress: Progress | None = None, message: str = "") -> list:
-    """The results of ``refs``, in order; ``progress`` advances by one partition as each task ends."""
+@dataclass(frozen=True)
+class Job:
+    """One task of a pass: its marker's name, what it is computed for (a kept marker counts only
+    for the same), the function and its arguments."""
+
+    name: str
+    of: str
+    function: Any
+    args: tuple
+
+
+def _run_pass(store: Store, output: StageOutput, folder: str, jobs: list[Job], progress: Progress, message: str,
+              unit: str = "partitions", on_result=None) -> list:
+    """The results of one pass's jobs, in order: each job whose marker an earlier attempt left (for
+    the same ``of``) is taken from it, the others run as Ray tasks (`marked_task`), each writing its
+    marker when done. ``progress`` advances by one ``unit`` as each task ends (``on_result(job,
+    result)`` first); a note says how many were kept. Bad input in one task (`IngestError`) cancels
+    the others, so that none writes into the output the caller then clears."""
     import ray
 
-    if progress is not None:
-        pending = list(refs)
-        progress.advance(0, len(refs), "partitions", message)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=1)
-            progress.advance(len(refs) - len(pending), len(refs), "partitions", message)
-    return [_unwrap(ray.get, ref) for ref in refs]
+    kept = kept_markers(store, output, folder)
+    results: dict[int, Any] = {}
+    for number, job in enumerate(jobs):
+        marker = kept.get(job.name)
+        if marker is not None and marker.get("of") == job.of:
+            results[number] = marker["result"]
+    if results:
+        progress(f"ingest: {message}: {len(results)} of {len(jobs)} {unit} from an earlier attempt")
+    task = _remote(marked_task)
+    pending = {task.remote(folder, job.name, job.of, output.uri, store.endpoint_url, job.function, *job.args): number
+               for number, job in enumerate(jobs) if number not in results}
+    for number in sorted(results):
+        if on_result is not None:
+            on_result(jobs[number], results[number])
+    progress.advance(len(results), len(jobs), unit, message)
+    waiting = list(pending)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        number = pending[ready[0]]
+        try:
+            results[number] = _unwrap(ray.get, ready[0])
+        except IngestError:
+            for ref in waiting:
+                ray.cancel(ref)
+            raise
+        if on_result is not None:
+            on_result(jobs[number], results[number])
+        progress.advance(len(jobs) - len(waiting), len(jobs), unit, message)
+    return [results[number] for number in range(len(jobs))]
 
 
 def _read_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, dict[str, int]]:
-    """Pass 1: every input file on its own task; IngestError if a source yields no document."""
-    import ray
-
-    task = _remote(ingest_file)
-    pending = {
-        task.remote(item.source, s, path, f, output.uri, store.endpoint_url, corpus.partitions, corpus.buffer_mb * 1024**2): (item.source.name, path)
+    """Pass 1: every input file on its own task (a file an earlier attempt finished is not read
+    again: its counts come from its marker); IngestError if a source yields no document."""
+    jobs = [
+        Job(marker_name(s, f), path, ingest_file,
+            (item.source, s, path, f, output.uri, store.endpoint_url, corpus.partitions, corpus.buffer_mb * 1024**2))
         for s, item in enumerate(listings)
         for f, path in enumerate(item.files)
-    }
+    ]
     read: dict[str, dict[str, int]] = {}
-    progress.advance(0, len(pending), "files", "read")
-    for done, ref in enumerate(pending, start=1):
-        name, path = pending[ref]
-        _merge(read.setdefault(name, {}), _unwrap(ray.get, ref))
-        progress.advance(done, len(pending), "files", f"read ({name}: {path.rsplit('/', 1)[-1]})")
+    _run_pass(store, output, "read", jobs, progress, "read", unit="files",
+              on_result=lambda job, counts: _merge(read.setdefault(job.args[0].name, {}), counts))
     for item in listings:
         if read.get(item.source.name, {}).get("kept", 0) == 0:
             raise IngestError(f"corpus source {item.source.name}: yielded no documents from {expand_path(item.source.path)}")
@@ -809,14 +896,10 @@ def _read_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store,
 def _dedup_pass(corpus: CorpusSection, listings: list[SourceFiles], near: NearDuplicateSection | None, store: Store, output: StageOutput, progress) -> list[dict[str, Any]]:
     """Pass 2: exact duplicates per partition (and the signatures' band rows, or the shards)."""
     ranks = {item.source.name: rank for rank, item in enumerate(listings)}
-    task = _remote(dedup_partition)
-    parts = _gather(
-        [
-            task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard, near, ranks, corpus.partitions)
-            for p in range(corpus.partitions)
-        ],
-        progress, "deduplicated",
-    )
+    jobs = [Job(f"p{p:05d}", f"p{p:05d}", dedup_partition,
+                (p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard, near, ranks, corpus.partitions))
+            for p in range(corpus.partitions)]
+    parts = _run_pass(store, output, "dedup", jobs, progress, "deduplicated")
     duplicates = sum(sum(part["duplicates"].values()) for part in parts)
     signed = f"; signed {sum(part['signed'] for part in parts):,} documents" if near is not None else ""
     progress(f"ingest: {duplicates:,} exact duplicates dropped in {corpus.partitions} partitions{signed}")
@@ -825,8 +908,8 @@ def _dedup_pass(corpus: CorpusSection, listings: list[SourceFiles], near: NearDu
 
 def _bucket_pass(corpus: CorpusSection, near: NearDuplicateSection, store: Store, output: StageOutput, progress) -> None:
     """Pass 3: near-duplicate edges per band partition."""
-    task = _remote(bucket_partition)
-    parts = _gather([task.remote(q, output.uri, store.endpoint_url, near) for q in range(corpus.partitions)], progress, "bucketed")
+    jobs = [Job(f"q{q:05d}", f"q{q:05d}", bucket_partition, (q, output.uri, store.endpoint_url, near)) for q in range(corpus.partitions)]
+    parts = _run_pass(store, output, "bucket", jobs, progress, "bucketed")
     edges = sum(part["edges"] for part in parts)
     band_rows = sum(part["band_rows"] for part in parts)
     progress(f"ingest: near-duplicates: {edges:,} similar pairs (counted per band) among {band_rows:,} band rows")
@@ -835,16 +918,17 @@ def _bucket_pass(corpus: CorpusSection, near: NearDuplicateSection, store: Store
 def _cluster_pass(corpus: CorpusSection, listings: list[SourceFiles], store: Store, output: StageOutput, progress) -> dict[str, int]:
     """Clustering (one task): the near-duplicates removed, per source."""
     names = [item.source.name for item in listings]
-    (removed,) = _gather([_remote(cluster_near_duplicates).remote(output.uri, store.endpoint_url, names, corpus.partitions)])
+    job = Job("clusters", "clusters", cluster_near_duplicates, (output.uri, store.endpoint_url, names, corpus.partitions))
+    (removed,) = _run_pass(store, output, "cluster", [job], progress, "clustered", unit="tasks")
     progress(f"ingest: near-duplicates: removing {sum(removed.values()):,} documents {removed}")
     return removed
 
 
 def _write_pass(corpus: CorpusSection, store: Store, output: StageOutput, progress: Progress) -> list[dict[str, Any]]:
     """Final pass (after near-duplicate removal): the shards of every partition."""
-    task = _remote(write_partition)
-    return _gather([task.remote(p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard) for p in range(corpus.partitions)],
-                   progress, "written")
+    jobs = [Job(f"p{p:05d}", f"p{p:05d}", write_partition, (p, output.uri, store.endpoint_url, dict(corpus.splits), corpus.rows_per_shard))
+            for p in range(corpus.partitions)]
+    return _run_pass(store, output, "written", jobs, progress, "written")
 
 
 def _stats(

@@ -44,7 +44,7 @@ from trecflow.recipe import Recipe, RecipeError
 from trecflow.settings import tracking_uri
 from trecflow.stage import OMIT_NONE, VARIANT_SCOPE, Stage, StageContext, StageResult, Summary, Target
 from trecflow.store import StageOutput, Store
-from training.audit import check_audit, read_audit
+from training.audit import attempts, check_audit, read_audit
 from training.averaging import averaging_weights, snapshot_steps
 from training.collapse import CollapseStopped, FamilyCurve, describe_family, fit_family, same_family, usable_curve
 from training.cpt_job import COLLAPSE_EVENT, FAULT_ENV, FINAL_MODEL_DIR, MODEL_DIR, JobError, JobSpec, checkpoint_root, injected_lr_fault, run_job
@@ -387,6 +387,7 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
         f"{training.accumulation}, ZeRO-{training.zero_stage}, {training.precision}) from {base.uri or 'a new model'}"
     )
     events = CollapseEvents(store, fp, progress) if family is not None else None
+    attempts_before = attempts(store, output.path)  # an attempt that resumes at the last step writes no audit record
     with ProgressReporter(store, output.path, index.steps, progress, events):
         result = run_job(spec, progress)
     if result.error is not None:
@@ -401,6 +402,8 @@ def train(recipe: Recipe, store: Store, placed: StageResult, base: BaseModel, ou
     final = report.final
     last_attempt = [record for record in final if record["attempt"] == report.attempts[-1]]
     first_of_last = last_attempt[0]["step"] if last_attempt else index.steps
+    if attempts_before and report.attempts and report.attempts[-1] == attempts_before[-1]:
+        first_of_last = index.steps  # this job trained no step: it resumed from the checkpoint of the last one
     seconds = sum(record["seconds"] for record in final)
     checkpoints = sorted(path for path in store.fs.glob(f"{checkpoint_root(store, fp)}/*/checkpoint_*") if not path.endswith(".json"))
     summary = TrainSummary(

@@ -68,12 +68,13 @@ Location = tuple[str, str]  # (top folder of the store, its entry): ("train", "<
 
 
 def lease_in_force(output: StageOutput, job_running: JobRunning = job_alive) -> LeaseRecord | None:
-    """The lease that holds ``output`` now, by the rule of `Lease.try_acquire`: a live one, or an
-    expired one whose owner is a Ray job that still runs; None when nobody holds it."""
+    """The lease that holds ``output`` now, by the rule of `Lease.try_acquire`: a live one (not of a
+    process that is gone), or an expired one whose owner is a Ray job that still runs; None when
+    nobody holds it."""
     record = Lease(output, Owner.this_process()).current()
     if record is None or record.released:
         return None
-    if record.live() or (record.owner.kind == JOB and job_running(record.owner.id)):
+    if (record.live() and not record.owner.gone()) or (record.owner.kind == JOB and job_running(record.owner.id)):
         return record
     return None
 

@@ -6,9 +6,11 @@ naming its owner (a process, or a job that outlives it) and an expiry that a hea
 lease in force is the highest generation. Taking a lease creates the next generation's file with an
 *exclusive* write: ``O_EXCL``-style link on a local folder, a conditional PUT (``If-None-Match: *``)
 on S3. Of two runners racing for generation *n*, exactly one creates it; the other sees a live
-lease and waits. A released or expired lease is taken over by creating generation *n + 1*; a
-holder that finds a higher generation than its own when it renews has lost the lease
-(`LeaseLost`) and stops. Nothing here deletes a lease file: the files are a few hundred bytes and
+lease and waits. A released or expired lease is taken over by creating generation *n + 1*, and so
+is the live lease of a process that is gone: one of this host and PID namespace whose PID no longer
+runs (a driver killed with SIGKILL, or by the OOM killer, never released its lease; waiting for it
+to expire would only delay its rerun). A holder that finds a higher generation than its own when
+it renews has lost the lease (`LeaseLost`) and stops. Nothing here deletes a lease file: the files are a few hundred bytes and
 record who computed what. A lease file is always replaced whole, so one that cannot be read (a
 corrupted store) counts as expired: it is taken over like the lease of a process that died.
 
@@ -52,11 +54,49 @@ class Owner:
 
     @classmethod
     def this_process(cls) -> Owner:
+        """This process: ``id`` is ``host:pid:random`` and, where the PID namespace is known,
+        ``:ns<inode>`` (`gone` trusts a PID only within the namespace it was taken in)."""
         host = socket.gethostname()
-        return cls(PROCESS, f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}", host, os.getpid())
+        namespace = pid_namespace()
+        return cls(PROCESS, f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}" + (f":ns{namespace}" if namespace else ""), host, os.getpid())
 
     def describe(self) -> str:
         return f"job {self.id}" if self.kind == JOB else f"process {self.pid} on {self.host}"
+
+    def gone(self) -> bool:
+        """True only for a process owner of this host and PID namespace whose PID no longer runs (or
+        is a zombie). Anything else (a job, another host or container, an owner recorded without
+        its namespace, a PID reused by another process) is not known to be gone: False."""
+        if self.kind != PROCESS or self.host != socket.gethostname():
+            return False
+        parts = self.id.rsplit(":", 3)
+        namespace = pid_namespace()
+        if not namespace or len(parts) != 4 or parts[1] != str(self.pid) or parts[3] != f"ns{namespace}":
+            return False
+        return not process_running(self.pid)
+
+
+def pid_namespace() -> str:
+    """The inode of this process's PID namespace (Linux), else ""."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a running process of this PID namespace (a zombie is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass(frozen=True)
@@ -85,6 +125,7 @@ class Lease:
         self.owner = owner
         self.seconds = seconds if seconds is not None else lease_seconds()
         self.generation: int | None = None  # ours, once acquired
+        self.taken_over: LeaseRecord | None = None  # the lease we took over (expired, or of a process that is gone), if any
 
     def _path(self, generation: int) -> str:
         return self.output.file_path(f"{LEASE_PREFIX}{generation:06d}.json")
@@ -114,9 +155,9 @@ class Lease:
         """Take the lease if nobody holds a live one. Returns None on success, else the live lease
         that holds it. An expired or released one is taken over, except an expired lease of a job
         that ``job_running(submission_id)`` says still runs: that job keeps it (its heartbeat
-        lapsed, its work did not)."""
+        lapsed, its work did not). A live lease of a process that is `Owner.gone` is taken over."""
         current = self.current()
-        if current is not None and current.live():
+        if current is not None and current.live() and not current.owner.gone():
             return current
         if current is not None and not current.released and current.owner.kind == JOB and job_running and job_running(current.owner.id):
             return current
@@ -124,6 +165,7 @@ class Lease:
         if not create_exclusive(self.output, self._path(generation), self._record()):  # another runner won it
             return self.current() or LeaseRecord(generation, Owner(PROCESS, "unknown"), time.time() + self.seconds, False)
         self.generation = generation
+        self.taken_over = current if current is not None and not current.released else None
         return None
 
     def renew(self) -> None:

@@ -18,6 +18,7 @@ a ``runtime_env``, which Ray shows in its dashboard and job metadata.
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 from trecflow.ray_jobs import forwarded_env, jobs_address
@@ -32,7 +33,41 @@ def ensure_ray() -> None:
 
     with _INIT:
         if not ray.is_initialized():
-            _init(ray)
+            try:
+                _init(ray)
+            except BaseException:
+                stop_failed_start()
+                raise
+
+
+def stop_failed_start() -> list[int]:
+    """Stop what a local Ray start that failed left running, and return those PIDs: Ray raises from
+    inside its node's constructor (e.g. "The current node timed out during startup" on an
+    overloaded machine) with its GCS, raylet, dashboard and monitors started and no handle left to
+    stop them, so each retry of the stage would start another local Ray beside them. They are this
+    process's children whose command line names one of this process's Ray sessions (Ray names a
+    session ``session_<date>_<time>_<driver pid>``); nothing else is touched."""
+    import signal
+
+    mine = re.compile(rf"/session_[0-9_-]+_{os.getpid()}/")
+    stopped = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and mine.search(command):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                stopped.append(int(entry))
+            except ProcessLookupError:
+                continue
+    return stopped
 
 
 def _init(ray) -> None:

@@ -331,6 +331,11 @@ class Runner:
             time.sleep(poll)
             if output.exists():
                 return self.load(stage, fingerprint)
+        if lease.taken_over is not None:
+            previous = lease.taken_over.owner
+            why = "is gone" if previous.gone() else "let it expire"
+            kept = "continuing what it left" if stage.resumable and not force else "starting over"
+            self.emit(StageEvent(NOTE, stage, target, fingerprint, message=f"{stage.name}: took over {output.uri} from {previous.describe()}, which {why}; {kept}"))
         with lease.heartbeat():
             if output.exists() and not force:  # committed between our check and the lease
                 return self.load(stage, fingerprint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trecflow.lease import JOB, Lease, LeaseLost, Owner
+from trecflow.lease import JOB, PROCESS, Lease, LeaseLost, Owner, pid_namespace
 from trecflow.store import Store
 
 from ..conftest import BUCKET, CONFIGS, ROOT, environment
@@ -153,29 +154,58 @@ def test_two_pipeline_processes_on_a_cold_s3_store_compute_each_stage_once(tmp_p
     assert all(store.output(stage, fp).exists() for stage, fp in fingerprints[0].items())
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_killed_holder_is_taken_over_after_the_lease_expires(where, tmp_path, s3_endpoint):
+@pytest.mark.parametrize("where, holder", [("local", "here"), ("s3", "here"), ("local", "elsewhere")])
+def test_a_killed_holder_is_taken_over_at_once_here_and_after_the_lease_expires_elsewhere(where, holder, tmp_path, s3_endpoint):
+    """A holder SIGKILLed (it never released its lease): a process of this host and PID namespace
+    that is gone is taken over at once; one named as of another host (its death cannot be seen
+    from here) only once its lease expires."""
     url = str(tmp_path / "store") if where == "local" else f"s3://{BUCKET}/kill-{uuid.uuid4().hex[:8]}"
     endpoint = s3_endpoint if where == "s3" else ""
     store = Store(url, endpoint or None)
     output = store.output("slow", "0123456789abcdef")
     env = {**os.environ, "TRECFLOW_LEASE_SECONDS": "6"}
     argv = [sys.executable, "-m", "tests.trecflow.lease_worker", url, endpoint]
-    first = subprocess.Popen(argv + ["60"], cwd=ROOT, env={**env, "TRECFLOW_EVENTS": str(tmp_path / "a.jsonl")},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(argv + ["60"] + (["elsewhere"] if holder == "elsewhere" else []), cwd=ROOT,
+                             env={**env, "TRECFLOW_EVENTS": str(tmp_path / "a.jsonl")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not store.fs.exists(output.file_path("started.txt")):
         assert time.monotonic() < deadline and first.poll() is None, "the first runner never started its stage"
         time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    assert Lease(output, Owner.this_process()).current().live()  # never released
     began = time.monotonic()
     second = subprocess.run(argv + ["0.5"], cwd=ROOT, env={**env, "TRECFLOW_EVENTS": str(tmp_path / "b.jsonl")},
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"pid={second.stdout.split('pid=')[1].split()[0]}" in second.stdout and "reused=False" in second.stdout
     records = events(tmp_path / "b.jsonl")
-    assert [r["kind"] for r in records] == ["started", "waiting", "finished"]
-    assert time.monotonic() - began >= 1.0  # it waited for the dead holder's lease to run out
+    if holder == "here":
+        assert [r["kind"] for r in records] == ["started", "note", "finished"]
+        assert records[1]["message"] == f"slow: took over {output.uri} from process {first.pid} on {socket.gethostname()}, which is gone; starting over"
+        assert records[1]["unix"] - records[0]["unix"] < 3  # never waited for the lease (6 s) to run out
+    else:
+        assert [r["kind"] for r in records] == ["started", "waiting", "note", "finished"]
+        assert records[2]["message"] == f"slow: took over {output.uri} from process {first.pid} on elsewhere, which let it expire; starting over"
+        assert time.monotonic() - began >= 1.0  # it waited for the dead holder's lease to run out
     assert output.exists() and output.read_bytes("done.txt") != str(first.pid).encode()
     assert Lease(output, Owner.this_process()).current().generation == 2
+
+
+def test_a_process_is_gone_only_when_this_host_and_namespace_see_its_pid_ended(tmp_path):
+    me = Owner.this_process()
+    assert me.id.endswith(f":ns{pid_namespace()}") and not me.gone()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, not reaped yet: a zombie
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    for pid, gone in ((ended.pid, True), (zombie.pid, True), (os.getpid(), False)):
+        owner = Owner(PROCESS, me.id.replace(f":{os.getpid()}:", f":{pid}:"), me.host, pid)
+        assert owner.gone() is gone, pid
+    zombie.wait()
+    dead_id = me.id.replace(f":{os.getpid()}:", f":{ended.pid}:")
+    assert not Owner(PROCESS, dead_id, "elsewhere", ended.pid).gone()  # another host
+    assert not Owner(PROCESS, dead_id.rsplit(":", 1)[0] + ":ns1", me.host, ended.pid).gone()  # another PID namespace (a container)
+    assert not Owner(PROCESS, dead_id.rsplit(":", 1)[0], me.host, ended.pid).gone()  # recorded without its namespace
+    assert not Owner(JOB, "train-0123456789abcdef-1").gone()
