@@ -151,3 +151,72 @@ def test_twenty_readers_neither_fail_nor_block_a_writing_run(staged_test, tmp_pa
         assert f"{stage}/{expected}" in written, (stage, expected, sorted(written))
         reference = json.loads((Path(staged_test["store"].url) / stage / expected / "_MANIFEST.json").read_text())
         assert comparable(written[f"{stage}/{expected}"]) == comparable(reference), stage
+
+
+# --- how many variants a compare runs at once, and what its memory figure measures -------------
+
+
+def test_concurrency_is_bounded_by_the_local_rays_cpus_unless_set(monkeypatch):
+    from flows.compare import concurrency
+    from flows.params import Comparison
+    from trecflow.ray_runtime import local_cpus
+    from trecflow.recipe import load_recipe
+
+    recipe = load_recipe(CONFIGS / "test.yaml", [str(CONFIGS / "overlays" / "eight-variants.yaml")])
+    variants = list(recipe.curriculum.variants)
+    assert len(variants) == 8
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert local_cpus() == 4
+    assert concurrency(Comparison(), recipe, variants) == 1  # one machine: one after another
+    assert concurrency(Comparison(concurrent=True), recipe, variants) == 2  # 4 CPUs / (2 workers x 1 CPU)
+    assert concurrency(Comparison(max_concurrent=3), recipe, variants) == 3  # a bound above 1 means concurrent
+    assert concurrency(Comparison(max_concurrent=20), recipe, variants) == 8
+    assert concurrency(Comparison(concurrent=False, max_concurrent=3), recipe, variants) == 1
+    wide = load_recipe(CONFIGS / "test.yaml", [str(CONFIGS / "overlays" / "eight-variants.yaml")], ["training.workers=8"])
+    assert concurrency(Comparison(concurrent=True), wide, variants) == 1  # a training wider than the local Ray: still 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 62)
+    assert concurrency(Comparison(concurrent=True), recipe, variants) == 8  # 64 CPUs hold all 8 trainings
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert concurrency(Comparison(), recipe, variants) == 8  # a cluster's Ray queues the jobs: all at once
+    assert concurrency(Comparison(max_concurrent=2), recipe, variants) == 2
+
+
+def test_compare_refuses_a_bound_below_one_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    from ..conftest import assert_refused
+
+    monkeypatch.setenv("TRECFLOW_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(app, ["compare", RECIPE, "--variants", "uniform,end", "--max-concurrent", "0"])
+    assert_refused(result, "--max-concurrent: must be at least 1, got 0", tmp_path / "store", tmp_path / "mlflow.db")
+
+
+def test_peak_memory_sums_the_process_tree():
+    """A child holding 200 MiB of its own pages: the tree's peak PSS and RSS count it, once."""
+    from trecflow.memory import PeakMemory, tree_memory
+
+    import psutil
+
+    size = 200 * 2**20
+    child = subprocess.Popen([sys.executable, "-c", f"import sys, time; block = bytearray({size}); block[::4096] = b'x' * len(block[::4096]); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        with PeakMemory(interval=0.1) as memory:
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(0.3)
+        rss, pss, count = tree_memory(psutil.Process())
+    finally:
+        child.kill()
+        child.wait()
+    peak = memory.result
+    assert count >= 2 and peak.processes >= 2 and peak.samples >= 2
+    assert size <= peak.pss <= peak.rss, peak
+    assert peak.rss < rss + size + 100 * 2**20, (peak, rss)  # counted once, not per sample
+    metrics = peak.as_metrics()
+    assert metrics["peak_pss_mb"] == pytest.approx(peak.pss / 2**20) and metrics["peak_rss_mb"] >= 200
+    assert "MiB" in peak.text() and f"{peak.processes} processes" in peak.text()
