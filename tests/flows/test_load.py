@@ -220,3 +220,33 @@ def test_peak_memory_sums_the_process_tree():
     metrics = peak.as_metrics()
     assert metrics["peak_pss_mb"] == pytest.approx(peak.pss / 2**20) and metrics["peak_rss_mb"] >= 200
     assert "MiB" in peak.text() and f"{peak.processes} processes" in peak.text()
+
+
+# --- readers stay light -----------------------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "ray", "prefect", "mlflow", "deepspeed")
+
+
+def test_status_of_a_store_with_outputs_imports_no_torch(staged_test):
+    """With score and tokenizer complete, status computes the tiny base's fingerprint (its Llama
+    config's arguments) without importing transformers or torch (~4 s of CPU and 300 MB each)."""
+    code = ("import json, sys\nfrom flows.cli import app\napp(['status', sys.argv[1], '--json'], standalone_mode=False)\n"
+            f"print(json.dumps(sorted(name for name in {HEAVY!r} if name in sys.modules)))")
+    env = {**os.environ, "TRECFLOW_STORE": staged_test["store"].url}
+    result = subprocess.run([sys.executable, "-c", code, RECIPE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    status, imported = result.stdout.strip().splitlines()
+    stages = {row["stage"]: row for row in json.loads(status)["stages"]}
+    assert stages["tokenizer"]["state"] == "complete" and stages["base"]["fingerprint"], stages["base"]
+    assert json.loads(imported) == [], imported
+
+
+def test_the_tiny_llama_arguments_are_what_llamaconfig_holds():
+    """The base fingerprint hashes `tiny_llama_args`; it must equal what LlamaConfig keeps of them."""
+    from trecflow.recipe import TinyModelSection
+    from training.models import tiny_llama_args, tiny_llama_config
+
+    for section in (TinyModelSection(hidden=64, intermediate=256, layers=2, heads=4), TinyModelSection(hidden=96, intermediate=384, layers=3, heads=6, kv_heads=2)):
+        args = tiny_llama_args(section, 1024, 0, 64)
+        config = tiny_llama_config(section, 1024, 0, 64)
+        assert {key: getattr(config, key) for key in args} == args
