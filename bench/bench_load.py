@@ -19,6 +19,9 @@ Points (full): N = 1; N = 2, 4, 8 all at once (K = N, what a concurrent compare 
 bound); N = 8 at the default bound (K = the local Ray's CPUs / one training's CPUs); N = 2 one
 after another (K = 1). The ratios are peak(N, K) / peak(1).
 
+``TRECFLOW_BENCH_LOAD_HOME``: a folder kept between runs (the staging is then reused, and each
+compare's log stays there) instead of a temporary one.
+
 Smoke mode (``python -m bench load --smoke``): the staging compare is the N = 1 point (its peak
 includes the shared stages) and N = 2 at K = 2; the same figures, not a measurement.
 """
@@ -37,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "configs/test.yaml"
 OVERLAY = "configs/overlays/eight-variants.yaml"
+HOME_ENV = "TRECFLOW_BENCH_LOAD_HOME"  # set: the benchmark's home is this folder, kept (its store staged once)
 
 
 def variant_names() -> list[str]:
@@ -80,7 +84,10 @@ def compare_point(home: Path, variants: list[str], at_once: int, seed: int) -> d
     wall = time.perf_counter() - began
     if process.returncode != 0:
         raise RuntimeError(f"compare exited {process.returncode} (N={len(variants)}, K={at_once}); its log: {log}\n{log.read_text()[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
+    objects = [line for line in stdout.splitlines() if line.startswith('{"recipe"')]  # the --json object (other lines may reach stdout)
+    if not objects:
+        raise RuntimeError(f"compare printed no JSON object (N={len(variants)}, K={at_once}); its stdout:\n{stdout[-3000:]}\nits log: {log}")
+    result = json.loads(objects[-1])
     peak = memory.result
     assert [row["variant"] for row in result["variants"]] == variants, result["variants"]
     assert all(row["val_loss_hq"] is not None for row in result["variants"]), result["variants"]
@@ -101,9 +108,12 @@ def run(smoke: bool = False) -> None:
 
     names = variant_names()
     bound = default_bound(names)
-    home = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    kept = os.environ.get(HOME_ENV)  # a folder kept between runs: the staging and the logs stay
+    home = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="bench-load-"))
+    home.mkdir(parents=True, exist_ok=True)
     try:
-        build_test_corpus(home / "corpus" / "test")
+        if not (home / "corpus" / "test").is_dir():
+            build_test_corpus(home / "corpus" / "test")
         print(f"load{'_smoke' if smoke else ''}: {RECIPE} + {OVERLAY} ({len(names)} variants: {', '.join(names)}); "
               f"{os.cpu_count()} cores, the local Ray with {os.cpu_count() + 2} logical CPUs; default bound K = {bound}"
               f"{' (smoke: tiny sizes, not a measurement)' if smoke else ''}", flush=True)
@@ -114,9 +124,10 @@ def run(smoke: bool = False) -> None:
         else:
             staging = compare_point(home, names[:1], 1, seed=1000)
             print(f"  staging (cold store, one variant, not a point): {staging['wall']:.0f} s, peak PSS {staging['pss'] or 0:,.0f} MiB", flush=True)
-            plan = [("N=1", names[:1], 1), ("all at once", names[:2], 2), ("all at once", names[:4], 4), ("all at once", names[:8], 8),
-                    ("default bound", names[:8], bound), ("one after another", names[:2], 1)]
-        for seed, (label, variants, at_once) in enumerate(plan, start=1):
+            plan = [("N=1", names[:1], 1), ("default bound", names[:8], bound), ("all at once", names[:8], 8), ("all at once", names[:2], 2),
+                    ("all at once", names[:4], 4), ("one after another", names[:2], 1)]
+        run_id = int(time.time()) % 100000 * 100  # seeds of their own: a kept home's earlier runs are not reused
+        for seed, (label, variants, at_once) in enumerate(plan, start=run_id + 1):
             point = compare_point(home, variants, at_once, seed)
             points.append((label, point))
             print(f"  ... {label}: N={point['n']}, K={point['k']}: {point['wall']:.0f} s, peak PSS {point['pss'] or 0:,.0f} MiB", flush=True)
@@ -136,4 +147,5 @@ def run(smoke: bool = False) -> None:
             print(f"  fit over K > 1: peak PSS = {intercept:,.0f} + {slope:,.0f} x K MiB")
         print(f"  total {time.perf_counter() - began:.0f} s")
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(home, ignore_errors=True)
