@@ -8,8 +8,8 @@ they run concurrently, each a subflow in its own thread whose Ray work lands on 
 `concurrency` variants run at once: ``max_concurrent``, else on the local Ray as many as its CPUs
 train at once (each variant's training reserves ``workers x cpus_per_worker`` CPUs), else (a
 cluster, whose Ray queues the jobs) all. The peak memory of this process and the processes under it
-(the local Ray's) is sampled while the variants run and logged as ``peak_rss_mb`` / ``peak_pss_mb``
-(`trecflow.memory`).
+(the local Ray's) is sampled every `MEMORY_SAMPLE_SECONDS` while the variants run and logged as
+``peak_pss_mb`` / ``peak_rss_mb`` (`trecflow.memory`).
 
 The comparison run (``compare``, its flow run ``<recipe>/compare``) holds ``comparison.json`` /
 ``comparison.csv`` (variant, ``val_loss_hq``, ``val_loss_general``, ``trec_pearson``, measured
@@ -47,11 +47,13 @@ from flows.variant_run import variant_curves
 from tasks.graph import GRAPH
 from tasks.predict import read_curve
 from trecflow.ray_jobs import jobs_address
+from trecflow.memory import PeakMemory
 from trecflow.ray_runtime import ensure_ray, local_cpus
 from trecflow.recipe import CurriculumSection, RecipeError
-from trecflow.memory import PeakMemory
 from trecflow.stage import StageResult, Target
 from training.trec_plot import plot_comparison
+
+MEMORY_SAMPLE_SECONDS = 2.0  # the tree's memory while the variants run (~0.05 s of CPU a sample: trecflow.memory)
 
 # The comparison table's columns, in order.
 COLUMNS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window",
@@ -183,7 +185,7 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     at_once = concurrency(comparison, recipe, variants)
     tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants), "trecflow.max_concurrent": str(at_once)}
     with tracked_run(store, recipe, "compare", tags) as (tracker, parent_id):
-        with PeakMemory() as memory:
+        with PeakMemory(interval=MEMORY_SAMPLE_SECONDS) as memory:
             outcomes = run_variants(comparison, variants, parent_id, at_once)
         peak = memory.result
         tracker.log_metrics(parent_id, peak.as_metrics())

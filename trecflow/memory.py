@@ -11,7 +11,9 @@ the tree. A background thread sums, every `SAMPLE_SECONDS`, each process's
   memory the tree really holds, read from ``/proc/<pid>/smaps_rollup`` on Linux; None elsewhere).
 
 A peak between two samples is missed, so both are lower bounds of the true peak of their kind.
-One sample of ~30 processes reads ~30 small procfs files (a few ms of CPU).
+PSS is not free: the kernel walks each process's page tables for ``smaps_rollup``, ~3-4 ms of CPU
+per Ray process on a 2-core machine (measured: 14 processes, 45-65 ms a sample), so a long-running
+flow samples every few seconds (`flows.compare`: 2 s) and a benchmark more often.
 """
 
 from __future__ import annotations
