@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -808,7 +809,8 @@ def format_comparison(result: dict) -> str:
         for variant, outcome in result["outcomes"].items()))
     peak = result["peak_memory"]
     pss = "unknown" if peak["peak_pss_mb"] is None else f"{peak['peak_pss_mb']:,.0f} MiB"
-    text.append(f"peak memory ({result['max_concurrent']} variant(s) at once; this process and the processes under it, the local Ray's included): "
+    where = "the cluster's Ray work not included" if os.environ.get("RAY_ADDRESS") else "the local Ray's included"
+    text.append(f"peak memory ({result['max_concurrent']} variant(s) at once; this process and the processes under it, {where}): "
                 f"PSS {pss}, RSS {peak['peak_rss_mb']:,.0f} MiB, {peak['peak_processes']} processes at most")
     return "\n".join(text)
 

@@ -250,3 +250,18 @@ def test_the_tiny_llama_arguments_are_what_llamaconfig_holds():
         args = tiny_llama_args(section, 1024, 0, 64)
         config = tiny_llama_config(section, 1024, 0, 64)
         assert {key: getattr(config, key) for key in args} == args
+
+
+def test_the_comparison_text_ends_with_the_peak_memory_and_what_it_covers(monkeypatch):
+    from flows.cli import format_comparison
+
+    result = {"variants": [{"variant": "uniform", "val_loss_hq": 6.7, "val_loss_general": 6.8, "trec_pearson": 0.4, "trec_valley_measured": 0.2,
+                            "hq_window": None, "content_confounded": False}],
+              "outcomes": {"uniform": {"seconds": {"train": 80.2}}}, "max_concurrent": 2,
+              "peak_memory": {"peak_rss_mb": 4557.0, "peak_pss_mb": 3152.3, "peak_processes": 19, "samples": 100}}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert format_comparison(result).splitlines()[-1] == ("peak memory (2 variant(s) at once; this process and the processes under it, the local Ray's "
+                                                          "included): PSS 3,152 MiB, RSS 4,557 MiB, 19 processes at most")
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    result["peak_memory"]["peak_pss_mb"] = None
+    assert "the cluster's Ray work not included): PSS unknown, RSS 4,557 MiB" in format_comparison(result)
