@@ -9,7 +9,7 @@ workers. ``make bench`` runs them all at full size. Benchmarks named together ru
 
 import sys
 
-from bench import bench_gpu, bench_place, bench_predict, bench_reevaluate, bench_score, bench_train
+from bench import bench_gpu, bench_load, bench_place, bench_predict, bench_reevaluate, bench_score, bench_train
 
 BENCHMARKS = {
     "predict": bench_predict.run,
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "train": bench_train.run,
     "reevaluate": bench_reevaluate.run,
     "gpu": bench_gpu.run,
+    "load": bench_load.run,
 }
 ONLY_WHEN_NAMED = ("gpu",)
 USAGE = f"usage: python -m bench [NAME ...] [--smoke]; NAME in {', '.join(BENCHMARKS)}"

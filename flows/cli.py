@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -806,6 +807,11 @@ def format_comparison(result: dict) -> str:
     text.append("stage times (s): " + "; ".join(
         f"{variant}: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in outcome.get("seconds", {}).items())
         for variant, outcome in result["outcomes"].items()))
+    peak = result["peak_memory"]
+    pss = "unknown" if peak["peak_pss_mb"] is None else f"{peak['peak_pss_mb']:,.0f} MiB"
+    where = "the cluster's Ray work not included" if os.environ.get("RAY_ADDRESS") else "the local Ray's included"
+    text.append(f"peak memory ({result['max_concurrent']} variant(s) at once; this process and the processes under it, {where}): "
+                f"PSS {pss}, RSS {peak['peak_rss_mb']:,.0f} MiB, {peak['peak_processes']} processes at most")
     return "\n".join(text)
 
 
@@ -815,19 +821,25 @@ def compare(
     overlay: OverlayOpt = None,
     set_: SetOpt = None,
     variants: Annotated[Optional[str], typer.Option(help="comma-separated variants (default: all of the recipe's)")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(
+        "--max-concurrent", help="run up to K variants at once (default: one after another on one machine; on a Ray cluster, RAY_ADDRESS set, all at once)",
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Compare curriculum variants: the whole pipeline for each (cached stages shared), then one
     MLflow comparison run and table."""
     recipe_path = RecipeFile.of(recipe_path, overlay, set_)
     recipe = load_or_exit(recipe_path)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise fail(f"--max-concurrent: must be at least 1, got {max_concurrent}")
     from flows.compare import compared_variants
     from flows.params import Comparison
     from tasks.graph import GRAPH
     from tasks.placement import PlacementError
     from trecflow.stage import Target
 
-    comparison = Comparison(**recipe_path.params(), variants=[name.strip() for name in (variants or "").split(",") if name.strip()])
+    comparison = Comparison(**recipe_path.params(), variants=[name.strip() for name in (variants or "").split(",") if name.strip()],
+                            max_concurrent=max_concurrent)
     try:
         problem = GRAPH["reevaluate"].requirement(Target(recipe), str(recipe_path))
         if problem:
@@ -846,7 +858,8 @@ def compare(
     result = run_stage_flow(compare_curricula, comparison=comparison)
     if as_json:
         rows = [{key: row[key] for key in COMPARE_KEYS} for row in result["variants"]]
-        typer.echo(json.dumps({"recipe": result["recipe"], "variants": rows, "mlflow_run_id": result["mlflow_run_id"]}))
+        typer.echo(json.dumps({"recipe": result["recipe"], "variants": rows, "mlflow_run_id": result["mlflow_run_id"],
+                               "max_concurrent": result["max_concurrent"], "peak_memory": result["peak_memory"]}))
         return
     typer.echo("")
     typer.echo(format_comparison(result))

@@ -4,7 +4,12 @@ MLflow comparison run with the variants' runs nested under it.
 Variants share every cached stage (scoring, prediction, tokenizer, packing, the base model, the
 held-out set and the reference losses), so only placement, training and re-evaluation run per
 variant. On one machine the variants run one after another; with ``RAY_ADDRESS`` set (a cluster)
-they run concurrently, each a subflow in its own thread whose Ray work lands on the cluster.
+they run concurrently, each a subflow in its own thread whose Ray work lands on the cluster. At most
+`concurrency` variants run at once: ``max_concurrent``, else on the local Ray as many as its CPUs
+train at once (each variant's training reserves ``workers x cpus_per_worker`` CPUs), else (a
+cluster, whose Ray queues the jobs) all. The peak memory of this process and the processes under it
+(the local Ray's) is sampled every `MEMORY_SAMPLE_SECONDS` while the variants run and logged as
+``peak_pss_mb`` / ``peak_rss_mb`` (`trecflow.memory`).
 
 The comparison run (``compare``, its flow run ``<recipe>/compare``) holds ``comparison.json`` /
 ``comparison.csv`` (variant, ``val_loss_hq``, ``val_loss_general``, ``trec_pearson``, measured
@@ -42,10 +47,13 @@ from flows.variant_run import variant_curves
 from tasks.graph import GRAPH
 from tasks.predict import read_curve
 from trecflow.ray_jobs import jobs_address
-from trecflow.ray_runtime import ensure_ray
+from trecflow.memory import PeakMemory
+from trecflow.ray_runtime import ensure_ray, local_cpus
 from trecflow.recipe import CurriculumSection, RecipeError
 from trecflow.stage import StageResult, Target
 from training.trec_plot import plot_comparison
+
+MEMORY_SAMPLE_SECONDS = 2.0  # the tree's memory while the variants run (~0.05 s of CPU a sample: trecflow.memory)
 
 # The comparison table's columns, in order.
 COLUMNS = ("variant", "val_loss_hq", "val_loss_general", "trec_pearson", "trec_valley_measured", "hq_window",
@@ -120,23 +128,42 @@ def comparison_csv(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def run_variants(comparison: Comparison, variants: list[str], parent_id: str, concurrent: bool) -> dict[str, Any]:
-    """`cpt_pipeline` for each variant (subflows), in order or concurrently."""
+def concurrency(comparison: Comparison, recipe, variants: list[str]) -> int:
+    """How many variants run at once (1: one after another). Concurrent when ``concurrent`` says
+    so, else on a Ray cluster (``RAY_ADDRESS``) or with ``max_concurrent`` above 1; then at most
+    ``max_concurrent``, else on the local Ray as many as its CPUs hold trainings at once (the
+    largest variant's ``workers x cpus_per_worker``; at least 1), else (a cluster) every variant."""
+    concurrent = comparison.concurrent
+    if concurrent is None:
+        concurrent = bool(os.environ.get("RAY_ADDRESS")) or (comparison.max_concurrent or 1) > 1
+    if not concurrent:
+        return 1
+    if comparison.max_concurrent is not None:
+        return max(1, min(comparison.max_concurrent, len(variants)))
+    if os.environ.get("RAY_ADDRESS"):
+        return len(variants)
+    per_training = max(recipe.for_variant(variant).training.workers * recipe.for_variant(variant).training.cpus_per_worker for variant in variants)
+    return max(1, min(len(variants), local_cpus() // per_training))
+
+
+def run_variants(comparison: Comparison, variants: list[str], parent_id: str, at_once: int) -> dict[str, Any]:
+    """`cpt_pipeline` for each variant (subflows): one after another (``at_once`` 1), else in
+    threads, at most ``at_once`` at a time, started in the variants' order."""
     logger = get_run_logger()
     runs = {variant: PipelineRun(recipe_path=comparison.recipe_path, overlays=comparison.overlays, set=comparison.set, variant=variant, mlflow_parent_run_id=parent_id) for variant in variants}
-    if not concurrent or len(variants) == 1:
+    if at_once == 1 or len(variants) == 1:
         outcomes = {}
         for number, (variant, run) in enumerate(runs.items(), start=1):
             logger.info("variant %s (%d of %d)", variant, number, len(variants))
             outcomes[variant] = cpt_pipeline(run)
         return outcomes
-    logger.info("variants %s, concurrently (Ray at %s)", ", ".join(variants), os.environ.get("RAY_ADDRESS") or "a local Ray")
+    logger.info("variants %s, %d at once (Ray at %s)", ", ".join(variants), at_once, os.environ.get("RAY_ADDRESS") or "a local Ray")
     # A local Ray from this thread: its processes die with the thread that started them (Linux's
     # parent-death signal follows the thread), so no variant's thread may be the one to start it.
     # On a cluster the variants' Ray stages are jobs, and this process never joins Ray.
     if jobs_address() is None:
         ensure_ray()
-    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {variant: pool.submit(contextvars.copy_context().run, cpt_pipeline, run) for variant, run in runs.items()}
         return {variant: future.result() for variant, future in futures.items()}
 
@@ -155,10 +182,14 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
     variants = compared_variants(comparison, recipe.curriculum)
     for variant in variants:  # a variant a stage refuses: before any variant runs
         GRAPH.check_refusals(Target(recipe, variant), None, comparison.recipe_path)
-    concurrent = comparison.concurrent if comparison.concurrent is not None else bool(os.environ.get("RAY_ADDRESS"))
-    tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants)}
+    at_once = concurrency(comparison, recipe, variants)
+    tags = {"trecflow.kind": "compare", **source_tags(comparison), "trecflow.variants": ",".join(variants), "trecflow.max_concurrent": str(at_once)}
     with tracked_run(store, recipe, "compare", tags) as (tracker, parent_id):
-        outcomes = run_variants(comparison, variants, parent_id, concurrent)
+        with PeakMemory(interval=MEMORY_SAMPLE_SECONDS) as memory:
+            outcomes = run_variants(comparison, variants, parent_id, at_once)
+        peak = memory.result
+        tracker.log_metrics(parent_id, peak.as_metrics())
+        get_run_logger().info("peak memory of this process tree while the variants ran (%d at once): %s", at_once, peak.text())
         rows = [comparison_row(variant, outcomes[variant]) for variant in variants]
         tracker.log_artifact_bytes(parent_id, "comparison.json", json.dumps(rows, indent=2).encode())
         tracker.log_artifact_bytes(parent_id, "comparison.csv", comparison_csv(rows))
@@ -175,4 +206,4 @@ def compare_curricula(comparison: Comparison = Comparison()) -> dict[str, Any]:
             description=f"curriculum variants of {recipe.name}: held-out losses, TREC agreement, HQ windows (MLflow run {parent_id})",
         )
     return {"recipe": recipe.name, "store": store.url, "mlflow_run_id": parent_id, "mlflow_url": mlflow_run_url(tracker, parent_id),
-            "variants": rows, "outcomes": outcomes}
+            "variants": rows, "outcomes": outcomes, "max_concurrent": at_once, "peak_memory": peak.as_json()}

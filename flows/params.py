@@ -56,4 +56,8 @@ class Comparison(RecipeSource):
     """One run of ``compare_curricula``: a recipe and the variants to compare."""
 
     variants: list[str] = Field(default_factory=list, description="variants to compare (default: all of the recipe's)")
-    concurrent: bool | None = Field(None, description="run the variants at once (default: only on a Ray cluster, RAY_ADDRESS set)")
+    concurrent: bool | None = Field(None, description="run the variants at once (default: only on a Ray cluster, RAY_ADDRESS set, or with max_concurrent above 1)")
+    max_concurrent: int | None = Field(
+        None, ge=1,
+        description="at most this many variants at once when concurrent (default: as many trainings as the local Ray's CPUs hold at once; on a cluster every variant)",
+    )

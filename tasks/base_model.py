@@ -110,13 +110,11 @@ def base_recipe(recipe: Recipe, hq_fraction: float) -> Recipe:
 
 
 def tiny_config(recipe: Recipe, tokenizer: TokenizerSummary) -> dict[str, Any]:
-    """The JSON-able LlamaConfig arguments of ``base.tiny`` (plus its init seed)."""
-    from training.models import tiny_llama_config
+    """The JSON-able LlamaConfig arguments of ``base.tiny`` (plus its init seed); imports no
+    transformers or torch."""
+    from training.models import tiny_llama_args
 
-    config = tiny_llama_config(recipe.base.tiny, tokenizer.vocab_size, tokenizer.eos_id, recipe.data.seq_len)
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-    return {key: getattr(config, key) for key in keys} | {"init_seed": recipe.base.tiny.seed}
+    return tiny_llama_args(recipe.base.tiny, tokenizer.vocab_size, tokenizer.eos_id, recipe.data.seq_len) | {"init_seed": recipe.base.tiny.seed}
 
 
 def path_fingerprint(location: str, endpoint_url: str | None) -> str:

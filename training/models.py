@@ -19,22 +19,28 @@ from trecflow.recipe import TinyModelSection
 from trecflow.settings import expand_path, home
 
 
+def tiny_llama_args(section: TinyModelSection, vocab_size: int, eos_id: int, seq_len: int) -> dict:
+    """The ``LlamaConfig`` arguments of `tiny_llama_config`, without importing transformers (the
+    base stage's fingerprint hashes them: `trecflow status` computes it and stays light)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": section.hidden,
+        "intermediate_size": section.intermediate,
+        "num_hidden_layers": section.layers,
+        "num_attention_heads": section.heads,
+        "num_key_value_heads": section.kv_heads or section.heads,
+        "max_position_embeddings": seq_len,
+        "tie_word_embeddings": section.tie_embeddings,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+    }
+
+
 def tiny_llama_config(section: TinyModelSection, vocab_size: int, eos_id: int, seq_len: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=section.hidden,
-        intermediate_size=section.intermediate,
-        num_hidden_layers=section.layers,
-        num_attention_heads=section.heads,
-        num_key_value_heads=section.kv_heads or section.heads,
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=section.tie_embeddings,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+    return LlamaConfig(**tiny_llama_args(section, vocab_size, eos_id, seq_len))
 
 
 def location_filesystem(location: str, endpoint_url: str | None):

@@ -27,6 +27,11 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 _INIT = threading.Lock()  # concurrent variants start their stages from threads of one process
 
 
+def local_cpus() -> int:
+    """The logical CPUs of the embedded local Ray: the machine's cores and 2 more (see `_init`)."""
+    return (os.cpu_count() or 2) + 2
+
+
 def ensure_ray() -> None:
     """Initialize Ray once per process (no-op when already initialized; safe from several threads)."""
     import ray
@@ -89,7 +94,7 @@ def _init(ray) -> None:
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         # Logical CPUs beyond the cores, so scoring actors or train workers cannot starve the
         # read and write tasks that feed them (with 2 cores, 2 actors would take every CPU).
-        num_cpus=(os.cpu_count() or 2) + 2,
+        num_cpus=local_cpus(),
         runtime_env={"env_vars": forwarded_env()},
         log_to_driver=False,
         configure_logging=False,

@@ -93,6 +93,11 @@ def test_compare_runs_every_stage_and_writes_one_comparison(compared_test, stage
         client = mlflow.MlflowClient(compared_test["tracking_uri"])
         parent = client.get_run(compared_test["compare_run_id"])
         assert parent.info.status == "FINISHED" and parent.data.tags["trecflow.kind"] == "compare"
+        # both variants at once (the local Ray's 4 CPUs hold 2 trainings of 2 workers); the tree's peak memory: pytest, the local Ray
+        assert result["max_concurrent"] == 2 and parent.data.tags["trecflow.max_concurrent"] == "2"
+        peak = parent.data.metrics
+        assert 500 < peak["peak_pss_mb"] <= peak["peak_rss_mb"] and peak["peak_processes"] >= 4, peak
+        assert result["peak_memory"]["peak_pss_mb"] == pytest.approx(peak["peak_pss_mb"], abs=0.1)
         assert parent.info.artifact_uri.startswith(f"{store.url}/mlflow/test")  # artifacts in the S3 store
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "comparison.csv", "comparison.png"}
         rows = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison.json")).read())
