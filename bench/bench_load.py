@@ -22,8 +22,8 @@ after another (K = 1). The ratios are peak(N, K) / peak(1).
 ``TRECFLOW_BENCH_LOAD_HOME``: a folder kept between runs (the staging is then reused, and each
 compare's log stays there) instead of a temporary one.
 
-Smoke mode (``python -m bench load --smoke``): one compare of N = 2 at K = 2 on a cold store (its
-peak includes the shared stages), its row printed; no ratio, not a measurement.
+Smoke mode (``python -m bench load --smoke``): one compare of one variant on a cold store (its peak
+includes the shared stages), its row printed; no ratio, not a measurement.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def run(smoke: bool = False) -> None:
         points: list[tuple[str, dict]] = []
         began = time.perf_counter()
         if smoke:
-            plan = [("all at once (staged)", names[:2], 2)]
+            plan = [("one variant (staged)", names[:1], 1)]
         else:
             staging = compare_point(home, names[:1], 1, seed=1000)
             print(f"  staging (cold store, one variant, not a point): {staging['wall']:.0f} s, peak PSS {staging['pss'] or 0:,.0f} MiB", flush=True)

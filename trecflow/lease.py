@@ -176,13 +176,8 @@ class Lease:
         self._overwrite(self._path(self.generation), self._record())
 
     def _overwrite(self, path: str, data: bytes) -> None:
-        """Replace our lease file whole: a reader never sees half a record (an S3 PUT is atomic;
-        elsewhere a temporary file is renamed into place)."""
-        store = self.output.store
-        if store.url.startswith("s3://"):
-            store.fs.pipe_file(path, data)
-        else:
-            store.put_atomic(path, data)
+        """Replace our lease file whole: a reader never sees half a record (`Store.put_atomic`)."""
+        self.output.store.put_atomic(path, data)
 
     def release(self) -> None:
         """Mark our lease released (the next runner takes the next generation at once)."""

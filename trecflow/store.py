@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from trecflow.redact import has_password, redact
 from trecflow.settings import merge_options, store_options
@@ -97,8 +98,13 @@ class Store:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def put_atomic(self, path: str, data: bytes) -> None:
-        """Write a whole file under a temporary name and move it into place: readers see the
-        complete file or none (used for parts that outlive a failed attempt)."""
+        """Write a whole file so that readers see the complete file or none (used for parts that
+        outlive a failed attempt): on an object store one PUT (atomic by itself; a temporary
+        object and a move would be a copy and a delete, which a retried request can break), on
+        a folder a temporary file moved into place."""
+        if not isinstance(self.fs, LocalFileSystem):
+            self.fs.pipe_file(path, data)
+            return
         folder, name = path.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
         temporary = f"{folder}/.{name}.tmp"
@@ -195,9 +201,5 @@ class StageOutput:
             "files": dict(sorted(self._files.items())),
             "created_unix": time.time(),
         }
-        fs = self.store.fs
-        fs.makedirs(self.path, exist_ok=True)
-        temporary = self.file_path(f".{MANIFEST}.tmp")
-        fs.pipe_file(temporary, json.dumps(manifest, indent=2).encode())
-        fs.mv(temporary, self.file_path(MANIFEST))
+        self.store.put_atomic(self.file_path(MANIFEST), json.dumps(manifest, indent=2).encode())
         return manifest

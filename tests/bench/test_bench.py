@@ -8,7 +8,7 @@ imports. `score`, `train` and `reevaluate` start a local Ray (scoring actors, Ra
 they are marked slow; `train` and `reevaluate` run in one process (``python -m bench train
 reevaluate --smoke``, once per module), which stages their shared recipe (stages 1-3) once. They
 run one after another: started together they only contend for the same cores. `load` runs one
-real `trecflow compare` subprocess (slow: a cold store's stages, two variants at once)."""
+real `trecflow compare` subprocess (slow: a cold store's stages and one variant)."""
 
 from __future__ import annotations
 
@@ -153,9 +153,9 @@ def test_reevaluate_smoke(train_and_reevaluate):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_load_smoke():
-    """One real `trecflow compare` subprocess (two variants at once on a cold store), its process
-    tree's peak memory sampled and the compare's own figure printed beside it."""
+    """One real `trecflow compare` subprocess (one variant on a cold store), its process tree's
+    peak memory sampled and the compare's own figure printed beside it."""
     out = run_smoke("load", timeout=900)
     assert "load_smoke: configs/test.yaml + configs/overlays/eight-variants.yaml (8 variants:" in out
-    wall, pss, rss, processes, flow_pss = figures(out, r"(?m)^\s+all at once \(staged\)\s+2\s+2\s+{n}\s+{n}\s+{n}\s+{n}\s+{n}$", 5)
+    wall, pss, rss, processes, flow_pss = figures(out, r"(?m)^\s+one variant \(staged\)\s+1\s+1\s+{n}\s+{n}\s+{n}\s+{n}\s+{n}$", 5)
     assert wall > 0 and 500 < pss <= rss and processes >= 5 and 0 < flow_pss <= pss, (wall, pss, rss, processes, flow_pss)
