@@ -11,7 +11,8 @@ files not read again, training resumed from a checkpoint, re-evaluation and refe
 not rewritten). At the end the results equal the fault-free twins the suite builds anyway:
 score shards, tokenizer, packed tokens and the sample index byte for byte (``staged_test``,
 ``trainable``), the final training loss within 1e-4 (``trained_test``), the TREC curve within
-1e-6 (``compared_test``'s uniform re-evaluation)."""
+1e-6 (``compared_test``'s uniform re-evaluation). The runs carry planted credentials (fake AWS
+keys, MLflow tokens: `tests.secret_scan`), found nowhere they wrote."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import pytest
 from trecflow.store import Store
 
 from ..conftest import CONFIGS, ROOT
+from ..secret_scan import PLANTED, scan
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +202,8 @@ def pipeline_env(tmp_path: Path, corpus_home: Path, api_url: str) -> tuple[Path,
     recipe.write_text((CONFIGS / "test.yaml").read_text().replace("${TRECFLOW_HOME}", str(corpus_home)))
     home = tmp_path / "home"
     base_env = {key: value for key, value in os.environ.items() if not key.startswith(("TRECFLOW_", "PREFECT_", "MLFLOW_", "RAY_"))}
-    return recipe, {**base_env, "PYTHONPATH": str(ROOT), "TRECFLOW_HOME": str(home), "TRECFLOW_STORE": str(tmp_path / "store"),
+    planted = {name: value for name, value in PLANTED.items() if name.isupper()}  # fake AWS keys and MLflow tokens (the store is a folder)
+    return recipe, {**base_env, **planted, "PYTHONPATH": str(ROOT), "TRECFLOW_HOME": str(home), "TRECFLOW_STORE": str(tmp_path / "store"),
                     "PREFECT_API_URL": api_url, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
 
 
@@ -243,9 +246,16 @@ def test_a_driver_killed_in_every_stage_in_turn_reruns_to_the_results_of_an_unin
     began = time.monotonic()
     try:
         final = kill_in_turn(runs)
+        seconds = time.monotonic() - began
+        # the planted credentials appear nowhere the eight runs wrote: the home (MLflow's database),
+        # the store (manifests, summaries, MLflow's artifacts), the runs' output and event logs,
+        # their Ray sessions, and the Prefect server's database (parameters, logs, artifacts)
+        prefect_db = Path(prefect.settings.PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+        scanned = scan([tmp_path, ray_root, prefect_db.parent])
+        print(f"\nsecret scan of the crashed and rerun pipeline: {scanned.files} files ({scanned.bytes:,} bytes), {len(scanned.hits)} hits")
+        assert scanned.files > 100 and scanned.hits == [], scanned.hits
     finally:
         shutil.rmtree(ray_root, ignore_errors=True)
-    seconds = time.monotonic() - began
 
     ours = Store(str(runs.store))
     twins = trained_test["store"]
