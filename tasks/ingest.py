@@ -806,6 +806,7 @@ def ingest(corpus: CorpusSection, listings: list[SourceFiles], store: Store, out
     return IngestSummary.from_json(stats)
 
 
+CANCEL_WAIT_SECONDS = 60  # how long bad input waits for a pass's cancelled tasks to end before the output is cleared
 MARKER_FOLDERS = ("read", "dedup", "bucket", "cluster", "written")  # one per pass, under _work/
 
 
@@ -868,6 +869,8 @@ def _run_pass(store: Store, output: StageOutput, folder: str, jobs: list[Job], p
         except IngestError:
             for ref in waiting:
                 ray.cancel(ref)
+            if waiting:  # the running ones end (interrupted, or done) before the caller clears the output
+                ray.wait(waiting, num_returns=len(waiting), timeout=CANCEL_WAIT_SECONDS)
             raise
         if on_result is not None:
             on_result(jobs[number], results[number])
