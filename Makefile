@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/trecflow compare configs/demo.yaml
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=30
 
 # The browser test (tests/flows/test_ui.py) drives Debian's chromium with Playwright (the `test` extra);
 # Playwright never downloads a browser here. Installed once; `apt-get update` only if that fails.

@@ -492,7 +492,6 @@ def kept_markers(store: Store, output: StageOutput, folder: str) -> dict[str, di
     """The markers an earlier attempt of ``output`` left in ``_work/<folder>/`` (name -> content):
     one small entry per input file or partition; a marker's temporary file is ignored."""
     path = output.file_path(f"_work/{folder}")
-    store.fs.invalidate_cache(path)
     if not store.fs.exists(path):
         return {}
     kept = {}

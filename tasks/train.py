@@ -145,7 +145,6 @@ def check_vocabulary(base: BaseModel, tokenizer_vocab: int, endpoint_url: str | 
 def collapse_event(store: Store, train_fp: str) -> dict[str, Any] | None:
     """The collapse monitor's event file (`COLLAPSE_EVENT`) of a training output, or None."""
     path = store.output(STAGE, train_fp).file_path(COLLAPSE_EVENT)
-    store.fs.invalidate_cache(path.rsplit("/", 1)[0])  # the workers rewrite it while the driver polls
     try:
         return json.loads(store.fs.cat_file(path))
     except FileNotFoundError:

@@ -31,7 +31,6 @@ _ATTEMPT = re.compile(r"attempt-(\d+)$")
 def attempts(store: Store, folder: str) -> list[int]:
     """Attempt numbers already recorded under ``folder`` (a path inside the store), sorted."""
     root = f"{folder}/{AUDIT_DIR}"
-    store.fs.invalidate_cache(root)  # workers add attempts while a reader polls: never answer from s3fs's listing cache
     if not store.fs.exists(root):
         return []
     found = []
@@ -72,7 +71,6 @@ def latest_record(store: Store, folder: str) -> dict[str, Any] | None:
     if not done:
         return None
     newest = f"{folder}/{AUDIT_DIR}/attempt-{done[-1]:03d}"
-    store.fs.invalidate_cache(newest)
     parts = sorted(path for path in store.fs.ls(newest, detail=False) if path.endswith(".jsonl"))
     if not parts:
         return None
@@ -85,7 +83,6 @@ def read_audit(store: Store, folder: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for attempt in attempts(store, folder):
         root = f"{folder}/{AUDIT_DIR}/attempt-{attempt:03d}"
-        store.fs.invalidate_cache(root)
         for part in sorted(store.fs.ls(root, detail=False)):
             if part.endswith(".jsonl"):
                 text = store.fs.cat_file(part).decode()

@@ -49,7 +49,6 @@ def verify_output(output: StageOutput) -> dict[str, Any]:
     if owner != (output.stage, output.fingerprint):
         raise StoreError(f"{manifest_uri}: the manifest of {owner[0]} {owner[1]}, not of {output.stage} {output.fingerprint} "
                          f"(a foreign folder); {_force_hint(output)}")
-    fs.invalidate_cache(output.path)
     prefix = output.path.rstrip("/") + "/"
     sizes = {path[len(prefix):]: info.get("size") for path, info in fs.find(output.path, detail=True).items() if path.startswith(prefix)}
     for name, entry in files.items():

@@ -111,7 +111,6 @@ class FolderListing:
 
     @classmethod
     def of(cls, store: Store, path: str) -> FolderListing:
-        store.fs.invalidate_cache(path)  # another process may have written a moment ago
         try:
             listing = store.fs.find(path, detail=True)
         except FileNotFoundError:
@@ -405,7 +404,6 @@ def calibration_outputs(store: Store) -> set[Location]:
 def folder_names(store: Store, *parts: str) -> list[str]:
     """The names of the entries of one store folder (one listing; none when it does not exist)."""
     path = store.path(*parts)
-    store.fs.invalidate_cache(path)
     try:
         entries = store.fs.ls(path, detail=False)
     except FileNotFoundError:
@@ -524,7 +522,6 @@ def remove_lease_files(output: StageOutput, upto_generation: int) -> None:
     """Remove the lease files up to ``upto_generation`` (ours, released) and the folder if that
     leaves it empty; a lease a runner took after ours stays with its folder."""
     fs = output.store.fs
-    fs.invalidate_cache(output.path)
     try:
         entries = fs.ls(output.path, detail=False)
     except FileNotFoundError:

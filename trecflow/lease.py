@@ -86,16 +86,13 @@ def pid_namespace() -> str:
 
 def process_running(pid: int) -> bool:
     """Whether ``pid`` is a running process of this PID namespace (a zombie is not)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
+    except psutil.Error:  # there, but not ours to read
         return True
 
 
@@ -133,7 +130,6 @@ class Lease:
     def current(self) -> LeaseRecord | None:
         """The lease in force (highest generation), or None if the folder was never leased."""
         fs = self.output.store.fs
-        fs.invalidate_cache(self.output.path)  # another runner may have written a lease a moment ago
         try:
             names = [path.rsplit("/", 1)[1] for path in fs.ls(self.output.path, detail=False)]
         except FileNotFoundError:
@@ -242,7 +238,6 @@ def create_exclusive(output: StageOutput, path: str, data: bytes) -> bool:
             if _precondition_failed(error):
                 return False
             raise
-        fs.invalidate_cache(output.path)
         return True
     if "://" in store.url and not store.url.startswith("file://"):
         raise NotImplementedError(f"{store.url}: leases need a local folder or S3")

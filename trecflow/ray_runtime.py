@@ -52,26 +52,17 @@ def stop_failed_start() -> list[int]:
     stop them, so each retry of the stage would start another local Ray beside them. They are this
     process's children whose command line names one of this process's Ray sessions (Ray names a
     session ``session_<date>_<time>_<driver pid>``); nothing else is touched."""
-    import signal
+    import psutil
 
     mine = re.compile(rf"/session_[0-9_-]+_{os.getpid()}/")
     stopped = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
+    for child in psutil.Process().children():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read().decode(errors="replace")
-        except (OSError, ValueError, IndexError):
+            if mine.search(" ".join(child.cmdline())):
+                child.kill()
+                stopped.append(child.pid)
+        except psutil.Error:  # ended meanwhile, or not ours to read
             continue
-        if parent == os.getpid() and mine.search(command):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-                stopped.append(int(entry))
-            except ProcessLookupError:
-                continue
     return stopped
 
 

@@ -140,9 +140,8 @@ class StageOutput:
         return f"{self.uri}/{name}"
 
     def exists(self) -> bool:
-        """True when the manifest is present, i.e. the output is complete (asked of the store itself,
-        not of s3fs's listing cache: another process may have committed it a moment ago)."""
-        self.store.fs.invalidate_cache(self.path)
+        """True when the manifest is present, i.e. the output is complete (asked of the store itself:
+        S3 stores keep no listing cache, `trecflow.store_s3.S3_OPTIONS`)."""
         return self.store.fs.exists(self.file_path(MANIFEST))
 
     def manifest(self) -> dict[str, Any]:

@@ -36,6 +36,14 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
 
     retries = S3FS_ROUNDS
 
+    def __init__(self, *args, **kwargs):
+        # No listing cache, whatever TRECFLOW_STORE_OPTIONS says: s3fs keeps one per instance, and
+        # fsspec keeps one instance per set of options for the life of the process; once a folder
+        # had been listed, `ls`, `glob` and `exists` answered from that memory, blind to what other
+        # processes (Ray workers, another driver, a rerun with other options) wrote or removed since:
+        # a rerun "kept" a part that was gone and read it into a 404. Every listing asks S3.
+        super().__init__(*args, **{**kwargs, "use_listings_cache": False})
+
     async def _call_s3(self, method, *akwarglist, **kwargs):
         try:
             return await super()._call_s3(method, *akwarglist, **kwargs)

@@ -7,17 +7,13 @@ fault-injecting proxy (`tests.s3_fault_proxy`), with trecflow's retry settings
 - The pipeline on configs/test.yaml: the session's compare (`compared_test`, two variants at once)
   ran through faults at a moderate rate and its results equal the fault-free local runs of the
   same recipe; a total outage during re-evaluation fails the run with one line and no manifest,
-  and the rerun after recovery keeps the parts written before it and gives the same curve. (Run
-  only with ``TRECFLOW_TEST_S3_PIPELINE=1``: it passes alone but failed inside the full suite. In
-  the suite, `tests/flows/test_driver_crash.py` compares the faulted compare's TREC curve with its
-  fault-free runs' within 1e-6.)
+  and the rerun after recovery keeps the parts written before it and gives the same curve.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 
 import boto3
@@ -131,9 +127,6 @@ def local_files(store: Store, stage: str, fingerprint: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TRECFLOW_TEST_S3_PIPELINE"),
-                    reason="passes alone (TRECFLOW_TEST_S3_PIPELINE=1 pytest tests/flows/test_s3_faults.py -k pipeline: 503 s, 2026-12-01) "
-                           "but its rerun after the outage failed inside the full suite (a 404 on a step part it believed kept): not yet explained")
 @pytest.mark.timeout(1800)
 @pytest.mark.usefixtures("prefect_harness", "test_corpus")
 def test_the_pipeline_survives_s3_faults_and_resumes_after_an_outage(compared_test, staged_test, trained_test, s3_faults, s3_endpoint, tmp_path):

@@ -68,6 +68,28 @@ def test_storage_options_are_fresh_each_call(s3_endpoint):
     assert "hf" not in store.storage_options()
 
 
+def test_a_listing_always_asks_s3_not_a_memory_of_an_earlier_one(s3_endpoint):
+    """Another writer (a process, or a client with other options) adds and removes parts between
+    two listings in this process: the second listing, ``glob`` and ``exists`` see both changes.
+    (With s3fs's listing cache, once a folder had been listed they answered from memory: a rerun
+    "kept" a part that was gone, and read it into a 404.)"""
+    import boto3
+
+    store = Store(f"s3://{BUCKET}/listing-{uuid.uuid4().hex[:8]}", endpoint_url=s3_endpoint)
+    output = store.output("reevaluate", "fp")
+    for name in ("steps/part-1.parquet", "steps/part-2.parquet"):
+        output.write_bytes(name, b"x")
+    folder = output.file_path("steps")
+    assert [path.rsplit("/", 1)[1] for path in store.fs.ls(folder, detail=False)] == ["part-1.parquet", "part-2.parquet"]
+    other = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    key = folder.removeprefix(f"{BUCKET}/")
+    other.delete_object(Bucket=BUCKET, Key=f"{key}/part-2.parquet")
+    other.put_object(Bucket=BUCKET, Key=f"{key}/part-3.parquet", Body=b"y")
+    assert [path.rsplit("/", 1)[1] for path in store.fs.glob(f"{folder}/part-*.parquet")] == ["part-1.parquet", "part-3.parquet"]
+    assert not store.fs.exists(f"{folder}/part-2.parquet") and store.fs.exists(f"{folder}/part-3.parquet")
+    assert [path.rsplit("/", 1)[1] for path in store.fs.ls(folder, detail=False)] == ["part-1.parquet", "part-3.parquet"]
+
+
 def test_local_urls_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Store("relative/store/").url == str(tmp_path / "relative" / "store")
