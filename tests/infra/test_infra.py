@@ -40,6 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 INFRA = ROOT / "infra"
+RUNBOOK = ROOT / "docs" / "cluster.md"  # the walk-through from an empty cluster to a scheduled run
 RECIPE = ROOT / "configs" / "cpt-3.9b-900b.yaml"
 
 K8S_VERSION = "1.33"  # Kubernetes schema version the built-in objects are validated against
@@ -161,8 +162,8 @@ def prefect_yaml() -> dict:
 
 
 def readme() -> str:
-    """The infra notes and the main README (whose "Running on a cluster" creates the Secrets)."""
-    return (INFRA / "README.md").read_text() + "\n" + (INFRA.parent / "README.md").read_text()
+    """The infra notes, the main README and the runbook (docs/cluster.md, which creates the Secrets)."""
+    return "\n".join(path.read_text() for path in (INFRA / "README.md", INFRA.parent / "README.md", RUNBOOK))
 
 
 def pod_templates() -> Iterator[tuple[str, dict]]:
@@ -1239,9 +1240,8 @@ def test_readme_describes_the_store_layout_of_every_stage():
     assert "## Running on a cluster" in text
 
 
-def test_readme_walks_through_the_cluster_setup():
-    text = (INFRA.parent / "README.md").read_text()  # the main README holds the walk-through
-    section = text.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+def test_the_runbook_walks_through_the_cluster_setup_in_order():
+    section = RUNBOOK.read_text().split("## From an empty cluster to a scheduled run", 1)[1].split("\n## ", 1)[0]
     version = KUBERAY_RELEASE.lstrip("v")
     assert re.search(rf"helm install kuberay-operator kuberay/kuberay-operator --version {re.escape(version)}\b", section)
     assert "kubectl apply -f infra/k8s/namespace.yaml" in section and "kubectl apply -k infra/" in section
