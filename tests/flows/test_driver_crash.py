@@ -12,7 +12,10 @@ not rewritten). At the end the results equal the fault-free twins the suite buil
 score shards, tokenizer, packed tokens and the sample index byte for byte (``staged_test``,
 ``trainable``), the final training loss within 1e-4 (``trained_test``), the TREC curve within
 1e-6 (``compared_test``'s uniform re-evaluation). The runs carry planted credentials (fake AWS
-keys, MLflow tokens: `tests.secret_scan`), found nowhere they wrote."""
+keys, MLflow tokens: `tests.secret_scan`), found nowhere they wrote. Load: once the first run holds
+its first lease, a round of 20 read-only commands (`tests.readers`) starts against the store;
+they all answer, see stages mid-write, leave no Prefect or MLflow state, and take no lease (every
+lease file is a run's), while no run ever waits on a lease."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import pytest
 from trecflow.store import Store
 
 from ..conftest import CONFIGS, ROOT
+from ..readers import MID_WRITE, ReaderRound
 from ..secret_scan import PLANTED, scan
 
 pytestmark = pytest.mark.slow
@@ -124,10 +128,12 @@ class Runs:
     """`trecflow run` subprocesses on one home and store, each with its own event log, output and
     Ray session folder."""
 
-    def __init__(self, tmp_path: Path, recipe: Path, env: dict[str, str], ray_root: Path):
-        self.tmp_path, self.recipe, self.env, self.ray_root = tmp_path, recipe, env, ray_root
+    def __init__(self, tmp_path: Path, recipe: Path, env: dict[str, str], ray_root: Path, readers: ReaderRound):
+        self.tmp_path, self.recipe, self.env, self.ray_root, self.readers = tmp_path, recipe, env, ray_root, readers
         self.store = Path(env["TRECFLOW_STORE"])
         self.count = 0
+        self.pids: set[int] = set()
+        self.readers_started = False
         self.left_behind: dict[str, list[str]] = {}  # killed stage -> what of its Ray session was killed by PID
 
     def start(self) -> tuple[subprocess.Popen, Path, Path, Path]:
@@ -139,6 +145,7 @@ class Runs:
         argv = [sys.executable, "-m", "flows.cli", "run", str(self.recipe), "--variant", "uniform"]
         with log.open("w") as out:
             process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.pids.add(process.pid)
         return process, events, log, ray_dir
 
     def kill_in(self, stage: str) -> tuple[list[dict], dict, Path]:
@@ -147,6 +154,9 @@ class Runs:
         point = kill_point(stage, self.store)
         deadline = time.monotonic() + RUN_SECONDS
         while (record := point(read_events(events))) is None:
+            if not self.readers_started and any(self.store.rglob("_LEASE-*.json")):  # the store is being written
+                self.readers.start()
+                self.readers_started = True
             assert process.poll() is None, f"the run ended ({process.returncode}) before {stage} could be killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"{stage} never reached its kill point:\n{log.read_text()[-3000:]}"
             time.sleep(0.02)
@@ -242,16 +252,23 @@ def test_a_driver_killed_in_every_stage_in_turn_reruns_to_the_results_of_an_unin
     corpus_home = test_corpus["stdlib-docs"].parent.parent.parent  # the twins read ${TRECFLOW_HOME}/corpus/test of the session
     recipe, env = pipeline_env(tmp_path, corpus_home, prefect.settings.PREFECT_API_URL.value())
     ray_root = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths live under it
-    runs = Runs(tmp_path, recipe, env, ray_root)
+    readers = ReaderRound(str(recipe), env["TRECFLOW_STORE"], env, tmp_path / "readers", written=("ingest", "score", "tokenizer", "pack"))
+    runs = Runs(tmp_path, recipe, env, ray_root, readers)
     began = time.monotonic()
     try:
         final = kill_in_turn(runs)
         seconds = time.monotonic() - began
+        states = readers.finish()
+        assert states & MID_WRITE, states  # some reader saw the store mid-write
+        owners = {str(path.relative_to(runs.store)): json.loads(path.read_text())["owner"]["pid"] for path in runs.store.rglob("_LEASE-*.json")}
+        assert owners and set(owners.values()) <= runs.pids, (owners, runs.pids, readers.pids)  # no reader took a lease
         # the planted credentials appear nowhere the eight runs wrote: the home (MLflow's database),
         # the store (manifests, summaries, MLflow's artifacts), the runs' output and event logs,
-        # their Ray sessions, and the Prefect server's database (parameters, logs, artifacts)
+        # their Ray sessions, and the Prefect server's database (parameters, logs, artifacts); nor
+        # in what the readers printed
         prefect_db = Path(prefect.settings.PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
-        scanned = scan([tmp_path, ray_root, prefect_db.parent])
+        outputs = {f"reader {index}: {' '.join(args)}": stdout + stderr for index, (args, _, stdout, stderr) in enumerate(readers.results)}
+        scanned = scan([tmp_path, ray_root, prefect_db.parent], texts=outputs)
         print(f"\nsecret scan of the crashed and rerun pipeline: {scanned.files} files ({scanned.bytes:,} bytes), {len(scanned.hits)} hits")
         assert scanned.files > 100 and scanned.hits == [], scanned.hits
     finally:
@@ -276,7 +293,7 @@ def test_a_driver_killed_in_every_stage_in_turn_reruns_to_the_results_of_an_unin
         np.testing.assert_allclose(np.asarray(measured[name].to_pylist(), dtype=float), np.asarray(expected[name].to_pylist(), dtype=float),
                                    rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
     print(f"\ndriver crash: {len(KILLS)} kills and a last run in {seconds:.0f} s; what was left of each killed run's Ray "
-          f"session, killed by PID: {runs.left_behind}")
+          f"session, killed by PID: {runs.left_behind}; {len(readers.results)} readers in {readers.seconds:.1f} s saw {sorted(states)}")
 
 
 def kept_work(stage: str, record: dict, store: Path) -> dict:

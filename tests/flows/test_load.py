@@ -1,156 +1,22 @@
-"""Load: 20 read-only commands at once against a store being written neither fail nor block the run.
-
-The writer is a real ``trecflow run configs/test.yaml --until pack`` subprocess on a fresh local
-store (ingest and score on the local Ray, tokenizer, pack: each under its lease). Once it holds its
-first lease, rounds of 20 readers start at once, each a real subprocess importing the CLI:
-``status`` (text and ``--json``), ``predict --json`` and ``validate``, with Prefect's home and
-MLflow's database pointed at a folder of their own. Every reader must exit 0 with its usual output
-within `READER_SECONDS`; that folder must never appear (no Prefect or MLflow state); every lease in
-the store must be the writer's (no reader took one); the store must hold exactly the writer's four
-outputs, each committed, with the same fingerprints, counts and file checksums as the session's
-``staged_test`` store computed without readers. The writer's wall time is printed.
+"""Load: how many variants a compare runs at once, and what its memory figure measures. (The 20
+read-only commands against a store being written run inside the driver crash test,
+`tests/flows/test_driver_crash.py`, with `tests.readers`; the peak memory of 8 variants is
+`python -m bench load`.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from ..conftest import CONFIGS, ROOT
 
-READERS = 20
-ROUNDS = 1  # rounds of READERS while the writer runs (each round after the first only if it still runs)
-READER_SECONDS = 60.0  # one reader's limit: a reader that waits on a lease or the writer fails it
-WRITER_SECONDS = 600.0
-WRITTEN = ("ingest", "score", "tokenizer", "pack")
 RECIPE = str(CONFIGS / "test.yaml")
-
-
-def reader_commands() -> list[list[str]]:
-    """The READERS commands of one round: 8 status (half --json), 6 predict --json, 6 validate."""
-    status = [["status", RECIPE], ["status", RECIPE, "--json"]] * 4
-    predict = [["predict", RECIPE, "--json"]] * 6
-    validate = [["validate", RECIPE]] * 6
-    commands = status + predict + validate
-    assert len(commands) == READERS
-    return commands
-
-
-def check_reader(args: list[str], stdout: str, store_url: str) -> set[str]:
-    """Assert a reader's output is its usual one; the states a status reader saw."""
-    if args[0] == "validate":
-        assert stdout.strip() == "ok: test: 48 steps of 512 tokens", stdout
-        return set()
-    if args[0] == "predict":
-        payload = json.loads(stdout)
-        assert payload["tau"] == pytest.approx(0.30, abs=0.01) and 0.0 < payload["valley_fraction"] < 1.0, payload
-        return set()
-    if "--json" in args:
-        payload = json.loads(stdout)
-        assert payload["recipe"] == "test" and payload["store"] == store_url, payload
-        stages = {row["stage"]: row for row in payload["stages"]}
-        assert set(WRITTEN) <= set(stages), stages
-        assert stages["ingest"]["fingerprint"], stages["ingest"]  # known before anything is written
-        return {row["state"] for row in payload["stages"]}
-    assert stdout.startswith(f"recipe test, variant trec_valley, store {store_url}\n"), stdout  # the recipe declares no variants
-    assert all(stage in stdout for stage in WRITTEN), stdout
-    return set()
-
-
-def lease_owners(store: Path) -> dict[str, int]:
-    """Every lease file in the store: its path (relative) and its owner's pid."""
-    return {str(path.relative_to(store)): json.loads(path.read_text())["owner"]["pid"] for path in store.rglob("_LEASE-*.json")}
-
-
-def manifests(store: Path) -> dict[str, dict]:
-    """``stage/fingerprint`` -> manifest of every committed output."""
-    return {f"{path.parent.parent.name}/{path.parent.name}": json.loads(path.read_text()) for path in store.glob("*/*/_MANIFEST.json")}
-
-
-def comparable(manifest: dict) -> dict:
-    """What two runs of the same inputs must share: fingerprint, counts, and the checksum of every
-    data file that has one (summary.json, data_card.md and plots carry timings or renderer
-    metadata; score's shard names are Ray task ids, sizes and checksums of its classifier and
-    pack's outputs name the content)."""
-    files = {name: entry.get("sha256", entry["bytes"]) for name, entry in manifest["files"].items()
-             if name not in ("summary.json", "data_card.md") and not name.endswith(".png") and not name.startswith("shards/")}
-    return {"fingerprint": manifest["fingerprint"], "counts": manifest["counts"], "files": files}
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_twenty_readers_neither_fail_nor_block_a_writing_run(staged_test, tmp_path):
-    store = tmp_path / "store"
-    writer_home = tmp_path / "writer"
-    readers_home = tmp_path / "readers"  # must never be created
-    base = {**os.environ, "TRECFLOW_STORE": str(store)}
-    for key in ("AWS_ENDPOINT_URL", "PREFECT_API_URL", "RAY_ADDRESS", "TRECFLOW_EVENTS"):
-        base.pop(key, None)
-    writer_env = {**base, "PREFECT_HOME": str(writer_home / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{writer_home}/mlflow.db"}
-    reader_env = {**base, "PREFECT_HOME": str(readers_home / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{readers_home}/mlflow.db"}
-    writer_home.mkdir()
-
-    began = time.perf_counter()
-    writer = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", RECIPE, "--until", "pack"], cwd=ROOT, env=writer_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        while not any(store.rglob("_LEASE-*.json")):  # the writer holds its first lease: the store is being written
-            assert writer.poll() is None, writer.communicate()[0][-4000:]
-            assert time.perf_counter() - began < WRITER_SECONDS, "the writer took no lease"
-            time.sleep(0.2)
-        first_lease = time.perf_counter() - began
-        rounds, reader_pids, states, slowest = [], set(), set(), 0.0
-        for _ in range(ROUNDS):
-            if rounds and writer.poll() is not None:
-                break
-            started = time.perf_counter()
-            readers = [(args, subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=reader_env,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-                       for args in reader_commands()]
-            writer_running = writer.poll() is None
-            for args, reader in readers:
-                reader_pids.add(reader.pid)
-                stdout, stderr = reader.communicate(timeout=READER_SECONDS)
-                assert reader.returncode == 0, (args, reader.returncode, stdout, stderr)
-                states |= check_reader(args, stdout, str(store))
-            slowest = max(slowest, time.perf_counter() - started)
-            assert slowest < READER_SECONDS, slowest
-            rounds.append((round(started - began, 1), round(time.perf_counter() - began, 1), writer_running))
-        output, _ = writer.communicate(timeout=WRITER_SECONDS)
-    finally:
-        if writer.poll() is None:  # a failed check: the writer, its Prefect server and its local Ray
-            os.killpg(writer.pid, signal.SIGKILL)
-            writer.wait()
-    wall = time.perf_counter() - began
-    assert writer.returncode == 0, output[-4000:]
-    print(f"writer (run --until pack) {wall:.1f} s; first lease at {first_lease:.1f} s; reader rounds (start s, end s, writer running at start): "
-          f"{rounds}; slowest round {slowest:.1f} s; states the status readers saw: {sorted(states)}")
-    assert rounds[0][2], "the first round of readers started after the writer had finished"
-    assert states & {"leased", "partial", "missing", "unknown"}, states  # some reader saw the store mid-write
-
-    # nothing from the readers: no Prefect or MLflow state, no lease
-    assert not readers_home.exists(), sorted(str(path) for path in readers_home.rglob("*"))
-    owners = lease_owners(store)
-    assert owners and set(owners.values()) == {writer.pid}, (owners, writer.pid, reader_pids)
-    # the store holds exactly the writer's outputs, each committed, as computed without readers
-    written = manifests(store)
-    assert sorted(key.split("/")[0] for key in written) == sorted(WRITTEN), sorted(written)
-    from tasks.graph import GRAPH
-
-    folders = {f"{stage}/{path.name}" for stage in GRAPH.names if (store / stage).is_dir() for path in (store / stage).iterdir()}
-    assert folders == set(written), sorted(folders ^ set(written))  # no stage folder without a manifest
-    for stage in ("score", "tokenizer", "pack"):
-        expected = staged_test[stage].fingerprint
-        assert f"{stage}/{expected}" in written, (stage, expected, sorted(written))
-        reference = json.loads((Path(staged_test["store"].url) / stage / expected / "_MANIFEST.json").read_text())
-        assert comparable(written[f"{stage}/{expected}"]) == comparable(reference), stage
 
 
 # --- how many variants a compare runs at once, and what its memory figure measures -------------
