@@ -77,7 +77,15 @@ class BadInputWithoutTraceback(logging.Filter):
 
 def run_stage_flow(flow_fn, **parameters) -> dict:
     """Run a stage's flow; bad input found while running is exit 2 (its traceback kept out of
-    Prefect's log: `BadInputWithoutTraceback`), other failures exit 1."""
+    Prefect's log: `BadInputWithoutTraceback`), other failures exit 1. Without a Prefect API, the
+    temporary server Prefect starts is stopped even if this process is killed outright
+    (`trecflow.reaper`)."""
+    import prefect.settings
+
+    if not prefect.settings.PREFECT_API_URL.value():
+        from trecflow.reaper import watch_this_process
+
+        watch_this_process()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(item, BadInputWithoutTraceback) for item in logger.filters):

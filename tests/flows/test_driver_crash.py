@@ -134,6 +134,7 @@ class Runs:
         self.count = 0
         self.pids: set[int] = set()
         self.readers_started = False
+        self.walls: list[tuple[str, float]] = []  # (the stage a run was killed in, or "complete"; its wall seconds)
         self.left_behind: dict[str, list[str]] = {}  # killed stage -> what of its Ray session was killed by PID
 
     def start(self) -> tuple[subprocess.Popen, Path, Path, Path]:
@@ -152,7 +153,8 @@ class Runs:
         """A run SIGKILLed at `kill_point`; its events, the record of the stage's start and its log."""
         process, events, log, ray_dir = self.start()
         point = kill_point(stage, self.store)
-        deadline = time.monotonic() + RUN_SECONDS
+        began = time.monotonic()
+        deadline = began + RUN_SECONDS
         while (record := point(read_events(events))) is None:
             if not self.readers_started and any(self.store.rglob("_LEASE-*.json")):  # the store is being written
                 self.readers.start()
@@ -162,6 +164,7 @@ class Runs:
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        self.walls.append((stage, round(time.monotonic() - began, 1)))
         self.reap(stage, ray_dir)
         return read_events(events), record, log
 
@@ -185,7 +188,9 @@ class Runs:
 
     def complete(self) -> tuple[list[dict], Path]:
         process, events, log, _ = self.start()
+        began = time.monotonic()
         assert process.wait(timeout=RUN_SECONDS) == 0, log.read_text()[-5000:]
+        self.walls.append(("complete", round(time.monotonic() - began, 1)))
         return read_events(events), log
 
 
@@ -293,7 +298,7 @@ def test_a_driver_killed_in_every_stage_in_turn_reruns_to_the_results_of_an_unin
         np.testing.assert_allclose(np.asarray(measured[name].to_pylist(), dtype=float), np.asarray(expected[name].to_pylist(), dtype=float),
                                    rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
     print(f"\ndriver crash: {len(KILLS)} kills and a last run in {seconds:.0f} s; what was left of each killed run's Ray "
-          f"session, killed by PID: {runs.left_behind}; {len(readers.results)} readers in {readers.seconds:.1f} s saw {sorted(states)}")
+          f"session, killed by PID: {runs.left_behind}; each run's wall s: {runs.walls}; {len(readers.results)} readers in {readers.seconds:.1f} s saw {sorted(states)}")
 
 
 def kept_work(stage: str, record: dict, store: Path) -> dict:
