@@ -18,7 +18,10 @@ seen before, never on the arrival order of other requests. A request is faulted 
 
 ``outage`` (or `outage_after`) answers every request with ``SlowDown`` until it is switched off.
 ``counts`` counts each injected fault by kind, ``requests`` every request seen, ``retries`` the
-requests that repeated a faulted one (a client's retry), ``seen`` each request key.
+requests that repeated a faulted one (a client's retry), ``retries_by`` those retries by the client
+that made them — ``botocore`` when the request says it is a later attempt of the same call
+(botocore's ``amz-sdk-request: attempt=N`` header, N > 1), ``s3fs`` when it is a new call (s3fs's
+own retry round, or the caller's) — and ``seen`` each request key.
 
 Runs its own event loop in a daemon thread: ``with S3FaultProxy(upstream, rate=0.1) as proxy:``
 then point the client at ``proxy.url``.
@@ -69,6 +72,7 @@ class S3FaultProxy:
         self.seen: Counter[str] = Counter()
         self.requests = 0
         self.retries = 0
+        self.retries_by: Counter[str] = Counter()
         self._in_a_row: Counter[str] = Counter()
         self._trigger: tuple[str, re.Pattern, int] | None = None
         self._lock = threading.Lock()
@@ -118,7 +122,7 @@ class S3FaultProxy:
         """The figures: requests seen, faults injected by kind, retries seen."""
         with self._lock:
             return {"requests": self.requests, "faults": dict(sorted(self.counts.items())), "injected": sum(self.counts.values()),
-                    "retries": self.retries}
+                    "retries": self.retries, "retries_by": dict(sorted(self.retries_by.items()))}
 
     # -- the decision ----------------------------------------------------------------------------
 
@@ -134,7 +138,13 @@ class S3FaultProxy:
             return None
         return self.kinds[int.from_bytes(digest[8:12], "big") % len(self.kinds)]
 
-    def _next_fault(self, method: str, path: str, query: str) -> tuple[str, str | None]:
+    @staticmethod
+    def sdk_attempt(header: str) -> int:
+        """The attempt number botocore writes in ``amz-sdk-request`` (``attempt=2; max=5``); 1 without it."""
+        found = re.search(r"attempt=(\d+)", header)
+        return int(found.group(1)) if found else 1
+
+    def _next_fault(self, method: str, path: str, query: str, sdk_request: str = "") -> tuple[str, str | None]:
         key = self.key(method, path, query)
         with self._lock:
             self.requests += 1
@@ -142,6 +152,7 @@ class S3FaultProxy:
             self.seen[key] += 1
             if self._in_a_row[key]:
                 self.retries += 1
+                self.retries_by["botocore" if self.sdk_attempt(sdk_request) > 1 else "s3fs"] += 1
             if self.outage:
                 self.counts["outage"] += 1
                 self._in_a_row[key] += 1
@@ -192,7 +203,7 @@ class S3FaultProxy:
         await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        key, fault = self._next_fault(request.method, request.path, request.query_string)
+        key, fault = self._next_fault(request.method, request.path, request.query_string, request.headers.get("amz-sdk-request", ""))
         if fault in ("outage", "error500", "error503", "slowdown"):
             status, code, message = ERRORS["slowdown" if fault == "outage" else fault]
             await request.read()

@@ -81,6 +81,7 @@ def test_the_store_rides_out_faults_the_same_way_for_a_seed_and_names_the_object
     print("store alone at 30 %:", report)
     assert report["injected"] >= 10 and {"error500", "error503", "slowdown", "reset", "slow"} <= set(report["faults"])
     assert report["retries"] == report["injected"] - report["faults"].get("slow", 0)  # every failed request was retried, and got through
+    assert sum(report["retries_by"].values()) == report["retries"] and report["retries_by"].get("botocore", 0) > 0
     assert {name: data for name, data in contents[0].items() if name != "stage/fp/_MANIFEST.json"} == {
         name: data for name, data in contents[1].items() if name != "stage/fp/_MANIFEST.json"}
 
@@ -99,6 +100,7 @@ def test_the_store_rides_out_faults_the_same_way_for_a_seed_and_names_the_object
             store.fs.pipe_file(store.output("stage", "fp").file_path("new"), b"data")
         assert str(raised.value) == f"s3://{BUCKET}/{prefix}/stage/fp/new: write failed after 6 attempts: 503 SlowDown"  # 3 rounds
         assert proxy.report()["faults"] == {"outage": 8} and proxy.retries == 6
+        assert proxy.report()["retries_by"] == {"botocore": 4, "s3fs": 2}  # read: 2 attempts; write: 3 rounds of 2
         proxy.outage = False
         assert not store.fs.exists(store.output("stage", "fp").file_path("new"))  # a 404 is still an answer, not an outage
 
@@ -147,6 +149,7 @@ def test_the_pipeline_survives_s3_faults_and_resumes_after_an_outage(compared_te
     assert faults["injected"] >= 0.5 * COMPARE_FAULT_RATE * faults["requests"] and set(faults["faults"]) >= {
         "error500", "error503", "slowdown", "reset", "slow", "truncate"}
     assert faults["retries"] >= faults["injected"] - faults["faults"]["slow"] - 5  # (a lease poll may not come back)
+    assert faults["retries_by"].get("botocore", 0) > 0 and sum(faults["retries_by"].values()) == faults["retries"]
 
     # every stage's output equals the fault-free run's: score shards, tokenizer, packed tokens, sample index
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
