@@ -71,7 +71,6 @@ class S3FaultProxy:
         self.counts: Counter[str] = Counter()
         self.seen: Counter[str] = Counter()
         self.requests = 0
-        self.retries = 0
         self.retries_by: Counter[str] = Counter()
         self._in_a_row: Counter[str] = Counter()
         self._trigger: tuple[str, re.Pattern, int] | None = None
@@ -118,11 +117,16 @@ class S3FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def retries(self) -> int:
+        """Every client's retries together."""
+        return self.report()["retries"]
+
     def report(self) -> dict:
-        """The figures: requests seen, faults injected by kind, retries seen."""
+        """The figures: requests seen, faults injected by kind, retries seen in all and by client."""
         with self._lock:
             return {"requests": self.requests, "faults": dict(sorted(self.counts.items())), "injected": sum(self.counts.values()),
-                    "retries": self.retries, "retries_by": dict(sorted(self.retries_by.items()))}
+                    "retries": sum(self.retries_by.values()), "retries_by": dict(sorted(self.retries_by.items()))}
 
     # -- the decision ----------------------------------------------------------------------------
 
@@ -144,14 +148,13 @@ class S3FaultProxy:
         found = re.search(r"attempt=(\d+)", header)
         return int(found.group(1)) if found else 1
 
-    def _next_fault(self, method: str, path: str, query: str, sdk_request: str = "") -> tuple[str, str | None]:
+    def _next_fault(self, method: str, path: str, query: str, sdk_request: str) -> tuple[str, str | None]:
         key = self.key(method, path, query)
         with self._lock:
             self.requests += 1
             attempt = self.seen[key]
             self.seen[key] += 1
             if self._in_a_row[key]:
-                self.retries += 1
                 self.retries_by["botocore" if self.sdk_attempt(sdk_request) > 1 else "s3fs"] += 1
             if self.outage:
                 self.counts["outage"] += 1
