@@ -499,7 +499,7 @@ def calibrate(
     save it; recipes with ``trec: {m: calibrated}`` then predict with it. Exit 1 when it cannot
     be fitted (too few runs), saying why."""
     from tasks.calibrate import run_calibrate
-    from training.calibration import CalibrationError
+    from training.calibration import MIN_R_P_FIT, CalibrationError
     from trecflow.settings import store_endpoint, store_url
     from trecflow.store import Store
 
@@ -514,7 +514,7 @@ def calibrate(
     if as_json:
         typer.echo(json.dumps({"fitted": True, **fitted}))
         return
-    rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0 left out)")]
+    rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0, {fitted['excluded_poor_fit']} with best r_p below {MIN_R_P_FIT} left out)")]
     for name, law in fitted["laws"].items():
         rows.append((f"law {name}", f"m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} "
                                     f"({len(law['runs'])} runs, R^2 in log space {'n/a' if law.get('r2_log') is None else format(law['r2_log'], '.3f')}, "

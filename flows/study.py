@@ -57,6 +57,8 @@ SHARED_LEAVES = ("base", "pack", "predict", "reference", "evalset")
 # What each variant x seed computes.
 SEED_STAGES = ("place", "train", "reevaluate")
 R_P = "r_p"
+FINAL_MODEL = "_final_model"  # `training.study_stats.FINAL_MODEL` (not imported: this module stays light)
+AVERAGED_METRICS = ("val_loss_hq", "val_loss_general", R_P)  # what a run that averages also reports for its raw final model
 R_P_FIELD = "trec_pearson"  # the primary curve's r_p at the recipe's trec.m: the corrected curve's with a reference, else the raw one's
 R_P_HELP = ("r_p: the re-evaluation's trec_pearson, the Pearson agreement of the measured TREC with the prediction at the recipe's "
             "trec.m; the difficulty-corrected curve's when reevaluation.reference is base or trained (then equal to "
@@ -141,19 +143,30 @@ def load_study(study: Study) -> tuple[Recipe, list[str]]:
 
 
 def study_metrics(reevaluated: Mapping[str, Any], metrics: list[str]) -> dict[str, float | None]:
-    """The study's metrics of one re-evaluation summary (its JSON view): held-out losses and r_p."""
-    return {metric: reevaluated.get(R_P_FIELD) if metric == R_P else metric_value(reevaluated, metric) for metric in metrics}
+    """The study's metrics of one re-evaluation summary (its JSON view): held-out losses and r_p,
+    and for a run that averages checkpoints the raw final model's (``X_final_model``: its held-out
+    losses, and r_p of the same measured curve against the raw final model's prediction)."""
+    final = reevaluated.get("final_model") or {}
+
+    def value(metric: str) -> float | None:
+        if metric.endswith(FINAL_MODEL):
+            base = metric.removesuffix(FINAL_MODEL)
+            return final.get(R_P_FIELD if base == R_P else base)
+        return reevaluated.get(R_P_FIELD) if metric == R_P else metric_value(reevaluated, metric)
+
+    return {metric: value(metric) for metric in metrics}
 
 
 def candidate_metrics(recipe: Recipe) -> list[str]:
     """Every metric a study of ``recipe`` may report (those no run has are dropped later)."""
-    return [*metric_names(recipe), R_P]
+    return [*metric_names(recipe), R_P, *(metric + FINAL_MODEL for metric in AVERAGED_METRICS)]
 
 
 def study_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The study as one long table (`COLUMNS`): a ``seed`` row per variant x seed x metric (its
-    value), a ``variant`` row per variant and metric (N, mean, SD) and a ``pair`` row per pair and
-    metric (N, mean difference, SD, SE, verdict)."""
+    value), a ``variant`` row per variant and metric (N, mean, SD), a ``pair`` row per pair and
+    metric (N, mean difference, SD, SE, verdict) and an ``averaging`` row per variant that averages
+    checkpoints and metric (the same for the averaged minus the raw final model)."""
     empty = dict.fromkeys(COLUMNS)
     rows = []
     for run in result["runs"]:
@@ -165,9 +178,10 @@ def study_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         for metric, spread in entry["metrics"].items():
             rows.append({**empty, "kind": "variant", "variant": entry["variant"], "metric": metric, "n": spread["n"], "value": spread["mean"],
                          "sd": spread["sd"]})
-    for pair in stats["pairs"]:
-        rows.append({**empty, "kind": "pair", "variant": pair["a"], "other": pair["b"], "metric": pair["metric"], "n": pair["n"],
-                     "value": pair["mean"], "sd": pair["sd"], "se": pair["se"], "verdict": verdict_word(pair["verdict"])})
+    for kind, differences in (("pair", stats["pairs"]), ("averaging", stats["averaging"])):
+        for pair in differences:
+            rows.append({**empty, "kind": kind, "variant": pair["a"], "other": pair["b"], "metric": pair["metric"], "n": pair["n"],
+                         "value": pair["mean"], "sd": pair["sd"], "se": pair["se"], "verdict": verdict_word(pair["verdict"])})
     return rows
 
 
@@ -199,24 +213,34 @@ def _table(lines: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
 
 
+def _differences(differences: list[Mapping[str, Any]], header: tuple[str, ...]) -> list[str]:
+    lines: list[tuple[str, ...]] = [header]
+    for pair in differences:
+        difference = "-" if pair["mean"] is None else f"{pair['mean']:+.5f}"
+        lines.append((pair["a"], pair["b"], pair["metric"], str(pair["n"]), difference, _spread(pair["se"]), verdict_word(pair["verdict"])))
+    return _table(lines)
+
+
 def study_text(result: Mapping[str, Any]) -> str:
     """Per variant and metric mean ± SD over the seeds (N), then per pair and metric the paired
-    difference, its SE and the verdict, then what r_p is, what was shared and the wall time."""
+    difference, its SE and the verdict, then the same for the averaged minus the raw final model
+    of each variant that averages, then what r_p is, what was shared and the wall time."""
     stats = result["stats"]
     lines: list[tuple[str, ...]] = [("variant", "metric", "N", "mean ± SD")]
     for entry in stats["variants"]:
         for metric, spread in entry["metrics"].items():
-            lines.append((entry["variant"], metric, str(spread["n"]), f"{_mean(spread['mean'])} ± {_spread(spread['sd'])}"))
+            if spread["n"] or not metric.endswith(FINAL_MODEL):  # a variant that does not average has no final-model rows
+                lines.append((entry["variant"], metric, str(spread["n"]), f"{_mean(spread['mean'])} ± {_spread(spread['sd'])}"))
     text = _table(lines)
     text.append("")
     if stats["pairs"]:
-        pairs: list[tuple[str, ...]] = [("a", "b", "metric", "N", "difference (a - b)", "SE", "|diff| > 3 SE")]
-        for pair in stats["pairs"]:
-            difference = "-" if pair["mean"] is None else f"{pair['mean']:+.5f}"
-            pairs.append((pair["a"], pair["b"], pair["metric"], str(pair["n"]), difference, _spread(pair["se"]), verdict_word(pair["verdict"])))
-        text += _table(pairs)
+        text += _differences(stats["pairs"], ("a", "b", "metric", "N", "difference (a - b)", "SE", "|diff| > 3 SE"))
     else:
         text.append("pairs: none (one variant: the table above is its seed-to-seed spread)")
+    if stats["averaging"]:
+        text += ["", "averaging: the averaged model minus the raw final model, seed by seed (r_p: the measured curve against the merge-aware "
+                 "minus against the raw final model's prediction)"]
+        text += _differences(stats["averaging"], ("variant", "against", "metric", "N", "difference", "SE", "|diff| > 3 SE"))
     computed = [seed_label(run["variant"], run["seed"]) for run in result["runs"] if not run["reused"]]
     reuse = ("every run reused" if not computed else "every run computed" if len(computed) == len(result["runs"])
              else f"{', '.join(computed)} computed, the others reused")
@@ -239,7 +263,7 @@ def plot_study(result: Mapping[str, Any], title: str) -> bytes:
 
     from training.trec_plot import png_bytes
 
-    metrics = result["metrics"]
+    metrics = [metric for metric in result["metrics"] if not metric.endswith(FINAL_MODEL)]
     variants = result["stats"]["variants"]
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.5, 3.6), squeeze=False)
     for axis, metric in zip(axes[0], metrics):

@@ -8,7 +8,9 @@ m* being the m that best fits its measured TREC. The law
 is fitted by least squares in log space, per schedule family when that family has enough runs,
 and over all runs pooled otherwise. An exponent is fitted only when its variable takes at least
 two distinct values among the runs (else it is reported as not fitted and held at 0); a law needs
-at least `MIN_RUNS` runs. Runs with m* = 0 have no logarithm: they are counted and left out.
+at least `MIN_RUNS` runs. Runs with m* = 0 have no logarithm, and a run whose measured curve does
+not take the predicted shape at any m (its best r_p below `MIN_R_P_FIT`: e.g. a weight decay so
+strong that the loss rises as the LR decays) has no m* to speak of: both are counted and left out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 MIN_RUNS = 5
+MIN_R_P_FIT = 0.8  # a run's r_p at its own best m below this: its m* is not a measurement of the exponent
 POOLED = "all"
 
 
@@ -50,9 +53,10 @@ def _distinct(values: np.ndarray) -> int:
 
 
 def fit_group(runs: list[CalibrationRun]) -> dict[str, Any]:
-    """The law for one group of runs (all with m* > 0); CalibrationError if it cannot be fitted."""
+    """The law for one group of runs (all usable: m* > 0, best r_p >= `MIN_R_P_FIT`); CalibrationError
+    if it cannot be fitted."""
     if len(runs) < MIN_RUNS:
-        raise CalibrationError(f"{len(runs)} runs with m* > 0; a law needs at least {MIN_RUNS}")
+        raise CalibrationError(f"{len(runs)} usable runs (m* > 0, best r_p >= {MIN_R_P_FIT}); a law needs at least {MIN_RUNS}")
     tpp = np.array([run.tpp for run in runs])
     tau = np.array([run.tau for run in runs])
     target = np.log([run.m_star for run in runs])
@@ -79,8 +83,10 @@ def fit_group(runs: list[CalibrationRun]) -> dict[str, Any]:
 def fit_law(runs: list[CalibrationRun]) -> dict[str, Any]:
     """Laws per schedule family (with enough runs) and pooled; raises CalibrationError when no
     law can be fitted, saying why."""
-    usable = [run for run in runs if run.m_star > 0]
-    excluded = len(runs) - len(usable)
+    positive = [run for run in runs if run.m_star > 0]
+    usable = [run for run in positive if run.r_p_fit >= MIN_R_P_FIT]
+    excluded = len(runs) - len(positive)
+    poor = len(positive) - len(usable)
     laws: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     families = sorted({run.schedule for run in usable})
@@ -97,8 +103,9 @@ def fit_law(runs: list[CalibrationRun]) -> dict[str, Any]:
             reasons[POOLED] = str(error)
     if not laws:
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no runs recorded"
-        raise CalibrationError(f"cannot fit m* = C * TPP^mu1 * tau^mu2 from {len(runs)} run(s) ({excluded} with m* = 0): {detail}")
-    return {"laws": laws, "not_fitted": reasons, "runs": len(runs), "excluded_m_zero": excluded}
+        raise CalibrationError(f"cannot fit m* = C * TPP^mu1 * tau^mu2 from {len(runs)} run(s) ({excluded} with m* = 0, {poor} with best "
+                               f"r_p below {MIN_R_P_FIT}): {detail}")
+    return {"laws": laws, "not_fitted": reasons, "runs": len(runs), "excluded_m_zero": excluded, "excluded_poor_fit": poor}
 
 
 def law_m(fitted: dict[str, Any], schedule: str, tpp: float, tau: float) -> tuple[float, str]:

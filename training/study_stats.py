@@ -16,6 +16,12 @@ a value that is None or not finite is missing (that seed is left out of that met
   - every d_s equal (SE exactly 0): the verdict is ``mean != 0`` (a difference that no seed
     changes is not seed noise; equal variants give mean 0 and ``no``); the note says so.
 
+- Per variant that averages checkpoints, and metric ``X`` whose raw counterpart ``X_final_model``
+  the runs report (the raw final model's held-out loss; for r_p the same measured curve against the
+  raw final model's prediction instead of the merge-aware one): the paired difference
+  ``X - X_final_model`` over that variant's seeds, with the same SE and verdict (``averaging``).
+  The ``_final_model`` metrics get a spread but no between-variant pairs.
+
 Results are plain dataclasses; `StudyStats.as_json` is their JSON view (None, never NaN).
 """
 
@@ -31,6 +37,7 @@ import numpy as np
 
 # The verdict: |mean paired difference| > SIGNIFICANCE x SE.
 SIGNIFICANCE = 3.0
+FINAL_MODEL = "_final_model"  # metric X's value for the raw final model of a run that averages checkpoints
 FEW_SEEDS = "fewer than 2 paired seeds: no SE"
 NO_SPREAD = "SE 0: every seed gives the same difference"
 
@@ -95,11 +102,14 @@ class PairedDifference:
 
 @dataclass(frozen=True)
 class StudyStats:
-    """The metrics (in order), each variant's spread and each pair's difference."""
+    """The metrics (in order), each variant's spread, each pair's difference and, per variant that
+    averages checkpoints, the averaged-minus-raw difference (``a`` the variant, ``b`` "<variant>
+    final model")."""
 
     metrics: list[str]
     variants: list[VariantStats]
     pairs: list[PairedDifference]
+    averaging: list[PairedDifference] = dataclasses.field(default_factory=list)
 
     def variant(self, name: str) -> VariantStats:
         return next(entry for entry in self.variants if entry.variant == name)
@@ -138,14 +148,20 @@ def paired_difference(a: str, b: str, metric: str, values_a: Values, values_b: V
 
 def study_stats(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], metrics: Sequence[str]) -> StudyStats:
     """Every variant's spread and every pair's paired difference (pairs in the variants' order:
-    (v1, v2), (v1, v3), (v2, v3), ...) on ``metrics``, from ``{variant: {seed: {metric: value}}}``."""
+    (v1, v2), (v1, v3), (v2, v3), ...) on ``metrics`` (not on the ``_final_model`` ones), and the
+    averaged-minus-raw difference of every variant with ``_final_model`` values, from
+    ``{variant: {seed: {metric: value}}}``."""
     def column(variant: str, metric: str) -> dict[int, Any]:
         return {seed: values.get(metric) for seed, values in runs[variant].items()}
 
     variants = [VariantStats(variant, {metric: spread(metric, column(variant, metric)) for metric in metrics}) for variant in runs]
+    compared = [metric for metric in metrics if not metric.endswith(FINAL_MODEL)]
     pairs = [paired_difference(a, b, metric, column(a, metric), column(b, metric))
-             for a, b in itertools.combinations(list(runs), 2) for metric in metrics]
-    return StudyStats(list(metrics), variants, pairs)
+             for a, b in itertools.combinations(list(runs), 2) for metric in compared]
+    averaging = [paired_difference(variant, f"{variant} final model", metric, column(variant, metric), column(variant, metric + FINAL_MODEL))
+                 for variant in runs for metric in compared
+                 if metric + FINAL_MODEL in metrics and any(finite(value) for value in column(variant, metric + FINAL_MODEL).values())]
+    return StudyStats(list(metrics), variants, pairs, averaging)
 
 
 def verdict_text(verdict: bool | None) -> str:

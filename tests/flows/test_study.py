@@ -100,6 +100,33 @@ def test_the_study_tables_read_the_statistics_of_the_seeds_runs():
     json.dumps(result, allow_nan=False)
 
 
+def test_a_variant_that_averages_reports_its_raw_final_model_and_the_averaged_minus_raw_table():
+    from flows.study import FINAL_MODEL
+    from training.study_stats import FINAL_MODEL as STATS_FINAL_MODEL
+
+    assert FINAL_MODEL == STATS_FINAL_MODEL
+    recipe = load_study(Study(recipe_path=TEST_RECIPE))[0]
+    outcomes = {("uniform", 0): outcome(6.10, 6.50, 0.90, "u0"), ("uniform", 1): outcome(6.20, 6.40, 0.92, "u1")}
+    for seed, (hq, raw_hq, r_p, raw_r_p) in enumerate([(6.00, 6.05, 0.85, 0.40), (6.10, 6.16, 0.87, 0.45)]):
+        averaged = outcome(hq, 6.45, r_p, f"a{seed}")
+        averaged["reevaluate"]["final_model"] = {"val_loss_hq": raw_hq, "val_loss_general": 6.40, "trec_pearson": raw_r_p}
+        outcomes["ema", seed] = averaged
+    result = study_result(recipe, Study(recipe_path=TEST_RECIPE, seeds=2, variants=["uniform", "ema"]), ["uniform", "ema"], outcomes, {}, 1.0)
+    assert result["metrics"][-3:] == ["val_loss_hq_final_model", "val_loss_general_final_model", "r_p_final_model"]
+    assert {pair["metric"] for pair in result["stats"]["pairs"]}.isdisjoint(result["metrics"][-3:])
+    averaging = {entry["metric"]: entry for entry in result["stats"]["averaging"]}
+    assert set(averaging) == {"val_loss_hq", "val_loss_general", "r_p"} and {entry["a"] for entry in averaging.values()} == {"ema"}
+    assert averaging["val_loss_hq"]["differences"] == pytest.approx([-0.05, -0.06]) and averaging["val_loss_hq"]["verdict"] is True
+    assert averaging["r_p"]["differences"] == pytest.approx([0.45, 0.42]) and averaging["val_loss_general"]["mean"] == pytest.approx(0.05)
+
+    text = study_text(result)
+    rows = [line.split() for line in text.splitlines()]
+    assert ["ema", "r_p_final_model", "2", "0.42500", "±", "0.0354"] in rows and not any(row[:2] == ["uniform", "r_p_final_model"] for row in rows)
+    table = text.split("averaging: the averaged model minus the raw final model")[1].splitlines()
+    assert table[3].split() == ["ema", "ema", "final", "model", "val_loss_hq", "2", "-0.05500", "0.005", "yes"]
+    assert [row["kind"] for row in study_rows(result)].count("averaging") == 3
+
+
 def test_the_seeds_change_the_trained_reference_so_the_study_gives_the_shared_one(tmp_path):
     from tasks.evalset import evalset_fingerprint
     from tasks.graph import GRAPH

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from training.study_stats import FEW_SEEDS, NO_SPREAD, paired_difference, spread, study_stats, verdict_text
@@ -80,3 +81,18 @@ def test_study_stats_cover_every_variant_and_pair_in_order_and_serialize_to_json
     view = json.loads(json.dumps(stats.as_json(), allow_nan=False))
     assert view["metrics"] == ["x", "y"] and view["variants"][0]["metrics"]["x"]["sd"] == pytest.approx(math.sqrt(0.5))
     assert view["pairs"][0]["verdict"] is True and view["pairs"][0]["note"] == NO_SPREAD  # every d_s is -0.5
+
+
+def test_averaging_variants_get_their_averaged_minus_raw_difference_and_no_pairs_on_the_raw_metrics():
+    runs = {"uniform": {0: {"r_p": 0.90, "r_p_final_model": None}, 1: {"r_p": 0.92, "r_p_final_model": None}},
+            "ema": {0: {"r_p": 0.80, "r_p_final_model": 0.50}, 1: {"r_p": 0.84, "r_p_final_model": 0.53}, 2: {"r_p": 0.82, "r_p_final_model": 0.60}}}
+    stats = study_stats(runs, ["r_p", "r_p_final_model"])
+    assert [(pair.a, pair.b, pair.metric) for pair in stats.pairs] == [("uniform", "ema", "r_p")]  # no pair on the raw metric
+    assert [(entry.a, entry.b, entry.metric) for entry in stats.averaging] == [("ema", "ema final model", "r_p")]  # uniform has no raw values
+    ema = stats.averaging[0]
+    assert ema.differences == pytest.approx([0.30, 0.31, 0.22]) and ema.mean == pytest.approx(0.83 / 3)
+    assert ema.se == pytest.approx(np.std([0.30, 0.31, 0.22], ddof=1) / math.sqrt(3)) and ema.verdict is True  # 0.277 > 3 x 0.028
+    noisy = study_stats({"ema": {0: {"x": 1.0, "x_final_model": 1.1}, 1: {"x": 1.0, "x_final_model": 0.9}}}, ["x", "x_final_model"])
+    assert noisy.averaging[0].mean == pytest.approx(0.0) and noisy.averaging[0].verdict is False
+    assert stats.variant("ema").metrics["r_p_final_model"].mean == pytest.approx(1.63 / 3)
+    assert json.loads(json.dumps(stats.as_json()))["averaging"][0]["b"] == "ema final model"

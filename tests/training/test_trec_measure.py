@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibration import CalibrationError, CalibrationRun, fit_law, law_m
+from training.calibration import MIN_R_P_FIT, CalibrationError, CalibrationRun, fit_law, law_m
 from training.trec import ema_coefficients, predicted_trec
 from training.trec_measure import agreement, fit_m, minmax, pearson, smooth
 
@@ -130,7 +130,14 @@ def test_calibration_refuses_too_few_runs_and_does_not_fit_a_constant_variable()
     law = fitted["laws"]["step"]
     assert law["fitted"] == ["mu2"] and law["mu1"] == 0.0 and "mu1 (one TPP value)" in law["note"]
     assert law["mu2"] == pytest.approx(-0.5) and law["C"] == pytest.approx(2.0)
-    assert fitted["excluded_m_zero"] == 1
+    assert fitted["excluded_m_zero"] == 1 and fitted["excluded_poor_fit"] == 0
+    # a run whose curve fits no m well (best r_p below MIN_R_P_FIT) is left out, whatever its m*
+    poor = CalibrationRun("p", "r", "uniform", "step", 50.0, 0.3, 0.09, MIN_R_P_FIT - 0.01, 300)
+    with_poor = fit_law([*same_tpp, poor])
+    assert with_poor["excluded_poor_fit"] == 1 and with_poor["laws"]["step"]["runs"] == [run.key for run in same_tpp]
+    assert with_poor["laws"]["step"]["mu2"] == pytest.approx(-0.5)
+    with pytest.raises(CalibrationError, match="1 with best r_p below 0.8"):
+        fit_law([*same_tpp[:4], poor])
     # two families: each needs its own five runs; the pooled law covers the rest
     mixed = fit_law([*law_runs(), *same_tpp[:3]])
     assert set(mixed["laws"]) == {"linear", "all"} and "step" in mixed["not_fitted"]
