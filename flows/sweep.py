@@ -45,6 +45,8 @@ class Sweep(RecipeFiles):
     taus: list[float] = Field(description="the grid's tau values")
     steps: list[int] = Field(description="the grid's T values (steps)")
     held_out: SweepPoint | None = Field(None, description="a point outside the grid, predicted with trec.m: calibrated")
+    seed_per_point: bool = Field(False, description="point i (the held-out point last) trains on seed i (curriculum.seed and training.seed): "
+                                                    "its own batches, so the points' m* do not share the content noise of one data order")
 
 
 def point_settings(recipe: Recipe, tau: float, steps: int) -> list[str]:
@@ -64,16 +66,20 @@ def parse_point(text: str) -> tuple[float, int]:
 
 def grid_points(sweep: Sweep) -> list[SweepPoint]:
     """Every (tau, T) of the grid, T outer (the points of one length share their placement's
-    length), then the held-out point; the user's ``--set`` edits first, the point's after them."""
+    length), then the held-out point; the user's ``--set`` edits first, the point's after them
+    (with ``seed_per_point``, point i's seed settings last)."""
+    from flows.study import seed_settings
+
     recipe = load_recipe(sweep.recipe_path, sweep.overlays, sweep.set)
 
-    def point(tau: float, steps: int) -> SweepPoint:
-        return SweepPoint(recipe_path=sweep.recipe_path, overlays=sweep.overlays, set=[*sweep.set, *point_settings(recipe, tau, steps)],
+    def point(tau: float, steps: int, index: int) -> SweepPoint:
+        seeds = seed_settings(index) if sweep.seed_per_point else []
+        return SweepPoint(recipe_path=sweep.recipe_path, overlays=sweep.overlays, set=[*sweep.set, *point_settings(recipe, tau, steps), *seeds],
                           tau=tau, steps=steps)
 
-    points = [point(tau, steps) for steps in sweep.steps for tau in sweep.taus]
+    points = [point(tau, steps, index) for index, (steps, tau) in enumerate((steps, tau) for steps in sweep.steps for tau in sweep.taus)]
     if sweep.held_out is not None:
-        held = point(sweep.held_out.tau, sweep.held_out.steps)
+        held = point(sweep.held_out.tau, sweep.held_out.steps, len(points))
         points.append(held.model_copy(update={"set": [*held.set, "trec.m=calibrated"]}))
     return points
 
@@ -129,7 +135,7 @@ def held_out_report(store, point: SweepPoint, outcome: dict[str, Any], configure
     table = pq.read_table(io.BytesIO(store.output("reevaluate", measured.fingerprint).read_bytes("trec.parquet")))
     smoothed = table["corrected_smoothed" if summary.curve == "corrected" else "loss_smoothed"].to_numpy()
     configured = agreement(table["step"].to_numpy(), smoothed, curve["c"].to_numpy(), recipe.trec.p, configured_m, recipe.reevaluation.smoothing)
-    return {"tau": point.tau, "steps": point.steps, "calibrated_m": summary.m, "r_p_calibrated": summary.trec_pearson,
+    return {"tau": point.tau, "steps": point.steps, "seed": recipe.curriculum.seed, "calibrated_m": summary.m, "r_p_calibrated": summary.trec_pearson,
             "best_m": summary.m_fit, "r_p_best": summary.trec_pearson_fit, "configured_m": configured_m, "r_p_configured": configured.r_p,
             "reevaluate_fingerprint": measured.fingerprint}
 
@@ -137,7 +143,7 @@ def held_out_report(store, point: SweepPoint, outcome: dict[str, Any], configure
 def point_row(point: SweepPoint, outcome: dict[str, Any]) -> dict[str, Any]:
     """One grid point's measurement (what the calibration table recorded from it)."""
     measured = outcome["reevaluate"]
-    return {"tau": point.tau, "steps": point.steps, "m_fit": measured["m_fit"], "r_p_fit": measured["trec_pearson_fit"],
+    return {"tau": point.tau, "steps": point.steps, "seed": point_recipe(point).curriculum.seed, "m_fit": measured["m_fit"], "r_p_fit": measured["trec_pearson_fit"],
             "r_p": measured["trec_pearson"], "m": measured["m"], "calibration_entry": measured["calibration_entry"],
             "reused": all(outcome[stage]["reused"] for stage in ("train", "reevaluate")), "mlflow_run_id": outcome["mlflow_run_id"]}
 
@@ -199,9 +205,9 @@ _flows, __getattr__ = lazy_flows(__name__, {"calibration_sweep": (run_sweep, swe
 def sweep_text(result: dict[str, Any]) -> str:
     """The points, each law (coefficients, R^2 and rms error in log space) and the held-out point."""
     lines = [f"{result['recipe']}: {len(result['points'])} point(s), schedule {result['schedule']}, uniform variant", "",
-             f"{'tau':>8} {'T':>7} {'m*':>6} {'r_p(m*)':>8} {'r_p(m)':>8}"]
+             f"{'tau':>8} {'T':>7} {'seed':>5} {'m*':>6} {'r_p(m*)':>8} {'r_p(m)':>8}"]
     for row in result["points"]:
-        lines.append(f"{row['tau']:>8g} {row['steps']:>7,} {row['m_fit']:>6.2f} {row['r_p_fit']:>8.3f} {row['r_p']:>8.3f}")
+        lines.append(f"{row['tau']:>8g} {row['steps']:>7,} {row['seed']:>5} {row['m_fit']:>6.2f} {row['r_p_fit']:>8.3f} {row['r_p']:>8.3f}")
     lines.append("")
     if not result["law"]["fitted"]:
         lines.append(f"no law: {result['law']['reason']}" + ("; the held-out point was not run" if result["held_out"] is None else ""))
@@ -224,6 +230,7 @@ def sweep(
     held_out: Annotated[Optional[str], typer.Option("--held-out", help="TAU:STEPS outside the grid, predicted with trec.m: calibrated")] = None,
     overlay: Annotated[Optional[list[Path]], typer.Option("--overlay", help="overlay YAML merged into the recipe (repeatable, in order)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY.PATH=VALUE applied after the overlays (repeatable)")] = None,
+    seed_per_point: Annotated[bool, typer.Option("--seed-per-point", help="point i trains on seed i (its own batches), not the recipe's seed")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Calibration sweep: the uniform variant at every (tau, T) of a grid through re-evaluation
@@ -234,7 +241,7 @@ def sweep(
     try:
         point = None if held_out is None else SweepPoint(recipe_path=str(recipe_path), tau=parse_point(held_out)[0], steps=parse_point(held_out)[1])
         spec = Sweep(recipe_path=str(recipe_path), overlays=[str(item) for item in overlay or ()], set=list(set_ or ()), taus=tau, steps=steps,
-                     held_out=point)
+                     held_out=point, seed_per_point=seed_per_point)
         recipe, _ = load_sweep(spec)
     except ValueError as error:  # RecipeError, a held-out point out of range (pydantic)
         raise fail(str(error).splitlines()[0]) from None

@@ -30,6 +30,23 @@ def test_every_point_has_exactly_its_tau_and_steps_and_the_held_out_predicts_wit
     assert points[-1].set[-1] == "trec.m=calibrated" and all("trec.m=calibrated" not in point.set for point in points[:-1])
 
 
+def test_seed_per_point_gives_every_point_and_the_held_out_one_its_own_seed_and_otherwise_the_recipes():
+    held = SweepPoint(recipe_path=STUDY, tau=0.3, steps=300)
+    shared = load_sweep(Sweep(recipe_path=STUDY, taus=[0.2, 0.5], steps=[200, 400], held_out=held))[1]
+    own = load_sweep(Sweep(recipe_path=STUDY, taus=[0.2, 0.5], steps=[200, 400], held_out=held, seed_per_point=True))[1]
+    seeds = []
+    for plain, seeded in zip(shared, own):
+        edits = [item for item in seeded.set if item != "trec.m=calibrated"]
+        recipe = load_recipe(seeded.recipe_path, seeded.overlays, edits)
+        assert recipe.curriculum.seed == recipe.training.seed and (seeded.tau, seeded.steps) == (plain.tau, plain.steps)
+        assert recipe.steps == seeded.steps and recipe.optimizer.weight_decay == load_recipe(plain.recipe_path, plain.overlays, [
+            item for item in plain.set if item != "trec.m=calibrated"]).optimizer.weight_decay
+        seeds.append(recipe.curriculum.seed)
+    assert seeds == [0, 1, 2, 3, 4] and own[-1].set[-1] == "trec.m=calibrated"
+    assert {load_recipe(point.recipe_path, point.overlays, [item for item in point.set if item != "trec.m=calibrated"]).curriculum.seed
+            for point in shared} == {load_recipe(STUDY).curriculum.seed}
+
+
 @pytest.mark.parametrize(("taus", "steps", "held_out", "message"), [
     ([], [200], None, "--tau: a sweep needs at least one value"),
     ([0.2, 0.2], [200], None, "--tau: values must be positive and distinct, got [0.2, 0.2]"),
@@ -47,3 +64,20 @@ def test_a_held_out_point_is_tau_colon_steps():
     assert parse_point("0.4:300") == (0.4, 300)
     with pytest.raises(RecipeError, match=r"^--held-out: '0.4' is not TAU:STEPS \(e.g. 0.4:300\)$"):
         parse_point("0.4")
+
+
+def test_the_sweep_text_shows_each_point_with_its_seed_the_law_and_the_held_out_point():
+    from flows.sweep import sweep_text
+
+    law = {"C": 2.375, "mu1": 1.58, "mu2": 0.051, "runs": ["a", "b", "c", "d", "e", "f"], "r2_log": 0.985, "rms_log_error": 0.028, "note": ""}
+    result = {"recipe": "study", "schedule": "linear", "points": [
+        {"tau": 0.4, "steps": 300, "seed": 0, "m_fit": 0.93, "r_p_fit": 0.879504, "r_p": 0.8039},
+        {"tau": 0.4, "steps": 400, "seed": 1, "m_fit": 1.58, "r_p_fit": 0.9547, "r_p": 0.9525}],
+        "law": {"fitted": True, "laws": {"linear": law}},
+        "held_out": {"tau": 0.5, "steps": 350, "seed": 2, "calibrated_m": 1.254, "r_p_calibrated": 0.8888, "best_m": 1.17, "r_p_best": 0.8898,
+                     "configured_m": 1.75, "r_p_configured": 0.8551}}
+    lines = sweep_text(result).splitlines()
+    assert lines[2].split() == ["tau", "T", "seed", "m*", "r_p(m*)", "r_p(m)"]
+    assert lines[3].split() == ["0.4", "300", "0", "0.93", "0.880", "0.804"] and lines[4].split() == ["0.4", "400", "1", "1.58", "0.955", "0.953"]
+    assert "law linear: m* = 2.375 * TPP^1.58 * tau^0.051 over 6 runs; R^2 (log) 0.985" in "\n".join(lines)
+    assert "0.889" in lines[-1] and "1.254" in lines[-1] and "0.855" in lines[-1]
