@@ -17,6 +17,7 @@ point's recipe is built and checked (one line, exit 2, for a bad grid or recipe)
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def grid_points(sweep: Sweep) -> list[SweepPoint]:
         return SweepPoint(recipe_path=sweep.recipe_path, overlays=sweep.overlays, set=[*sweep.set, *point_settings(recipe, tau, steps), *seeds],
                           tau=tau, steps=steps)
 
-    points = [point(tau, steps, index) for index, (steps, tau) in enumerate((steps, tau) for steps in sweep.steps for tau in sweep.taus)]
+    points = [point(tau, steps, index) for index, (steps, tau) in enumerate(itertools.product(sweep.steps, sweep.taus))]
     if sweep.held_out is not None:
         held = point(sweep.held_out.tau, sweep.held_out.steps, len(points))
         points.append(held.model_copy(update={"set": [*held.set, "trec.m=calibrated"]}))

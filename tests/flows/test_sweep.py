@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.sweep import Sweep, SweepPoint, load_sweep, parse_point
+from flows.sweep import Sweep, SweepPoint, load_sweep, parse_point, point_recipe
 from trecflow.recipe import RecipeError, load_recipe
 from training.trec import predict
 
@@ -36,15 +36,12 @@ def test_seed_per_point_gives_every_point_and_the_held_out_one_its_own_seed_and_
     own = load_sweep(Sweep(recipe_path=STUDY, taus=[0.2, 0.5], steps=[200, 400], held_out=held, seed_per_point=True))[1]
     seeds = []
     for plain, seeded in zip(shared, own):
-        edits = [item for item in seeded.set if item != "trec.m=calibrated"]
-        recipe = load_recipe(seeded.recipe_path, seeded.overlays, edits)
+        recipe = point_recipe(seeded)
         assert recipe.curriculum.seed == recipe.training.seed and (seeded.tau, seeded.steps) == (plain.tau, plain.steps)
-        assert recipe.steps == seeded.steps and recipe.optimizer.weight_decay == load_recipe(plain.recipe_path, plain.overlays, [
-            item for item in plain.set if item != "trec.m=calibrated"]).optimizer.weight_decay
+        assert recipe.steps == seeded.steps and recipe.optimizer.weight_decay == point_recipe(plain).optimizer.weight_decay
         seeds.append(recipe.curriculum.seed)
     assert seeds == [0, 1, 2, 3, 4] and own[-1].set[-1] == "trec.m=calibrated"
-    assert {load_recipe(point.recipe_path, point.overlays, [item for item in point.set if item != "trec.m=calibrated"]).curriculum.seed
-            for point in shared} == {load_recipe(STUDY).curriculum.seed}
+    assert {point_recipe(point).curriculum.seed for point in shared} == {load_recipe(STUDY).curriculum.seed}
 
 
 @pytest.mark.parametrize(("taus", "steps", "held_out", "message"), [
