@@ -162,7 +162,9 @@ def test_the_lr_decay_overlay_declares_the_papers_variants_on_the_study_recipe()
     moderate = predict(recipe, "ascending-moderate")
     assert moderate.lrs[-1] == pytest.approx(0.33 * 2e-3, rel=0.01)
     averaged = predict(recipe, "ascending-constant-ema")
-    assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 319  # constant LR: the end; its EMA: the oldest snapshot
+    assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 369  # constant LR: the end; its EMA: the oldest snapshot
+    hq_stretch = recipe.steps - round(recipe.curriculum.hq_fraction * recipe.steps)  # where `ascending` puts the HQ tier
+    assert averaged.averaged.snapshot_steps[0] >= hq_stretch == 360  # every snapshot has seen the HQ data
 
 
 def test_m_calibrated_follows_a_variants_own_schedule_kind(tmp_path):
