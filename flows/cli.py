@@ -193,7 +193,7 @@ def advice_text(advice) -> str:
     """Schedule advice (`training.schedule_advice`) as text: one paragraph per item, its source last."""
     if not advice:
         return ""
-    return "\nschedule advice (what published studies found; not errors):\n" + "\n".join(f"- {item.line()}" for item in advice)
+    return "\nschedule advice (what studies found, with their source; not errors):\n" + "\n".join(f"- {item.line()}" for item in advice)
 
 
 def format_plan(sized: dict) -> str:
