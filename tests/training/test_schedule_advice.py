@@ -53,7 +53,7 @@ def test_late_variants_are_judged_on_their_own_schedule_and_averaging_span():
     reaching_back = recipe.model_copy(update={"curriculum": recipe.curriculum.model_copy(update={"variants": variants})})
     spans = [item for item in schedule_advice(reaching_back) if item.topic == "averaging span"]
     assert [item.text.split(" averages")[0] for item in spans] == ["variant ascending-constant-ema", "variant ascending-moderate-ema"]
-    assert "from step 319 on, but its best data starts at step 360" in spans[0].text and "below 40 steps" in spans[0].text
+    assert "from step 319 on, but its best data starts at step 360" in spans[0].text and "well below 40 steps" in spans[0].text
     assert all(item.source == OWN_STUDY for item in spans)  # trec_valley-constant-ema places its data in the valley: not late
 
 
