@@ -92,12 +92,14 @@ def hq_stretch_start(recipe: Recipe, variant: str) -> int:
 def averaging_before_best_data(recipe: Recipe) -> list[tuple[str, int, int]]:
     """Late variants that average snapshots taken before their high-quality stretch begins:
     (variant, oldest snapshot's step, the stretch's first step)."""
+    from training.averaging import snapshot_steps  # numpy: kept out of the CLI's start-up
+
     found = []
     for name in late_variants(recipe):
         averaging = recipe.averaging(name)
         if averaging is None or averaging.checkpoints < 2:
             continue
-        oldest = recipe.steps - 1 - (averaging.checkpoints - 1) * averaging.every
+        oldest = int(snapshot_steps(averaging, recipe.steps)[0])
         start = hq_stretch_start(recipe, name)
         if oldest < start:
             found.append((name, oldest, start))

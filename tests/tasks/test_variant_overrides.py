@@ -21,6 +21,7 @@ from trecflow.runner import run_stage
 from trecflow.stage import Target
 from trecflow.store import Store
 from training.schedules import LRSchedule
+from training.schedule_advice import hq_stretch_start
 from training.trec import best_window, predict
 
 from ..conftest import CONFIGS
@@ -163,7 +164,7 @@ def test_the_lr_decay_overlay_declares_the_papers_variants_on_the_study_recipe()
     assert moderate.lrs[-1] == pytest.approx(0.33 * 2e-3, rel=0.01)
     averaged = predict(recipe, "ascending-constant-ema")
     assert averaged.averaged.final_valley_step == 399 and averaged.valley_step == 369  # constant LR: the end; its EMA: the oldest snapshot
-    hq_stretch = recipe.steps - round(recipe.curriculum.hq_fraction * recipe.steps)  # where `ascending` puts the HQ tier
+    hq_stretch = hq_stretch_start(recipe, "ascending-constant-ema")  # where `ascending` puts the HQ tier
     assert averaged.averaged.snapshot_steps[0] >= hq_stretch == 360  # every snapshot has seen the HQ data
 
 
