@@ -61,7 +61,7 @@ FINAL_MODEL = "_final_model"  # `training.study_stats.FINAL_MODEL` (not imported
 AVERAGED_METRICS = ("val_loss_hq", "val_loss_general", R_P)  # what a run that averages also reports for its raw final model
 R_P_FIELD = "trec_pearson"  # the primary curve's r_p at the recipe's trec.m: the corrected curve's with a reference, else the raw one's
 R_P_HELP = ("r_p: the re-evaluation's trec_pearson, the Pearson agreement of the measured TREC with the prediction at the recipe's "
-            "trec.m; the difficulty-corrected curve's when reevaluation.reference is base or trained (then equal to "
+            "trec.m; the difficulty-corrected curve's when reevaluation.reference is base, trained or shuffled (then equal to "
             "trec_pearson_corrected), the raw curve's when it is none")
 STUDY_KIND = "study"  # the trecflow.kind tag of the parent MLflow run
 SEED_KIND = "study-seed"  # ... and of each variant x seed run

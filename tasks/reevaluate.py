@@ -55,6 +55,8 @@ CURVE_FILE = "trec.parquet"
 PLOT_FILE = "trec_overlay.png"
 # Settings that change how the work is spread, not the numbers: left out of the fingerprint.
 EXECUTION_ONLY = ("actors", "cpus_per_actor", "steps_per_task", "max_retries", "micro_batch", "reference_max_repeat")
+# Settings the reference stage's fingerprint (an input here) already carries.
+IN_REFERENCE = ("reference_seed",)
 # Sparser samplings whose agreement is reported when every step was evaluated.
 SAMPLING_STUDY = (5, 10)
 
@@ -158,7 +160,7 @@ class ReevaluateSummary(AgreementSummary):
 
 def reevaluate_fingerprint(recipe: Recipe, train_fp: str, place_fp: str, predict_fp: str, reference_fp: str | None, evalset_fp: str) -> str:
     config = recipe.section("reevaluation")["reevaluation"]
-    for key in EXECUTION_ONLY:
+    for key in EXECUTION_ONLY + IN_REFERENCE:
         config.pop(key)
     inputs = {"train": train_fp, "place": place_fp, "predict": predict_fp, "reference": reference_fp or "", "evalset": evalset_fp}
     return fingerprint(STAGE, STAGE_VERSION, config, inputs)

@@ -4,6 +4,11 @@
 - ``reevaluation.reference: trained``: the recipe's ``uniform`` run trained from the same base on
   the ``reference`` split (disjoint from the ``cpt`` data by construction), by the same job as the
   CPT run; output ``<store>/reference/<fingerprint>/``.
+- ``reevaluation.reference: shuffled``: the same ``uniform`` run on the ``cpt`` split itself at
+  ``reevaluation.reference_seed``: it trains on much of the measured run's data (and on other parts
+  of the same documents), once, at steps unrelated to the run's, so its loss on a sequence carries
+  the content the run learned from it without the run's order (the recipe refuses a reference seed
+  equal to the run's). Output as for ``trained``.
 
 Reference losses are cached per packed sequence id in ``<store>/refcache/<model fp>-<pack fp>/``:
 immutable parquet parts (``sequence_id``, ``loss``), each written whole, so variants that permute
@@ -35,7 +40,7 @@ CACHE = "refcache"
 
 @dataclass(frozen=True)
 class Reference:
-    kind: str  # base | trained
+    kind: str  # base | trained | shuffled
     fingerprint: str
     uri: str
 
@@ -51,22 +56,37 @@ class ReferenceSummary(Summary):
 
 @dataclass(frozen=True)
 class TrainedReferenceSummary(ReferenceSummary):
-    """A reference trained on the reference split (``kind`` "trained"): its training run and final loss."""
+    """A reference trained from the base (``kind`` "trained": on the reference split; "shuffled": on
+    the cpt split at the reference seed): its training run, final loss, and what it trained on."""
 
     train_fingerprint: str
     final_loss: float
     slots: int | None = omitted_when_none()  # sequence slots of the reference run (None: stored before they were recorded)
     repeated_sequences: int | None = omitted_when_none()  # slots filled by a sequence already used once
     repeated_share: float | None = omitted_when_none()
+    split: str | None = omitted_when_none()  # the split it trained on (None: stored before it was recorded, "reference")
+    split_sequences: int | None = omitted_when_none()  # the packed sequences of that split
+    unique_sequences: int | None = omitted_when_none()  # of them, how many it trained on
 
 
-ReferenceSummary.forms = {"base": ReferenceSummary, "trained": TrainedReferenceSummary}
+ReferenceSummary.forms = {"base": ReferenceSummary, "trained": TrainedReferenceSummary, "shuffled": TrainedReferenceSummary}
+
+
+def reference_split(recipe: Recipe) -> str:
+    """The split a trained reference learns from: ``cpt`` for ``shuffled``, else ``reference``."""
+    return "cpt" if recipe.reevaluation.reference == "shuffled" else "reference"
 
 
 def reference_recipe(recipe: Recipe) -> Recipe:
-    """The CPT recipe with one ``uniform`` variant, for the run on the reference split."""
+    """The CPT recipe with one ``uniform`` variant, for the reference run (``shuffled``: its
+    curriculum and training seeds are ``reevaluation.reference_seed``)."""
     data = recipe.model_dump(mode="json")
     curriculum = dict(data["curriculum"], variants={"uniform": {"strategy": "uniform"}}, on_shortage="repeat")
+    if recipe.reevaluation.reference == "shuffled":
+        seed = recipe.reevaluation.reference_seed
+        curriculum["seed"] = seed
+        data["training"] = dict(data["training"], seed=seed)
+        data["reevaluation"] = dict(data["reevaluation"], reference="none")  # the reference run has none of its own
     data.update(name=f"{recipe.name}-reference", curriculum=curriculum)
     return parse_recipe(data, source=f"{recipe.name}: reevaluation.reference")
 
@@ -76,8 +96,9 @@ class ReferenceStage(
     title="Reference model", task_name="train_reference", summary_type=ReferenceSummary
 ):
     """The reference model of the difficulty correction. ``base``: the base model itself (nothing to
-    compute; forcing it is a no-op). ``trained``: the graph run on the reference recipe and the
-    ``reference`` split — pack, predict, a ``uniform`` placement, training from the base."""
+    compute; forcing it is a no-op). ``trained`` / ``shuffled``: the graph run on the reference
+    recipe and the ``reference`` / ``cpt`` split — pack, predict, a ``uniform`` placement, training
+    from the base."""
 
     def applies(self, target: Target) -> bool:
         return super().applies(target) and target.recipe.reevaluation.reference != "none"
@@ -90,6 +111,8 @@ class ReferenceStage(
         if recipe.reevaluation.reference == "base":
             return upstream["base"].fingerprint
         config = reference_recipe(recipe).section("data", "batch", "optimizer", "schedule", "curriculum", "training", "trec")
+        if recipe.reevaluation.reference == "shuffled":
+            config["split"] = "cpt"  # a trained reference's fingerprint stays what it was
         return fingerprint(STAGE, STAGE_VERSION, config, {name: result.fingerprint for name, result in upstream.items()})
 
     def resolve(self, target: Target, upstream: Mapping[str, StageResult], store: Store, fp: str) -> StageResult | None:
@@ -102,27 +125,34 @@ class ReferenceStage(
 
     def run(self, target: Target, upstream: Mapping[str, StageResult], output: StageOutput, context: StageContext) -> TrainedReferenceSummary:
         recipe = target.recipe
-        if recipe.corpus.splits.get("reference", 0.0) <= 0:
+        kind, split = recipe.reevaluation.reference, reference_split(recipe)
+        if split == "reference" and recipe.corpus.splits.get("reference", 0.0) <= 0:
             raise RecipeError("reevaluation.reference: trained needs a reference split with a positive share (corpus.splits.reference)")
         runner = context.runner.derived(forced=("train",) if context.force else ())
-        derived = Target(reference_recipe(recipe), "uniform", split="reference")
+        derived = Target(reference_recipe(recipe), "uniform", split=split)
         results = runner.run(derived, until="pack", given=dict(upstream))
-        if results["pack"].summary.sequences == 0:
-            raise RecipeError("reevaluation.reference: the reference split packed into no sequences")
+        split_sequences = results["pack"].summary.sequences
+        if split_sequences == 0:
+            raise RecipeError(f"reevaluation.reference: the {split} split packed into no sequences")
         results = runner.run(derived, until="place", given=results)
         placed = results["place"].summary
         check_repeats(placed.repeated_sequences, placed.sequences, recipe.reevaluation.reference_max_repeat)
         share = placed.repeated_sequences / placed.sequences
-        context.progress(f"reference: {placed.repeated_sequences:,} of {placed.sequences:,} sequence slots repeat a sequence ({share:.1%})")
+        unique = placed.sequences - placed.repeated_sequences
+        context.progress(f"reference ({kind}): {placed.repeated_sequences:,} of {placed.sequences:,} sequence slots repeat a sequence ({share:.1%}); "
+                         f"it trains on {unique:,} of the {split} split's {split_sequences:,} sequences")
         trained = runner.run(derived, until="train", given=results)["train"]
-        return TrainedReferenceSummary(kind="trained", model_uri=trained.summary.model_uri, train_fingerprint=trained.fingerprint,
+        return TrainedReferenceSummary(kind=kind, model_uri=trained.summary.model_uri, train_fingerprint=trained.fingerprint,
                                        final_loss=trained.summary.final_loss, slots=placed.sequences,
-                                       repeated_sequences=placed.repeated_sequences, repeated_share=share)
+                                       repeated_sequences=placed.repeated_sequences, repeated_share=share,
+                                       split=split, split_sequences=split_sequences, unique_sequences=unique)
 
     def rows(self, summary: ReferenceSummary) -> list[tuple[str, str]]:
         rows = [("reference", f"{summary.kind}: {summary.model_uri}")]
         if getattr(summary, "repeated_share", None) is not None:
             rows.append(("repeated", f"{summary.repeated_sequences:,} of {summary.slots:,} sequence slots ({summary.repeated_share:.1%})"))
+        if getattr(summary, "split", None) is not None:
+            rows.append(("trained on", f"{summary.unique_sequences:,} of the {summary.split} split's {summary.split_sequences:,} sequences"))
         return rows
 
 

@@ -684,8 +684,12 @@ class ReevaluationSection(_Section):
     steps_per_task: int | None = Field(None, gt=0, description="steps per unit of work (default: about 8 units per actor)")
     max_retries: int = Field(2, ge=0, description="times a unit of work is retried after its actor fails")
     smoothing: float = Field(0.03, gt=0.0, lt=1.0, description="centered moving average window, fraction of training")
-    reference: Literal["none", "base", "trained"] = Field(
-        "base", description="difficulty correction: none, the base model, or a model trained on the reference split"
+    reference: Literal["none", "base", "trained", "shuffled"] = Field(
+        "base", description="difficulty correction: none, the base model, a model trained on the reference split, or one trained on the cpt split "
+        "in another order (the uniform run at reference_seed)"
+    )
+    reference_seed: int = Field(
+        1_000_000, description="shuffled reference: its curriculum.seed and training.seed (must differ from the run's curriculum.seed)"
     )
     beta: Union[float, Literal["fit"]] = Field(
         "fit", description="corrected = loss - beta * reference loss, beta >= 0 or 'fit': chosen on the other half of the steps (trimmed: the least noisy beta of 0..1.5; mean: least squares)"
@@ -807,6 +811,22 @@ class Recipe(_Section):
                 f"but the recipe's batch is {self.sequences_per_step}",
             )
         return None
+
+    @model_validator(mode="after")
+    def _shuffled_reference_has_its_own_order(self) -> Recipe:
+        """A shuffled reference at the run's own data order would have trained on each batch at the
+        same step as the run: subtracting its losses would take the TREC itself away."""
+        if self.reevaluation is None or self.reevaluation.reference != "shuffled" or self.curriculum is None:
+            return self
+        seed = self.reevaluation.reference_seed
+        owners = [("curriculum.seed", self.curriculum.seed)] + [
+            (f"curriculum.variants.{name}.params.seed", variant.params["seed"])
+            for name, variant in self.curriculum.variants.items() if "seed" in variant.params
+        ]
+        for field, value in owners:
+            if value == seed:
+                raise _FieldError("reevaluation.reference_seed", f"{seed} is also {field}: the shuffled reference must train in another order than the run")
+        return self
 
     @model_validator(mode="after")
     def _scoring_matches_corpus(self) -> Recipe:

@@ -1,6 +1,8 @@
 """The trained reference is never trained on repeats silently: its repeated share is reported, and
 past `reevaluation.reference_max_repeat` it is refused before any training (a real reference run
-of the test recipe on the session's store: its split packed and placed, nothing trained)."""
+of the test recipe on the session's store: its split packed and placed, nothing trained). The
+shuffled reference trains on the cpt split in another order than the run, and the recipe refuses
+one that would share the run's order."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import dataclasses
 import pytest
 
 from tasks.reevaluate import reevaluate_fingerprint
-from tasks.reference import REFERENCE, ReferenceSummary, TrainedReferenceSummary, check_repeats
+from tasks.reference import REFERENCE, ReferenceSummary, TrainedReferenceSummary, check_repeats, reference_recipe
 from trecflow.recipe import RecipeError, load_recipe, parse_recipe
 from trecflow.stage import Target
 
@@ -62,3 +64,60 @@ def test_a_reference_that_would_repeat_too_much_is_refused_before_it_trains(trai
         run_stage(REFERENCE, Target(recipe, "uniform"), store, upstream, **QUIET)
     after = set(store.fs.ls(f"{store.root}/train", detail=False)) if store.fs.exists(f"{store.root}/train") else set()
     assert after == trained_before  # nothing trained
+
+
+def test_a_shuffled_reference_trains_on_the_cpt_split_at_its_own_seed_and_never_at_the_runs():
+    from trecflow.store import Store
+
+    recipe = load_recipe(CONFIGS / "test.yaml", [], ["reevaluation.reference=shuffled", "reevaluation.reference_seed=77"])
+    derived = reference_recipe(recipe)
+    assert (derived.curriculum.seed, derived.training.seed, list(derived.curriculum.variants)) == (77, 77, ["uniform"])
+    assert recipe.curriculum.seed == 0  # the run's own order is untouched
+    # its own fingerprint, and the trained reference's is what it was before shuffled existed
+    upstream = {stage: dataclasses.replace(_result(stage)) for stage in ("score", "tokenizer", "base")}
+    trained = load_recipe(CONFIGS / "test.yaml", [], ["reevaluation.reference=trained"])
+    store = Store("/nonexistent-store")
+    fingerprints = {REFERENCE.fingerprint(Target(r), upstream, store) for r in (recipe, trained)}
+    assert len(fingerprints) == 2
+    # the reference seed reaches stage 5 only through the reference's fingerprint
+    other = load_recipe(CONFIGS / "test.yaml", [], ["reevaluation.reference=shuffled", "reevaluation.reference_seed=78"])
+    assert reevaluate_fingerprint(recipe, "t", "p", "q", "r", "e") == reevaluate_fingerprint(other, "t", "p", "q", "r", "e")
+    assert REFERENCE.fingerprint(Target(other), upstream, store) not in fingerprints
+    # the run's own order would make the correction subtract the TREC: refused in one line
+    data = recipe.model_dump(mode="json")
+    own_order = {**data, "curriculum": {**data["curriculum"], "seed": 77}}
+    variant_order = {**data, "curriculum": {**data["curriculum"], "variants": {"mine": {"strategy": "uniform", "params": {"seed": 77}}}}}
+    for edited, owner in ((own_order, "curriculum.seed"), (variant_order, "curriculum.variants.mine.params.seed")):
+        with pytest.raises(RecipeError) as refused:
+            parse_recipe(edited)
+        assert f"reevaluation.reference_seed: 77 is also {owner}" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def _result(stage: str):
+    from trecflow.stage import StageResult
+
+    return StageResult(stage, f"{stage}-fp", f"/store/{stage}", {}, True)
+
+
+@pytest.mark.slow
+def test_a_shuffled_reference_trains_once_on_the_runs_packed_sequences_in_its_own_order(trainable):
+    import json
+
+    from tasks.train import base_result
+    from trecflow.runner import run_stage
+
+    store = trainable["store"]
+    recipe = load_recipe(CONFIGS / "test.yaml", [], ["reevaluation.reference=shuffled", "reevaluation.reference_seed=5"])
+    upstream = {"score": trainable["score"], "tokenizer": trainable["tokenizer"], "base": base_result(trainable["base"])}
+    result = run_stage(REFERENCE, Target(recipe, "uniform"), store, upstream, **QUIET)
+    summary = result.summary
+    packed = trainable["pack"]
+    assert (summary.kind, summary.split, summary.split_sequences) == ("shuffled", "cpt", packed.summary.sequences)
+    assert summary.slots == recipe.steps * recipe.sequences_per_step and summary.unique_sequences == summary.slots - summary.repeated_sequences
+    # trained on the run's own packed sequences (the same pack output), placed at the reference seed
+    trained = json.loads(store.fs.cat_file(store.output("train", summary.train_fingerprint).file_path("_MANIFEST.json")))
+    place = store.output("place", trained["inputs"]["place"]).manifest()
+    assert place["inputs"]["pack"] == packed.fingerprint and place["inputs"]["seed"] == "5"
+    assert place["inputs"]["pack"] != None and trained["inputs"]["place"] != trainable["place"].fingerprint
+    assert store.fs.exists(summary.model_uri.removeprefix("file://") + "/model.safetensors") or store.fs.exists(summary.model_uri + "/model.safetensors")
+    assert ("trained on", f"{summary.unique_sequences:,} of the cpt split's {packed.summary.sequences:,} sequences") in REFERENCE.rows(summary)

@@ -87,3 +87,31 @@ def test_a_trimmed_aggregate_ignores_a_heavy_tail_that_the_mean_follows():
     assert np.polyfit(trec, robust.corrected, 1)[0] == pytest.approx(1.0, abs=0.15)  # the TREC keeps its depth
     r_p = agreement(steps, smooth(steps, robust.corrected, STEPS, 0.03), coefficients, 0.5, 1.5).r_p
     assert r_p > agreement(steps, smooth(steps, mean.corrected, STEPS, 0.03), coefficients, 0.5, 1.5).r_p and r_p > 0.95
+
+
+def test_a_reference_that_learned_the_same_documents_in_another_order_keeps_the_trec_and_removes_their_content():
+    """What ``reevaluation.reference: shuffled`` relies on. The final model knows each sequence's
+    document (a content offset a model that never saw it lacks) and carries the TREC of the step it
+    trained the sequence at. A disjoint reference knows the difficulty only; a reference trained on
+    the same sequences in an independent order also knows the content, and its own TREC lands at
+    random steps of the run; one trained in the run's own order would subtract the TREC itself."""
+    from training.difficulty_correction import correct_robust, trimmed_by_beta
+
+    final, disjoint, trec, coefficients = constructed_run(seed=5, slope=1.0)
+    rng = np.random.default_rng(6)
+    content = rng.normal(0.0, 0.3, size=final.shape)  # what learning the sequence's document gives
+    final = final - content
+    def learned(order_steps: np.ndarray) -> np.ndarray:  # the reference's loss after learning every document once
+        return disjoint - content + trec[order_steps] + rng.normal(0.0, 0.05, size=final.shape)
+    own_steps = np.repeat(np.arange(STEPS), SEQUENCES).reshape(STEPS, SEQUENCES)
+    other_steps = rng.permutation(own_steps.ravel()).reshape(STEPS, SEQUENCES)
+    steps = np.arange(STEPS)
+    results = {}
+    for name, reference in (("disjoint", disjoint), ("shuffled", learned(other_steps)), ("same order", learned(own_steps))):
+        curve = correct_robust(steps, trimmed_by_beta(final, reference), STEPS, 0.03).corrected
+        smoothed = smooth(steps, curve, STEPS, 0.03)
+        results[name] = (np.std(curve - smoothed), np.polyfit(trec, curve, 1)[0], agreement(steps, smoothed, coefficients, 0.5, 1.5).r_p)
+    (noise_disjoint, _, r_disjoint), (noise_shuffled, depth_shuffled, r_shuffled) = results["disjoint"], results["shuffled"]
+    assert noise_shuffled < 0.5 * noise_disjoint  # the content is gone
+    assert depth_shuffled == pytest.approx(1.0, abs=0.15) and r_shuffled > max(0.95, r_disjoint)  # the TREC is not
+    assert abs(results["same order"][1]) < 0.2  # the run's own order: the TREC subtracted away (the recipe refuses it)
