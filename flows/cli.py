@@ -493,11 +493,12 @@ def reevaluate(
 @app.command()
 def calibrate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="use this recipe's store (default: TRECFLOW_STORE or the home's)")] = None,
+    recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="use this recipe's store (default: TRECFLOW_STORE or the home's) and its trec.p")] = None,
+    p: Annotated[Optional[float], typer.Option("--p", help="fit the runs predicted with this trec.p (default: the recipe's with --recipe, else the one p the runs share)")] = None,
 ) -> None:
-    """Fit m* = C * TPP^mu1 * tau^mu2 over every measured run in the store's calibration table and
-    save it; recipes with ``trec: {m: calibrated}`` then predict with it. Exit 1 when it cannot
-    be fitted (too few runs), saying why."""
+    """Fit m* = C * TPP^mu1 * tau^mu2 over the measured runs of one trec.p in the store's
+    calibration table and save it; recipes with ``trec: {m: calibrated}`` and that p then predict
+    with it. Exit 1 when it cannot be fitted (too few runs, or runs of several p and none named), saying why."""
     from tasks.calibrate import run_calibrate
     from training.calibration import MIN_R_P_FIT, CalibrationError
     from trecflow.settings import store_endpoint, store_url
@@ -506,7 +507,7 @@ def calibrate(
     recipe = load_or_exit(recipe_path) if recipe_path is not None else None
     store = Store(store_url(recipe), store_endpoint(recipe))
     try:
-        fitted = run_calibrate(store)
+        fitted = run_calibrate(store, p if p is not None or recipe is None else recipe.trec.p)
     except CalibrationError as error:
         if as_json:
             typer.echo(json.dumps({"fitted": False, "reason": str(error)}))
@@ -514,7 +515,9 @@ def calibrate(
     if as_json:
         typer.echo(json.dumps({"fitted": True, **fitted}))
         return
-    rows = [("runs", f"{fitted['runs']} ({fitted['excluded_m_zero']} with m* = 0, {fitted['excluded_poor_fit']} with best r_p below {MIN_R_P_FIT} left out)")]
+    at = "" if fitted["p"] is None else f" at p {fitted['p']:g}"
+    rows = [("runs", f"{fitted['runs']}{at} ({fitted['excluded_m_zero']} with m* = 0, {fitted['excluded_poor_fit']} with best r_p below {MIN_R_P_FIT}, "
+                     f"{fitted['excluded_other_p']} at another p left out)")]
     for name, law in fitted["laws"].items():
         rows.append((f"law {name}", f"m* = {law['C']:.4g} * TPP^{law['mu1']:.4g} * tau^{law['mu2']:.4g} "
                                     f"({len(law['runs'])} runs, R^2 in log space {'n/a' if law.get('r2_log') is None else format(law['r2_log'], '.3f')}, "

@@ -173,7 +173,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         outcome = cpt_pipeline(PipelineRun(recipe_path=point.recipe_path, overlays=point.overlays, set=point.set, variant=SWEEP_VARIANT))
         rows.append(point_row(point, outcome))
     try:
-        law = {"fitted": True, **run_calibrate(store)}
+        law = {"fitted": True, **run_calibrate(store, recipe.trec.p)}
     except CalibrationError as error:  # too few (or too alike) runs in the table: the points stay recorded
         law = {"fitted": False, "reason": str(error), "laws": {}}
         logger.warning("no law: %s", error)

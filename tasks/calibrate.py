@@ -36,11 +36,12 @@ def read_runs(store: Store) -> list[CalibrationRun]:
     return runs
 
 
-def run_calibrate(store: Store) -> dict[str, Any]:
-    """Fit the law over every recorded run and save it; CalibrationError (saying why) when no law
-    can be fitted, in which case the saved law, if any, is left as it was."""
+def run_calibrate(store: Store, p: float | None = None) -> dict[str, Any]:
+    """Fit the law over the recorded runs predicted with ``p`` (None: the one p they share) and
+    save it; CalibrationError (saying why) when no law can be fitted, in which case the saved law,
+    if any, is left as it was."""
     runs = read_runs(store)
-    fitted = fit_law(runs)
+    fitted = fit_law(runs, p)
     fitted["table"] = [run.as_dict() for run in runs]
     store.put_atomic(store.path(FOLDER, LAW_FILE), json.dumps(fitted, indent=2).encode())
     fitted["uri"] = store.uri(FOLDER, LAW_FILE)
@@ -61,6 +62,9 @@ def resolve_m(recipe: Recipe, store: Store) -> Recipe:
     law = read_law(store)
     if law is None:
         raise RecipeError(f"trec.m: calibrated, but {store.uri(FOLDER, LAW_FILE)} does not exist; run `trecflow calibrate` first")
+    if law.get("p") is not None and law["p"] != recipe.trec.p:
+        raise RecipeError(f"trec.m: calibrated, but the law in {store.uri(FOLDER, LAW_FILE)} was fitted on runs predicted with p = {law['p']:g}, "
+                          f"the recipe has trec.p = {recipe.trec.p:g}; run `trecflow calibrate --p {recipe.trec.p:g}`")
     tau = 1.0 / (recipe.optimizer.peak_lr * recipe.optimizer.weight_decay * recipe.steps)
     tpp = recipe.data.tokens / recipe.model.params
     kinds = {recipe.schedule.kind: "trec.m: calibrated"}

@@ -447,7 +447,7 @@ def reevaluate(recipe: Recipe, variant: str, store: Store, placed: StageResult, 
     )
     if not summary.content_confounded:
         entry = CalibrationRun(fp, recipe.name, variant, recipe.for_variant(variant).schedule.kind, prediction.tpp, prediction.tau,
-                               summary.m_fit, summary.trec_pearson_fit, index.steps)
+                               summary.m_fit, summary.trec_pearson_fit, index.steps, float(prediction.p))
         summary = replace(summary, calibration_entry=record_run(store, entry))
 
     buffer = io.BytesIO()

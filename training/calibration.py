@@ -11,6 +11,8 @@ two distinct values among the runs (else it is reported as not fitted and held a
 at least `MIN_RUNS` runs. Runs with m* = 0 have no logarithm, and a run whose measured curve does
 not take the predicted shape at any m (its best r_p below `MIN_R_P_FIT`: e.g. a weight decay so
 strong that the loss rises as the LR decays) has no m* to speak of: both are counted and left out.
+m* is the exponent that goes with the prediction's p (``trec.p``): a law is fitted from the runs of
+one p and records it; runs of other values of p are counted and left out.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class CalibrationRun:
     m_star: float
     r_p_fit: float
     steps: int
+    p: float | None = None  # the prediction's trec.p (None: recorded before p was)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,9 +83,18 @@ def fit_group(runs: list[CalibrationRun]) -> dict[str, Any]:
     return law
 
 
-def fit_law(runs: list[CalibrationRun]) -> dict[str, Any]:
-    """Laws per schedule family (with enough runs) and pooled; raises CalibrationError when no
-    law can be fitted, saying why."""
+def fit_law(runs: list[CalibrationRun], p: float | None = None) -> dict[str, Any]:
+    """Laws per schedule family (with enough runs) and pooled, from the runs measured at ``p``
+    (None: the one p the runs share; CalibrationError listing them when they differ); raises
+    CalibrationError when no law can be fitted, saying why."""
+    recorded = sorted({run.p for run in runs}, key=lambda value: (value is None, value or 0.0))
+    if p is None and len(recorded) > 1:
+        counts = ", ".join(f"p {'unrecorded' if value is None else format(value, 'g')}: {sum(run.p == value for run in runs)} runs" for value in recorded)
+        raise CalibrationError(f"the runs were predicted with different trec.p ({counts}) and m* depends on p: say which p to fit")
+    if p is None and recorded:
+        p = recorded[0]
+    other_p = sum(run.p != p for run in runs)
+    runs = [run for run in runs if run.p == p]
     positive = [run for run in runs if run.m_star > 0]
     usable = [run for run in positive if run.r_p_fit >= MIN_R_P_FIT]
     excluded = len(runs) - len(positive)
@@ -103,9 +115,11 @@ def fit_law(runs: list[CalibrationRun]) -> dict[str, Any]:
             reasons[POOLED] = str(error)
     if not laws:
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no runs recorded"
-        raise CalibrationError(f"cannot fit m* = C * TPP^mu1 * tau^mu2 from {len(runs)} run(s) ({excluded} with m* = 0, {poor} with best "
-                               f"r_p below {MIN_R_P_FIT}): {detail}")
-    return {"laws": laws, "not_fitted": reasons, "runs": len(runs), "excluded_m_zero": excluded, "excluded_poor_fit": poor}
+        at = "" if p is None else f" at p {p:g}"
+        raise CalibrationError(f"cannot fit m* = C * TPP^mu1 * tau^mu2 from {len(runs)} run(s){at} ({excluded} with m* = 0, {poor} with best "
+                               f"r_p below {MIN_R_P_FIT}, {other_p} at another p left out): {detail}")
+    return {"laws": laws, "not_fitted": reasons, "p": p, "runs": len(runs), "excluded_m_zero": excluded, "excluded_poor_fit": poor,
+            "excluded_other_p": other_p}
 
 
 def law_m(fitted: dict[str, Any], schedule: str, tpp: float, tau: float) -> tuple[float, str]:

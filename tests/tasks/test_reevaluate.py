@@ -227,3 +227,10 @@ def test_calibrate_fits_recorded_runs_and_a_calibrated_recipe_predicts_with_the_
     # no law in another store: a one-line error naming the setting
     result = run_cli("predict", str(tmp_path / "calibrated.yaml"), home=tmp_path, store=tmp_path / "empty")
     assert result.returncode == 2 and "trec.m: calibrated" in result.stderr and "trecflow calibrate" in result.stderr
+    # a law fitted on runs predicted with another p is refused, not used
+    other = Store(str(tmp_path / "other-p"))
+    for i, (tpp, tau) in enumerate([(20, 0.1), (20, 0.3), (80, 0.1), (80, 0.3), (300, 0.5)]):
+        record_run(other, CalibrationRun(f"run{i}", "r", "uniform", "linear", tpp, tau, 1.5 * tpp**0.25 * tau**-0.6, 0.95, 300, 0.8))
+    assert run_cli("calibrate", home=tmp_path, store=Path(other.url)).returncode == 0
+    result = run_cli("predict", str(tmp_path / "calibrated.yaml"), home=tmp_path, store=Path(other.url))
+    assert result.returncode == 2 and "was fitted on runs predicted with p = 0.8, the recipe has trec.p = 0.5" in result.stderr

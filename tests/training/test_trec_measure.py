@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,17 @@ def test_calibration_refuses_too_few_runs_and_does_not_fit_a_constant_variable()
     mixed = fit_law([*law_runs(), *same_tpp[:3]])
     assert set(mixed["laws"]) == {"linear", "all"} and "step" in mixed["not_fitted"]
     assert law_m(mixed, "step", 50.0, 0.3)[1] == "all"
+
+
+def test_a_law_is_fitted_from_the_runs_of_one_p_and_says_which():
+    low, high = law_runs(), [replace(run, key=f"high{i}", p=0.8, m_star=2 * run.m_star) for i, run in enumerate(law_runs())]
+    low = [replace(run, p=0.5) for run in low]
+    with pytest.raises(CalibrationError) as mixed:  # m* depends on p: never one law over both
+        fit_law([*low, *high])
+    assert "different trec.p (p 0.5: 6 runs, p 0.8: 6 runs)" in str(mixed.value)
+    fitted = fit_law([*low, *high], p=0.8)
+    assert fitted["p"] == 0.8 and fitted["excluded_other_p"] == 6 and fitted["runs"] == 6
+    assert fitted["laws"]["linear"]["C"] == pytest.approx(1.6) and fitted["laws"]["linear"]["runs"] == [run.key for run in high]
+    assert fit_law(low)["p"] == 0.5 and fit_law(law_runs())["p"] is None  # one p: taken as it is (None: recorded before p was)
+    with pytest.raises(CalibrationError, match=r"from 0 run\(s\) at p 1 .*12 at another p left out"):
+        fit_law([*low, *high], p=1.0)
