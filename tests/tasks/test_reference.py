@@ -118,6 +118,6 @@ def test_a_shuffled_reference_trains_once_on_the_runs_packed_sequences_in_its_ow
     trained = json.loads(store.fs.cat_file(store.output("train", summary.train_fingerprint).file_path("_MANIFEST.json")))
     place = store.output("place", trained["inputs"]["place"]).manifest()
     assert place["inputs"]["pack"] == packed.fingerprint and place["inputs"]["seed"] == "5"
-    assert place["inputs"]["pack"] != None and trained["inputs"]["place"] != trainable["place"].fingerprint
-    assert store.fs.exists(summary.model_uri.removeprefix("file://") + "/model.safetensors") or store.fs.exists(summary.model_uri + "/model.safetensors")
+    assert trained["inputs"]["place"] != trainable["place"].fingerprint  # not the run's own index
+    assert "model/model.safetensors" in trained["files"] and summary.model_uri.endswith(f"train/{summary.train_fingerprint}/model")
     assert ("trained on", f"{summary.unique_sequences:,} of the cpt split's {packed.summary.sequences:,} sequences") in REFERENCE.rows(summary)
