@@ -507,7 +507,9 @@ def calibrate(
     recipe = load_or_exit(recipe_path) if recipe_path is not None else None
     store = Store(store_url(recipe), store_endpoint(recipe))
     try:
-        fitted = run_calibrate(store, p if p is not None or recipe is None else recipe.trec.p)
+        if p is None and recipe is not None:
+            p = recipe.trec.p
+        fitted = run_calibrate(store, p)
     except CalibrationError as error:
         if as_json:
             typer.echo(json.dumps({"fitted": False, "reason": str(error)}))

@@ -816,7 +816,7 @@ class Recipe(_Section):
     def _shuffled_reference_has_its_own_order(self) -> Recipe:
         """A shuffled reference at the run's own data order would have trained on each batch at the
         same step as the run: subtracting its losses would take the TREC itself away."""
-        if self.reevaluation is None or self.reevaluation.reference != "shuffled" or self.curriculum is None:
+        if self.reevaluation.reference != "shuffled":
             return self
         seed = self.reevaluation.reference_seed
         owners = [("curriculum.seed", self.curriculum.seed)] + [

@@ -13,7 +13,7 @@ import pytest
 from tasks.reevaluate import reevaluate_fingerprint
 from tasks.reference import REFERENCE, ReferenceSummary, TrainedReferenceSummary, check_repeats, reference_recipe
 from trecflow.recipe import RecipeError, load_recipe, parse_recipe
-from trecflow.stage import Target
+from trecflow.stage import StageResult, Target
 
 from ..conftest import CONFIGS, QUIET
 
@@ -73,8 +73,8 @@ def test_a_shuffled_reference_trains_on_the_cpt_split_at_its_own_seed_and_never_
     derived = reference_recipe(recipe)
     assert (derived.curriculum.seed, derived.training.seed, list(derived.curriculum.variants)) == (77, 77, ["uniform"])
     assert recipe.curriculum.seed == 0  # the run's own order is untouched
-    # its own fingerprint, and the trained reference's is what it was before shuffled existed
-    upstream = {stage: dataclasses.replace(_result(stage)) for stage in ("score", "tokenizer", "base")}
+    # its own fingerprint, not the trained reference's
+    upstream = {stage: StageResult(stage, f"{stage}-fp", f"/store/{stage}", {}, True) for stage in ("score", "tokenizer", "base")}
     trained = load_recipe(CONFIGS / "test.yaml", [], ["reevaluation.reference=trained"])
     store = Store("/nonexistent-store")
     fingerprints = {REFERENCE.fingerprint(Target(r), upstream, store) for r in (recipe, trained)}
@@ -93,16 +93,8 @@ def test_a_shuffled_reference_trains_on_the_cpt_split_at_its_own_seed_and_never_
         assert f"reevaluation.reference_seed: 77 is also {owner}" in str(refused.value) and "\n" not in str(refused.value)
 
 
-def _result(stage: str):
-    from trecflow.stage import StageResult
-
-    return StageResult(stage, f"{stage}-fp", f"/store/{stage}", {}, True)
-
-
 @pytest.mark.slow
 def test_a_shuffled_reference_trains_once_on_the_runs_packed_sequences_in_its_own_order(trainable):
-    import json
-
     from tasks.train import base_result
     from trecflow.runner import run_stage
 
@@ -115,7 +107,7 @@ def test_a_shuffled_reference_trains_once_on_the_runs_packed_sequences_in_its_ow
     assert (summary.kind, summary.split, summary.split_sequences) == ("shuffled", "cpt", packed.summary.sequences)
     assert summary.slots == recipe.steps * recipe.sequences_per_step and summary.unique_sequences == summary.slots - summary.repeated_sequences
     # trained on the run's own packed sequences (the same pack output), placed at the reference seed
-    trained = json.loads(store.fs.cat_file(store.output("train", summary.train_fingerprint).file_path("_MANIFEST.json")))
+    trained = store.output("train", summary.train_fingerprint).manifest()
     place = store.output("place", trained["inputs"]["place"]).manifest()
     assert place["inputs"]["pack"] == packed.fingerprint and place["inputs"]["seed"] == "5"
     assert trained["inputs"]["place"] != trainable["place"].fingerprint  # not the run's own index
